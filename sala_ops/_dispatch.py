@@ -1,0 +1,64 @@
+"""Backend choice: `triton` (the kernels in sala_ops/triton) or `reference` (naive PyTorch).
+
+Policy, in order:
+  1. a `use_backend(...)` context, if one is active;
+  2. the environment variable SALA_OPS_BACKEND (`triton` | `reference`);
+  3. CUDA tensors -> triton, CPU tensors -> reference.
+CPU tensors can still run the Triton kernels through the Triton interpreter (TRITON_INTERPRET=1
+set before triton is imported); that is how CI proves the kernels. The choice is never silent:
+`backend_for(tensor)` tells it, and the first call of each op logs it once at INFO level.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+BACKENDS = ("triton", "reference")
+_log = logging.getLogger("sala_ops")
+_forced: list[str] = []
+_announced: set[tuple[str, str]] = set()
+
+
+def _validate(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"sala_ops: {where} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a `with` block (tests use this to run the kernels on CPU)."""
+    _forced.append(_validate(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """The backend an op called on `tensor` will use."""
+    if _forced:
+        return _forced[-1]
+    env = os.environ.get("SALA_OPS_BACKEND")
+    if env:
+        return _validate(env, "SALA_OPS_BACKEND")
+    return "triton" if tensor.is_cuda else "reference"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose(op: str, tensor: torch.Tensor) -> str:
+    """backend_for plus the one-time log line per (op, backend)."""
+    backend = backend_for(tensor)
+    if backend == "triton" and not tensor.is_cuda and not triton_interpreted():
+        raise ValueError(f"sala_ops.{op}: the triton backend needs CUDA tensors or TRITON_INTERPRET=1 "
+                         f"(set before triton is imported); got tensors on {tensor.device}")
+    if (op, backend) not in _announced:
+        _announced.add((op, backend))
+        _log.info("sala_ops.%s: using the %s backend", op, backend)
+    return backend

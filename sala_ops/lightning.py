@@ -1,0 +1,121 @@
+"""lightning_attention: MiniCPM-SALA's linear layers (constant per-head decay, no normaliser).
+
+    S_t = exp(-decay_h) * S_{t-1} + k_t^T v_t,     o_t = scale * q_t S_t      (state fp32)
+
+`lightning_attention` is the chunked training/prefill op; `lightning_attention_step` is the decode
+form (one token per sequence). The math, in its naive form, is in reference/lightning.py.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _checks as C
+from ._dispatch import choose
+from .reference import lightning as ref
+from .reference.lightning import sala_decay_slopes, minimax_decay_slopes  # noqa: F401  (public helpers)
+
+
+class LightningOutput(NamedTuple):
+    """`out.output` [B, T, H, V] in q's dtype; `out.final_state` [N, H, K, V] fp32 or None.
+    Unpacks like fla's `(o, final_state)`."""
+    output: torch.Tensor
+    final_state: Optional[torch.Tensor]
+
+
+def _check_decay(op, decay, H, device):
+    C.tensor(op, "decay", decay, ndim=1)
+    C.dim_eq(op, "decay", decay, 0, H, "one rate per query head")
+    if decay.device != device:
+        raise ValueError(f"sala_ops.{op}: decay must be on {device}, got {decay.device}")
+
+
+def _check_state(op, name, state, N, H, K, V, device):
+    C.tensor(op, name, state, ndim=4, dtypes=(torch.float32,))
+    if tuple(state.shape) != (N, H, K, V):
+        raise ValueError(f"sala_ops.{op}: {name} must have shape {(N, H, K, V)} (sequences, heads, K, V), "
+                         f"got {tuple(state.shape)}")
+    if state.device != device:
+        raise ValueError(f"sala_ops.{op}: {name} must be on {device}, got {state.device}")
+
+
+def check_lightning_args(op, q, k, v, decay, scale, initial_state, cu_seqlens):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        C.tensor(op, name, x, ndim=4)
+    C.same(op, ("q", "k", "v"), (q, k, v), "dtype")
+    C.same(op, ("q", "k", "v"), (q, k, v), "device")
+    B, T, H, K = q.shape
+    if T < 1:
+        raise ValueError(f"sala_ops.{op}: q must hold at least one token, got sequence length {T}")
+    if k.shape[:2] != (B, T) or v.shape[:2] != (B, T):
+        raise ValueError(f"sala_ops.{op}: q, k, v must share [batch, seq], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    C.dim_eq(op, "k", k, 3, K, "head dim of q")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"sala_ops.{op}: k and v must have the same number of heads, got {k.shape[2]} and {v.shape[2]}")
+    C.gqa(op, H, k.shape[2])
+    _check_decay(op, decay, H, q.device)
+    scale = C.scale_arg(op, scale, K)
+    N = B
+    if cu_seqlens is not None:
+        C.cu_seqlens(op, cu_seqlens, T, batch=B, device=q.device)
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        _check_state(op, "initial_state", initial_state, N, H, K, v.shape[-1], q.device)
+    return scale
+
+
+def lightning_attention(q, k, v, decay, scale=None, initial_state=None, output_final_state=False,
+                        cu_seqlens=None) -> LightningOutput:
+    """Chunked lightning attention.
+
+    q [B, T, H, K]; k [B, T, Hkv, K]; v [B, T, Hkv, V] (Hkv divides H); decay [H] fp32 rates
+    s_h >= 0 (the state is multiplied by exp(-s_h) per token; `sala_decay_slopes(H)` gives
+    MiniCPM-SALA's); scale None = 1/sqrt(K); initial_state [N, H, K, V] fp32 (N = B, or the number
+    of sequences with cu_seqlens); cu_seqlens int32/int64 [N+1] with B = 1 for packed sequences.
+    Returns LightningOutput(output, final_state).
+    """
+    op = "lightning_attention"
+    scale = check_lightning_args(op, q, k, v, decay, scale, initial_state, cu_seqlens)
+    backend = choose(op, q)
+    if backend == "triton":
+        from .triton import lightning_chunk  # noqa: F401  (kernels land with issue 3)
+        raise NotImplementedError("sala_ops.lightning_attention: triton backend not built yet")
+    o, final = ref.lightning_parallel(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens)
+    return LightningOutput(o, final)
+
+
+def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
+    """Decode step: one new token per sequence. q [B, H, K] (or [B, 1, H, K]), k/v [B, Hkv, *],
+    state [B, H, K, V] fp32. Returns (o like q but with V, new_state); with inplace=True the new
+    state is written into `state` and returned."""
+    op = "lightning_attention_step"
+    squeeze = False
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        C.tensor(op, name, x, ndim=(3, 4))
+    if q.dim() == 4:
+        if q.shape[1] != 1 or k.dim() != 4 or v.dim() != 4 or k.shape[1] != 1 or v.shape[1] != 1:
+            raise ValueError(f"sala_ops.{op}: 4-D q, k, v must have sequence length 1, got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        q, k, v, squeeze = q[:, 0], k[:, 0], v[:, 0], True
+    if k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"sala_ops.{op}: k and v must be [B, Hkv, D] like q, got {tuple(k.shape)}, {tuple(v.shape)}")
+    C.same(op, ("q", "k", "v"), (q, k, v), "dtype")
+    C.same(op, ("q", "k", "v"), (q, k, v), "device")
+    B, H, K = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[2] != K or v.shape[1] != k.shape[1]:
+        raise ValueError(f"sala_ops.{op}: expected k [B, Hkv, {K}] and v [B, Hkv, V] with B = {B}, got "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    C.gqa(op, H, k.shape[1])
+    _check_decay(op, decay, H, q.device)
+    _check_state(op, "state", state, B, H, K, v.shape[-1], q.device)
+    scale = C.scale_arg(op, scale, K)
+    backend = choose(op, q)
+    if backend == "triton":
+        raise NotImplementedError("sala_ops.lightning_attention_step: triton backend not built yet")
+    o, new_state = ref.lightning_step(q, k, v, state, decay, scale)
+    if inplace:
+        state.copy_(new_state)
+        new_state = state
+    return (o[:, None] if squeeze else o), new_state

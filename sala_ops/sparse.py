@@ -1,0 +1,177 @@
+"""sparse_attention: InfLLM-V2 (MiniCPM-SALA's sparse layers) and its stages.
+
+compress -> select (stage-1 scores with the C2 LSE approximation, summed over the GQA group,
+max-pooled onto blocks, forced init/local blocks, top-k) -> block-sparse softmax attention.
+Dense causal attention for sequences with fewer than `dense_len` keys. The naive math is in
+reference/sparse.py; the defaults are the 9B model's (spec section 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import _checks as C
+from ._dispatch import choose
+from .reference import sparse as ref
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """InfLLM-V2 hyperparameters; defaults are MiniCPM-SALA 9B's."""
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    block_size: int = 64
+    init_blocks: int = 1
+    window_size: int = 2048
+    topk: int = 64
+    dense_len: int = 8192
+    lse_kernel_size: Optional[int] = None  # default 4 * kernel_size (C2)
+    lse_kernel_stride: Optional[int] = None  # default 4 * kernel_stride
+
+    @property
+    def c2(self):
+        return (4 * self.kernel_size if self.lse_kernel_size is None else self.lse_kernel_size,
+                4 * self.kernel_stride if self.lse_kernel_stride is None else self.lse_kernel_stride)
+
+    @property
+    def num_selected(self) -> int:
+        """Blocks selected per (KV head, query): topk + window_size // block_size (96 for 9B)."""
+        return self.topk + self.window_size // self.block_size
+
+    def check(self, op: str) -> "SparseConfig":
+        for name in ("kernel_size", "kernel_stride", "block_size", "topk"):
+            C.positive_int(op, name, getattr(self, name))
+        for name in ("init_blocks", "window_size", "dense_len"):
+            C.positive_int(op, name, getattr(self, name), minimum=0)
+        ks2, st2 = self.c2
+        C.positive_int(op, "lse_kernel_size", ks2)
+        C.positive_int(op, "lse_kernel_stride", st2)
+        if self.kernel_stride > self.kernel_size:
+            raise ValueError(f"sala_ops.{op}: kernel_stride ({self.kernel_stride}) must be <= kernel_size "
+                             f"({self.kernel_size}) so every key lies in some compression window")
+        if self.window_size % self.block_size:
+            raise ValueError(f"sala_ops.{op}: window_size ({self.window_size}) must be a multiple of block_size "
+                             f"({self.block_size})")
+        if self.topk < self.init_blocks + 1:
+            raise ValueError(f"sala_ops.{op}: topk ({self.topk}) must be >= init_blocks + 1 "
+                             f"({self.init_blocks + 1}) so the forced blocks fit in the selection")
+        return self
+
+
+def _check_qkv(op, q, k, v, cu_seqlens, cu_seqlens_k):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        C.tensor(op, name, x, ndim=4)
+    C.same(op, ("q", "k", "v"), (q, k, v), "dtype")
+    C.same(op, ("q", "k", "v"), (q, k, v), "device")
+    B, Tq, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1]:
+        raise ValueError(f"sala_ops.{op}: q, k, v must share the batch and k, v the sequence dimension, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    C.dim_eq(op, "k", k, 3, D, "head dim of q")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"sala_ops.{op}: k and v must have the same number of heads, got {k.shape[2]} and {v.shape[2]}")
+    C.gqa(op, H, k.shape[2])
+    Tk = k.shape[1]
+    if Tq < 1:
+        raise ValueError(f"sala_ops.{op}: q must hold at least one token, got sequence length {Tq}")
+    if cu_seqlens is None and cu_seqlens_k is not None:
+        raise ValueError(f"sala_ops.{op}: cu_seqlens_k needs cu_seqlens (the query offsets) as well")
+    if cu_seqlens is None:
+        if Tq > Tk:
+            raise ValueError(f"sala_ops.{op}: q ({Tq} tokens) cannot be longer than k ({Tk}): queries are "
+                             f"bottom-right aligned to the keys")
+        return None, None
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    C.cu_seqlens(op, cu_seqlens, Tq, batch=B, device=q.device)
+    C.cu_seqlens(op, cu_k, Tk, name="cu_seqlens_k" if cu_seqlens_k is not None else "cu_seqlens", device=q.device)
+    if cu_k.numel() != cu_seqlens.numel():
+        raise ValueError(f"sala_ops.{op}: cu_seqlens and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {cu_seqlens.numel() - 1} and {cu_k.numel() - 1}")
+    lq = cu_seqlens[1:] - cu_seqlens[:-1]
+    lk = cu_k[1:] - cu_k[:-1]
+    if bool((lq > lk.to(lq.dtype)).any()):
+        raise ValueError(f"sala_ops.{op}: every sequence needs at least as many keys as queries (queries are "
+                         f"bottom-right aligned), got query lengths {lq.tolist()} and key lengths {lk.tolist()}")
+    return cu_seqlens, cu_k
+
+
+def _config(op, config, overrides) -> SparseConfig:
+    if config is not None and not isinstance(config, SparseConfig):
+        raise TypeError(f"sala_ops.{op}: config must be a SparseConfig or None, got {type(config).__name__}")
+    base = config or SparseConfig()
+    unknown = set(overrides) - set(SparseConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"sala_ops.{op}: unknown sparse hyperparameters {sorted(unknown)}")
+    return SparseConfig(**{**base.__dict__, **overrides}).check(op)
+
+
+def sparse_attention(q, k, v, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: SparseConfig | None = None,
+                     **hyperparameters):
+    """InfLLM-V2 attention for prefill and training.
+
+    q [B, Tq, H, D], k/v [B, Tk, Hkv, D] with Tq <= Tk (queries bottom-right aligned: chunked
+    prefill continues an existing key prefix); Hkv divides H. scale None = 1/sqrt(D).
+    cu_seqlens [N+1] (queries) and optionally cu_seqlens_k (keys, default = cu_seqlens), B = 1.
+    Hyperparameters: a SparseConfig and/or keyword overrides (kernel_size, kernel_stride,
+    block_size, init_blocks, window_size, topk, dense_len, lse_kernel_size, lse_kernel_stride).
+    Gradients flow to q, k, v through the attention; the block selection carries none.
+    """
+    op = "sparse_attention"
+    cfg = _config(op, config, hyperparameters)
+    cu_q, cu_k = _check_qkv(op, q, k, v, cu_seqlens, cu_seqlens_k)
+    scale = C.scale_arg(op, scale, q.shape[-1])
+    backend = choose(op, q)
+    if backend == "triton":
+        raise NotImplementedError("sala_ops.sparse_attention: triton backend not built yet")
+    ks2, st2 = cfg.c2
+    return ref.sparse_attention(q, k, v, scale, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
+                                cfg.window_size, cfg.topk, cfg.dense_len, ks2, st2, cu_q, cu_k)
+
+
+def select_blocks(q, k, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: SparseConfig | None = None,
+                  **hyperparameters):
+    """InfLLM-V2 block selection alone: int32 [B, Tq, Hkv, topk + window_size // block_size], block
+    indices local to each sequence, ascending, padded with -1. No gradient."""
+    op = "select_blocks"
+    cfg = _config(op, config, hyperparameters)
+    cu_q, cu_k = _check_qkv(op, q, k, k, cu_seqlens, cu_seqlens_k)
+    scale = C.scale_arg(op, scale, q.shape[-1])
+    backend = choose(op, q)
+    if backend == "triton":
+        raise NotImplementedError("sala_ops.select_blocks: triton backend not built yet")
+    ks2, st2 = cfg.c2
+    with torch.no_grad():
+        return ref.select_blocks(q, k, scale, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
+                                 cfg.window_size, cfg.topk, ks2, st2, cu_q, cu_k)
+
+
+def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, cu_seqlens_k=None):
+    """Softmax attention over given blocks (bring your own selection): block_indices int
+    [B, Tq, Hkv, S] of block numbers local to each sequence, -1 = unused slot. Token-level causal
+    mask; queries bottom-right aligned."""
+    op = "block_sparse_attention"
+    cu_q, cu_k = _check_qkv(op, q, k, v, cu_seqlens, cu_seqlens_k)
+    C.positive_int(op, "block_size", block_size)
+    C.tensor(op, "block_indices", block_indices, ndim=4, dtypes=(torch.int32, torch.int64))
+    if tuple(block_indices.shape[:3]) != (q.shape[0], q.shape[1], k.shape[2]):
+        raise ValueError(f"sala_ops.{op}: block_indices must have shape [B, Tq, Hkv, S] = "
+                         f"[{q.shape[0]}, {q.shape[1]}, {k.shape[2]}, S], got {tuple(block_indices.shape)}")
+    if block_indices.device != q.device:
+        raise ValueError(f"sala_ops.{op}: block_indices must be on {q.device}, got {block_indices.device}")
+    scale = C.scale_arg(op, scale, q.shape[-1])
+    backend = choose(op, q)
+    if backend == "triton":
+        raise NotImplementedError("sala_ops.block_sparse_attention: triton backend not built yet")
+    return ref.block_sparse_attention(q, k, v, block_indices, block_size, scale, cu_q, cu_k)
+
+
+def compress_keys(k, kernel_size=32, kernel_stride=16):
+    """Mean-pooled keys over complete windows: [B, T, H, D] -> [B, N, H, D] (fp32),
+    N = (T - kernel_size) // kernel_stride + 1 (0 if T < kernel_size)."""
+    op = "compress_keys"
+    C.tensor(op, "k", k, ndim=4)
+    C.positive_int(op, "kernel_size", kernel_size)
+    C.positive_int(op, "kernel_stride", kernel_stride)
+    return ref.compress_keys(k, kernel_size, kernel_stride)
