@@ -19,7 +19,8 @@ Notation for one sequence and one KV head g (all hyperparameters are arguments; 
 4. Forced blocks. With qb = t // bs: blocks b < init_blocks and qb - wb <= b <= qb get +inf;
    future blocks b > qb get -inf (never selected).
 5. Top-k. The min(k_sel, qb + 1) highest-scoring blocks, indices sorted ascending, padded with -1
-   to k_sel. Requires topk >= init_blocks + 1 so the forced blocks always fit.
+   to k_sel. Ties are broken towards the lower block index (they are frequent: neighbouring
+   blocks share the C1 window that straddles their border, so they often share a max). Requires topk >= init_blocks + 1 so the forced blocks always fit.
 6. Attention. Each query head of group g attends with ordinary softmax over the tokens of the
    selected blocks of g that are <= t (token-level causal mask in the query's own block).
 
@@ -90,7 +91,9 @@ def _select_one(q, k, scale, kernel_size, kernel_stride, lse_kernel_size, lse_ke
         score = score.masked_fill(forced, float("inf")).masked_fill(b[None, :] > qb[:, None], NEG_INF)
         for i in range(Tq):
             n_sel = min(k_sel, int(qb[i]) + 1)
-            idx = torch.topk(score[i], n_sel).indices.sort().values
+            # stable descending sort: among equal scores the lower block index wins (ties are common:
+            # neighbouring blocks share the C1 window that straddles their border)
+            idx = torch.sort(score[i], descending=True, stable=True).indices[:n_sel].sort().values
             out[i, g, :n_sel] = idx.to(torch.int32)
     return out
 
