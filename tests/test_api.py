@@ -1,0 +1,60 @@
+"""The public API on CPU: structured results, in-place decode, defaults, logging of the backend."""
+import logging
+
+import torch
+
+import sala_ops
+import sala_ops.reference as R
+from helpers import assert_close, seeded_randn
+
+
+def test_lightning_result_is_structured_and_unpacks():
+    q, k, v = (seeded_randn(i, 2, 9, 4, 8) for i in range(3))
+    decay = sala_ops.sala_decay_slopes(4)
+    out = sala_ops.lightning_attention(q, k, v, decay, output_final_state=True)
+    o, final = out
+    assert o is out.output and final is out.final_state
+    ref_o, ref_f = R.lightning_recurrent(q, k, v, decay, output_final_state=True)
+    assert_close(out.output, ref_o, 1e-5)
+    assert_close(out.final_state, ref_f, 1e-5)
+    assert out.final_state.dtype == torch.float32
+    assert sala_ops.lightning_attention(q, k, v, decay).final_state is None
+
+
+def test_lightning_step_inplace_and_4d():
+    q, k, v = (seeded_randn(i, 2, 1, 4, 8) for i in range(3))
+    decay = sala_ops.sala_decay_slopes(4)
+    state = seeded_randn(5, 2, 4, 8, 8)
+    expect_o, expect_s = R.lightning_step(q[:, 0], k[:, 0], v[:, 0], state, decay)
+    o, s = sala_ops.lightning_attention_step(q, k, v, state, decay, inplace=True)
+    assert o.shape == (2, 1, 4, 8) and s is state
+    assert_close(o[:, 0], expect_o, 1e-6)
+    assert_close(state, expect_s, 1e-6)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = seeded_randn(1, 1, 30, 2, 16), seeded_randn(2, 1, 30, 1, 16), seeded_randn(3, 1, 30, 1, 16)
+    a = sala_ops.sparse_attention(q, k, v)
+    b = sala_ops.sparse_attention(q, k, v, scale=16 ** -0.5)
+    assert torch.equal(a, b)
+
+
+def test_config_and_overrides_agree():
+    cfg = sala_ops.SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=3, dense_len=0)
+    assert cfg.num_selected == 5
+    q, k = seeded_randn(1, 1, 70, 2, 8), seeded_randn(2, 1, 70, 1, 8)
+    assert torch.equal(sala_ops.select_blocks(q, k, config=cfg),
+                       sala_ops.select_blocks(q, k, kernel_size=8, kernel_stride=4, block_size=16, window_size=32,
+                                              topk=3, dense_len=0))
+    nine_b = sala_ops.SparseConfig()
+    assert (nine_b.num_selected, nine_b.c2, nine_b.dense_len) == (96, (128, 64), 8192)
+
+
+def test_backend_logged_once(caplog):
+    sala_ops._dispatch._announced.clear()
+    q = seeded_randn(1, 1, 4, 2, 8)
+    with caplog.at_level(logging.INFO, logger="sala_ops"):
+        sala_ops.hype_embed(q, q)
+        sala_ops.hype_embed(q, q)
+    lines = [r.getMessage() for r in caplog.records if "hype_embed" in r.getMessage()]
+    assert lines == ["sala_ops.hype_embed: using the reference backend"]
