@@ -1,0 +1,382 @@
+"""Chunked lightning attention (constant per-head decay linear attention): forward and backward.
+
+    S_t = lam * S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t,    lam = exp(-decay[h])
+
+Scheme (Lightning-Attention-2 style, three launches, no host synchronisation):
+
+  1. `_local_state_kernel`: the sequence is cut into chunks of L tokens (L ~ 512..4096, chosen from
+     the shapes so there are enough programs). Every (chunk, head, V-block) computes in parallel the
+     state its chunk would leave behind starting from zero: dS_c = sum_s lam^(b-1-s) k_s^T v_s
+     (one [K, L] x [L, BV] reduction on tensor cores).
+  2. `_scan_kernel`: per (sequence, head, state tile) a cheap sequential scan over the chunks,
+     S_start[c+1] = lam^len(c) S_start[c] + dS_c, written in place over dS (plus the final state).
+  3. `_chunk_out_kernel`: every (chunk, head, V-block) starts from its S_start and walks its chunk in
+     blocks of BT=64 tokens: intra-block causal q k^T with the decay mask lam^(i-j), plus the
+     inter-block term lam^(i+1) q S, then S <- lam^BT S + (lam^(BT-1-j) k)^T v.
+
+Only per-chunk states of the long chunks (L tokens) ever reach memory (fp32, [chunks, H, K, V]), so
+the extra traffic beyond reading q, k, v and writing o is reading k, v once more in pass 1.
+
+The same three kernels, run forward or in reverse time (REVERSE) with other tensors in the q/k/v
+roles, give the whole backward pass:
+
+    dq = scale * lightning(q=dO, k=v, v=k, state=S^T)              (forward in time)
+    dS_t = lam dS_{t+1} + scale q_t^T dO_t   (+ d final_state)     (reverse scan)
+    dk_t = dS_t v_t  = reverse-lightning(q=v, k=dO, v=scale*q, state=dS^T)
+    dv_t = dS_t^T k_t = reverse-lightning(q=k, k=q, v=scale*dO, state=dS)
+    d initial_state = lam * dS_0
+
+In reverse mode the carried state is G_b = lam * dS_b (the gradient flowing into the token before
+the chunk), so the final-state gradient enters as G_T = d final_state without a division by lam.
+
+`decay` gets no gradient: it is a fixed schedule (MiniCPM-SALA's ALiBi slopes), not a parameter.
+
+Accumulation and states are fp32. With bf16/fp16 inputs the tensor-core products take 16-bit
+operands (the decay-weighted scores and the state are rounded to the input dtype for the product,
+accumulation stays fp32); with fp32 inputs the products use TF32x3 (near-fp32 accuracy) when
+torch.get_float32_matmul_precision() is "highest" (torch's default) and plain TF32 otherwise.
+
+Index arithmetic on token offsets is int64 (1M tokens x 32 heads x 128 dims passes 2^31).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+# (chunk length L, block BT) forced by tests/benchmarks; None = choose from the shapes.
+CHUNK_OVERRIDE: tuple[int, int] | None = None
+DEFAULT_BT = 64
+
+
+def _configs(bvs, warps, stages):
+    if INTERPRET:
+        return [triton.Config({"BV": bvs[0]}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in bvs for w in warps for s in stages]
+
+
+@triton.jit
+def _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN: tl.constexpr):
+    """Token range [a, b) (flat token index over batch x seq) of chunk c."""
+    if IS_VARLEN:
+        a = tl.load(chunk_start_ptr + c).to(tl.int64)
+        b = tl.load(chunk_end_ptr + c).to(tl.int64)
+    else:
+        seq = c // NSS
+        j = c - seq * NSS
+        bos = seq.to(tl.int64) * T
+        a = bos + j.to(tl.int64) * L
+        b = tl.minimum(a + L, bos + T)
+    return a, b
+
+
+@triton.autotune(configs=_configs([64, 32, 128], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"])
+@triton.jit
+def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
+                        T, NSS, L, H, GK, GV, stride_k, stride_v, kv_mult, DK, DV,
+                        BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
+                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    h = tl.program_id(1)
+    c = tl.program_id(2)
+    a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
+    s2 = tl.load(decay_ptr + h).to(tl.float32) * 1.4426950408889634
+    hk = h // GK
+    hv = h // GV
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    mk = offs_k < DK
+    mv = offs_v < DV
+    acc = tl.zeros([BK, BV], dtype=tl.float32)
+    nblk = ((b - a + BT - 1) // BT).to(tl.int32)
+    for m in range(0, nblk):
+        t = a + m * BT + offs_t
+        mt = t < b
+        kt = tl.load(k_ptr + t[:, None] * stride_k + hk * DK + offs_k[None, :],
+                     mask=mt[:, None] & mk[None, :], other=0.0)
+        vt = tl.load(v_ptr + t[:, None] * stride_v + hv * DV + offs_v[None, :],
+                     mask=mt[:, None] & mv[None, :], other=0.0)
+        if REVERSE:
+            e = (t - a + 1).to(tl.float32)
+        else:
+            e = (b - 1 - t).to(tl.float32)
+        w = tl.where(mt, tl.exp2(-s2 * e), 0.0)
+        kw = (kt.to(tl.float32) * w[:, None]).to(kt.dtype)
+        acc += tl.dot(tl.trans(kw), vt, input_precision=PREC)
+    acc = acc * kv_mult
+    base = (c.to(tl.int64) * H + h) * DK * DV
+    tl.store(ds_ptr + base + offs_k[:, None] * DV + offs_v[None, :], acc, mask=mk[:, None] & mv[None, :])
+
+
+@triton.jit
+def _scan_kernel(ds_ptr, init_ptr, final_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr, seq_chunk_ptr,
+                 T, NSS, L, H, DK, DV,
+                 BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+                 HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.program_id(2)
+    nvb = tl.cdiv(DV, BV)
+    i_k = pid // nvb
+    i_v = pid - i_k * nvb
+    if IS_VARLEN:
+        c0 = tl.load(seq_chunk_ptr + n).to(tl.int32)
+        c1 = tl.load(seq_chunk_ptr + n + 1).to(tl.int32)
+    else:
+        c0 = n * NSS
+        c1 = c0 + NSS
+    s2 = tl.load(decay_ptr + h).to(tl.float32) * 1.4426950408889634
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    msk = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
+    tile = offs_k[:, None] * DV + offs_v[None, :]
+    seq_base = (n.to(tl.int64) * H + h) * DK * DV
+    if HAS_INIT:
+        S = tl.load(init_ptr + seq_base + tile, mask=msk, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    nc = c1 - c0
+    for m in range(0, nc):
+        if REVERSE:
+            c = c1 - 1 - m
+        else:
+            c = c0 + m
+        a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
+        ptr = ds_ptr + (c.to(tl.int64) * H + h) * DK * DV + tile
+        d = tl.load(ptr, mask=msk, other=0.0)
+        tl.store(ptr, S, mask=msk)
+        S = tl.exp2(-s2 * (b - a).to(tl.float32)) * S + d
+    if STORE_FINAL:
+        tl.store(final_ptr + seq_base + tile, S, mask=msk)
+
+
+@triton.autotune(configs=_configs([64, 32], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"])
+@triton.jit
+def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
+                      T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,
+                      st_sk, st_sv, out_scale, kv_mult, DK, DV,
+                      BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
+                      IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    h = tl.program_id(1)
+    c = tl.program_id(2)
+    a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
+    s2 = tl.load(decay_ptr + h).to(tl.float32) * 1.4426950408889634
+    hq = h // GQ
+    hk = h // GK
+    hv = h // GV
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    mk = offs_k < DK
+    mv = offs_v < DV
+    st_base = (c.to(tl.int64) * H + h) * DK * DV
+    S = tl.load(st_ptr + st_base + offs_k[:, None] * st_sk + offs_v[None, :] * st_sv,
+                mask=mk[:, None] & mv[None, :], other=0.0)
+    # intra-block decay mask lam^(i-j) on and below the diagonal (above it in reverse)
+    if REVERSE:
+        dif = offs_t[None, :] - offs_t[:, None]
+    else:
+        dif = offs_t[:, None] - offs_t[None, :]
+    dmask = tl.where(dif >= 0, tl.exp2(-s2 * tl.maximum(dif, 0).to(tl.float32)), 0.0)
+    nblk = ((b - a + BT - 1) // BT).to(tl.int32)
+    for m in range(0, nblk):
+        if REVERSE:
+            p = a + (nblk - 1 - m) * BT
+        else:
+            p = a + m * BT
+        t = p + offs_t
+        ln = tl.minimum(b - p, BT).to(tl.int32)
+        mt = offs_t < ln
+        qt = tl.load(q_ptr + t[:, None] * stride_q + hq * DK + offs_k[None, :],
+                     mask=mt[:, None] & mk[None, :], other=0.0)
+        kt = tl.load(k_ptr + t[:, None] * stride_k + hk * DK + offs_k[None, :],
+                     mask=mt[:, None] & mk[None, :], other=0.0)
+        vt = tl.load(v_ptr + t[:, None] * stride_v + hv * DV + offs_v[None, :],
+                     mask=mt[:, None] & mv[None, :], other=0.0)
+        if REVERSE:
+            eq = ln - 1 - offs_t
+            ek = offs_t + 1
+        else:
+            eq = offs_t + 1
+            ek = ln - 1 - offs_t
+        wq = tl.where(mt, tl.exp2(-s2 * eq.to(tl.float32)), 0.0)
+        wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0)
+        A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * (dmask * kv_mult)
+        o = tl.dot(A.to(vt.dtype), vt, input_precision=PREC)
+        qw = (qt.to(tl.float32) * wq[:, None]).to(qt.dtype)
+        o += tl.dot(qw, S.to(qt.dtype), input_precision=PREC)
+        o = o * out_scale
+        tl.store(o_ptr + t[:, None] * stride_o + h * DV + offs_v[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+        kw = (kt.to(tl.float32) * (wk * kv_mult)[:, None]).to(kt.dtype)
+        S = S * tl.exp2(-s2 * ln.to(tl.float32)) + tl.dot(tl.trans(kw), vt, input_precision=PREC)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+class Chunks:
+    """How the tokens are cut into chunks; built from shapes only (plus device-side tables for
+    varlen), so no host synchronisation."""
+
+    def __init__(self, B: int, T: int, H: int, DV: int, cu_seqlens, device):
+        self.B, self.T, self.varlen = B, T, cu_seqlens is not None
+        self.N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        self.L, self.BT = chunk_len(B, T, H, DV, self.N)
+        L = self.L
+        if cu_seqlens is None:
+            self.NSS = triton.cdiv(T, L)  # chunks per sequence
+            self.NS = B * self.NSS
+            self.seq_T = T
+            dummy = torch.empty(1, dtype=torch.int64, device=device)
+            self.start = self.end = self.seq_chunk = dummy
+        else:
+            N = self.N
+            self.NSS = 1
+            self.seq_T = T
+            self.NS = T // L + N  # upper bound on sum_n ceil(len_n / L)
+            cu = cu_seqlens.to(device=device, dtype=torch.int64)
+            lens = cu[1:] - cu[:-1]
+            nch = (lens + L - 1) // L
+            ccum = torch.zeros(N + 1, dtype=torch.int64, device=device)
+            ccum[1:] = torch.cumsum(nch, 0)
+            idx = torch.arange(self.NS, device=device, dtype=torch.int64)
+            seq = torch.searchsorted(ccum[1:].contiguous(), idx, right=True).clamp_(max=N - 1)
+            j = idx - ccum[seq]
+            a = cu[seq] + j * L
+            b = torch.minimum(a + L, cu[seq + 1])
+            valid = idx < ccum[N]
+            zero = torch.zeros((), dtype=torch.int64, device=device)
+            self.start = torch.where(valid, a, zero).contiguous()
+            self.end = torch.where(valid, b, zero).contiguous()
+            self.seq_chunk = ccum
+
+    def args(self):
+        return (self.start, self.end, self.seq_T, self.NSS, self.L)
+
+
+def local_states(kk, vv, GK, GV, H, decay, kv_mult, reverse, ch: Chunks):
+    """Pass 1: per-chunk states from zero, fp32 [NS, H, DK, DV]."""
+    DK, DV = kk.shape[-1], vv.shape[-1]
+    ds = torch.empty(ch.NS, H, DK, DV, device=kk.device, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(DV, META["BV"]), H, ch.NS)  # noqa: E731
+    _local_state_kernel[grid](kk, vv, ds, decay, *ch.args(), H, GK, GV, kk.shape[-2] * DK, vv.shape[-2] * DV,
+                              float(kv_mult), DK, DV, BK=_pad(DK), BT=ch.BT, REVERSE=reverse,
+                              IS_VARLEN=ch.varlen, PREC=_dot_precision(kk.dtype))
+    return ds
+
+
+def scan_states(ds, decay, init, want_final, reverse, ch: Chunks):
+    """Pass 2: in place, dS_c -> state entering chunk c; returns the final state [N, H, DK, DV] or None."""
+    NS, H, DK, DV = ds.shape
+    final = torch.empty(ch.N, H, DK, DV, device=ds.device, dtype=torch.float32) if want_final else ds
+    BK = min(_pad(DK), 32)
+    BV = min(_pad(DV), 32)
+    grid = (triton.cdiv(DK, BK) * triton.cdiv(DV, BV), H, ch.N)
+    _scan_kernel[grid](ds, init if init is not None else ds, final, decay, ch.start, ch.end, ch.seq_chunk,
+                       ch.seq_T, ch.NSS, ch.L, H, DK, DV, BK=BK, BV=BV, REVERSE=reverse, IS_VARLEN=ch.varlen,
+                       HAS_INIT=init is not None, STORE_FINAL=want_final, num_warps=4)
+    return final if want_final else None
+
+
+def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult, reverse,
+                  ch: Chunks):
+    """Pass 3: out[b, t, h] for every token, from the chunk start states (`transposed`: the state
+    buffer holds [DV, DK] tiles and is read as its transpose)."""
+    DK, DV = kk.shape[-1], vv.shape[-1]
+    if transposed:
+        st_sk, st_sv = 1, DK
+    else:
+        st_sk, st_sv = DV, 1
+    grid = lambda META: (triton.cdiv(DV, META["BV"]), H, ch.NS)  # noqa: E731
+    _chunk_out_kernel[grid](qq, kk, vv, out, states, decay, *ch.args(), H, GQ, GK, GV,
+                            qq.shape[-2] * DK, kk.shape[-2] * DK, vv.shape[-2] * DV, out.shape[-2] * DV,
+                            st_sk, st_sv, float(out_scale), float(kv_mult), DK, DV,
+                            BK=_pad(DK), BT=ch.BT, REVERSE=reverse, IS_VARLEN=ch.varlen,
+                            PREC=_dot_precision(qq.dtype))
+    return out
+
+
+def _c(x):
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def lightning_chunk_fwd(q, k, v, decay, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] fp32 or None, states [NS,H,K,V] fp32:
+    the state entering each chunk, kept for the backward pass)."""
+    q, k, v = _c(q), _c(k), _c(v)
+    decay = _c(decay.to(torch.float32))
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[-1]
+    G = H // Hkv
+    ch = Chunks(B, T, H, V, cu_seqlens, q.device)
+    states = local_states(k, v, G, G, H, decay, 1.0, False, ch)
+    init = None if initial_state is None else _c(initial_state)
+    final = scan_states(states, decay, init, output_final_state, False, ch)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    chunk_outputs(q, k, v, 1, G, G, H, o, states, False, decay, scale, 1.0, False, ch)
+    return o, final, states
+
+
+def lightning_chunk_bwd(do, dfinal, q, k, v, decay, states, scale, need_dh0, cu_seqlens=None):
+    """Gradients (dq, dk, dv, d initial_state or None) given dO (and the final-state gradient)."""
+    do, q, k, v = _c(do), _c(q), _c(k), _c(v)
+    decay = _c(decay.to(torch.float32))
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[-1]
+    G = H // Hkv
+    ch = Chunks(B, T, H, V, cu_seqlens, q.device)
+    # dq: forward in time, state S^T read from the forward pass's chunk states
+    dq = torch.empty_like(q)
+    chunk_outputs(do, v, k, 1, G, G, H, dq, states, True, decay, scale, 1.0, False, ch)
+    # reverse-time states of dS (K from q, V from dO)
+    rstates = local_states(q, do, 1, 1, H, decay, scale, True, ch)
+    dfin = None if dfinal is None else _c(dfinal.to(torch.float32))
+    dh0 = scan_states(rstates, decay, dfin, need_dh0, True, ch)
+    kdt = torch.float32 if G > 1 else k.dtype
+    dk = torch.empty(B, T, H, K, device=q.device, dtype=kdt)
+    dv = torch.empty(B, T, H, V, device=q.device, dtype=kdt)
+    chunk_outputs(v, do, q, G, 1, 1, H, dk, rstates, True, decay, 1.0, scale, True, ch)
+    chunk_outputs(k, q, do, G, 1, 1, H, dv, rstates, False, decay, 1.0, scale, True, ch)
+    if G > 1:
+        dk = dk.view(B, T, Hkv, G, K).sum(3).to(k.dtype)
+        dv = dv.view(B, T, Hkv, G, V).sum(3).to(v.dtype)
+    return dq, dk, dv, dh0
+
+
+def chunk_len(B, T, H, DV, N):
+    """(chunk length L, block BT): long chunks, but >= ~1024 output programs (7-8 per H200 SM)."""
+    if CHUNK_OVERRIDE is not None:
+        return CHUNK_OVERRIDE
+    nvb = max(1, triton.cdiv(DV, 64))
+    L = 4096
+    while L > 256 and (B * T // L + N) * H * nvb < 1024:
+        L //= 2
+    return L, DEFAULT_BT
+
+
+def num_chunks(B, T, H, V, N, varlen):
+    """The chunk count Chunks() will use (for fake tensors under torch.compile)."""
+    L = chunk_len(B, T, H, V, N)[0]
+    return T // L + N if varlen else B * triton.cdiv(T, L)
+
+
+__all__ = ["lightning_chunk_fwd", "lightning_chunk_bwd", "num_chunks", "chunk_len", "Chunks"]
