@@ -80,8 +80,9 @@ def lightning_attention(q, k, v, decay, scale=None, initial_state=None, output_f
     scale = check_lightning_args(op, q, k, v, decay, scale, initial_state, cu_seqlens)
     backend = choose(op, q)
     if backend == "triton":
-        from .triton import lightning_chunk  # noqa: F401  (kernels land with issue 3)
-        raise NotImplementedError("sala_ops.lightning_attention: triton backend not built yet")
+        o, final = _LightningChunkFn.apply(q, k, v, decay, scale, initial_state, bool(output_final_state),
+                                           cu_seqlens)
+        return LightningOutput(o, final if output_final_state else None)
     o, final = ref.lightning_parallel(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens)
     return LightningOutput(o, final)
 
@@ -113,9 +114,134 @@ def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
     scale = C.scale_arg(op, scale, K)
     backend = choose(op, q)
     if backend == "triton":
-        raise NotImplementedError("sala_ops.lightning_attention_step: triton backend not built yet")
+        if torch.compiler.is_compiling():
+            if inplace:
+                o = torch.ops.sala_ops.lightning_step_inplace(q, k, v, state, decay, scale)
+                new_state = state
+            else:
+                o, new_state = torch.ops.sala_ops.lightning_step(q, k, v, state, decay, scale)
+        else:
+            from .triton.lightning_step import lightning_step as _step
+            if inplace and state.is_contiguous():
+                o, new_state = _step(q, k, v, state, decay.float(), scale, out_state=state)
+            else:
+                o, new_state = _step(q, k, v, state.contiguous(), decay.float(), scale)
+                if inplace:
+                    state.copy_(new_state)
+                    new_state = state
+        return (o[:, None] if squeeze else o), new_state
     o, new_state = ref.lightning_step(q, k, v, state, decay, scale)
     if inplace:
         state.copy_(new_state)
         new_state = state
     return (o[:, None] if squeeze else o), new_state
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton backend: torch.library custom ops (with fake implementations, so torch.compile(fullgraph=True)
+# traces through them) and the autograd.Function that ties forward and backward together.
+# `decay` gets no gradient: it is a fixed schedule (MiniCPM-SALA's ALiBi slopes), not a parameter.
+
+_EMPTY = (0,)
+
+
+def _chunk_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, scale: float,
+                            initial_state: Optional[torch.Tensor], output_final_state: bool,
+                            cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton.lightning_chunk import lightning_chunk_fwd
+    o, final, states = lightning_chunk_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens)
+    if final is None:
+        final = q.new_empty(_EMPTY, dtype=torch.float32)
+    return o, final, states
+
+
+_lightning_chunk_fwd_op = torch.library.custom_op("sala_ops::lightning_chunk_fwd", mutates_args=())(_chunk_fwd_impl)
+
+
+@_lightning_chunk_fwd_op.register_fake
+def _(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
+    from .triton.lightning_chunk import num_chunks
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    NS = num_chunks(B, T, H, V, N, cu_seqlens is not None)
+    final = q.new_empty((N, H, K, V) if output_final_state else _EMPTY, dtype=torch.float32)
+    return q.new_empty(B, T, H, V), final, q.new_empty(NS, H, K, V, dtype=torch.float32)
+
+
+def _chunk_bwd_impl(do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, decay: torch.Tensor, states: torch.Tensor, scale: float, need_dh0: bool,
+                            cu_seqlens: Optional[torch.Tensor]
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton.lightning_chunk import lightning_chunk_bwd
+    dq, dk, dv, dh0 = lightning_chunk_bwd(do, dfinal, q, k, v, decay, states, scale, need_dh0, cu_seqlens)
+    if dh0 is None:
+        dh0 = q.new_empty(_EMPTY, dtype=torch.float32)
+    return dq, dk, dv, dh0
+
+
+_lightning_chunk_bwd_op = torch.library.custom_op("sala_ops::lightning_chunk_bwd", mutates_args=())(_chunk_bwd_impl)
+
+
+@_lightning_chunk_bwd_op.register_fake
+def _(do, dfinal, q, k, v, decay, states, scale, need_dh0, cu_seqlens):
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dh0 = q.new_empty((N, H, K, V) if need_dh0 else _EMPTY, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
+
+
+class _LightningChunkFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
+        if torch.compiler.is_compiling():
+            o, final, states = torch.ops.sala_ops.lightning_chunk_fwd(q, k, v, decay, scale, initial_state,
+                                                                     output_final_state, cu_seqlens)
+        else:
+            o, final, states = _chunk_fwd_impl(q, k, v, decay, scale, initial_state, output_final_state,
+                                               cu_seqlens)
+        ctx.save_for_backward(q, k, v, decay, states, cu_seqlens)
+        ctx.scale = scale
+        ctx.has_init = initial_state is not None
+        ctx.output_final_state = output_final_state
+        ctx.mark_non_differentiable(states)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, decay, states, cu_seqlens = ctx.saved_tensors
+        if not ctx.output_final_state:
+            dfinal = None
+        need_dh0 = ctx.has_init and ctx.needs_input_grad[5]
+        fn = (torch.ops.sala_ops.lightning_chunk_bwd if torch.compiler.is_compiling()
+              else _chunk_bwd_impl)
+        dq, dk, dv, dh0 = fn(do, dfinal, q, k, v, decay, states, ctx.scale, need_dh0, cu_seqlens)
+        return dq, dk, dv, None, None, (dh0 if need_dh0 else None), None, None
+
+
+@torch.library.custom_op("sala_ops::lightning_step", mutates_args=())
+def _lightning_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, decay: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton.lightning_step import lightning_step
+    return lightning_step(q, k, v, state.contiguous(), decay.float(), scale)
+
+
+@_lightning_step_op.register_fake
+def _(q, k, v, state, decay, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), torch.empty_like(state)
+
+
+@torch.library.custom_op("sala_ops::lightning_step_inplace", mutates_args=("state",))
+def _lightning_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+                               decay: torch.Tensor, scale: float) -> torch.Tensor:
+    from .triton.lightning_step import lightning_step
+    if state.is_contiguous():
+        return lightning_step(q, k, v, state, decay.float(), scale, out_state=state)[0]
+    o, new_state = lightning_step(q, k, v, state.contiguous(), decay.float(), scale)
+    state.copy_(new_state)
+    return o
+
+
+@_lightning_step_inplace_op.register_fake
+def _(q, k, v, state, decay, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
