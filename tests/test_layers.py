@@ -1,0 +1,235 @@
+"""The SALA mixers (sala_ops.layers) and the hybrid cache (sala_ops.cache), on CPU with the
+reference backend: each mixer against the spec's formulas written out here from the reference
+pieces, dense/sparse switching at dense_len, decode and chunked prefill through the cache against
+one full pass, packed sequences against separate calls."""
+import math
+
+import pytest
+import torch
+
+from sala_ops.cache import SalaCache
+from sala_ops.layers import MIXER_LIGHTNING, MIXER_SPARSE, LightningMixer, SparseMixer
+from sala_ops.reference import lightning as ref_lightning
+from sala_ops.reference import rope as ref_rope
+from sala_ops.reference import sparse as ref_sparse
+from sala_ops.sparse import SparseConfig, sparse_attention
+
+from helpers import assert_close
+
+# small enough that sequences of a few dozen tokens run the InfLLM-V2 path with real selection
+SMALL = SparseConfig(kernel_size=4, kernel_stride=2, block_size=4, init_blocks=1, window_size=4, topk=2, dense_len=16)
+HIDDEN, H, HKV, D = 32, 4, 2, 8
+
+
+def _init(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 1.0) + (1.0 if p.dim() == 1 else 0.0))
+    return module
+
+
+def sparse_mixer(seed=0, cfg=SMALL, **kw):
+    return _init(SparseMixer(HIDDEN, H, HKV, D, cfg, layer_idx=0, **kw), seed).eval()
+
+
+def lightning_mixer(seed=0, **kw):
+    return _init(LightningMixer(HIDDEN, H, D, layer_idx=0, **kw), seed).eval()
+
+
+def _u(B, T, seed=1):
+    return torch.randn(B, T, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ sparse
+
+def test_sparse_mixer_equals_op_called_directly():
+    m, u = sparse_mixer(), _u(2, 40)
+    q, k, v = m.qkv(u)
+    attn = sparse_attention(q, k, v, config=SMALL)
+    expect = m.o_proj(attn.reshape(2, 40, -1) * torch.sigmoid(m.o_gate(u)))
+    out, none = m(u)
+    assert none is None
+    assert_close(out, expect, 1e-6)
+
+
+@pytest.mark.parametrize("T", [SMALL.dense_len - 1, SMALL.dense_len, 3 * SMALL.dense_len])
+def test_sparse_mixer_dense_below_dense_len(T):
+    """Below dense_len keys: plain causal softmax with the same weights; from dense_len on: InfLLM-V2."""
+    m, u = sparse_mixer(), _u(1, T)
+    q, k, v = m.qkv(u)
+    gate = torch.sigmoid(m.o_gate(u))
+    dense = m.o_proj(ref_sparse.dense_attention(q, k, v).reshape(1, T, -1) * gate)
+    idx = ref_sparse.select_blocks(q, k, None, SMALL.kernel_size, SMALL.kernel_stride, SMALL.block_size,
+                                   SMALL.init_blocks, SMALL.window_size, SMALL.topk)
+    sparse = m.o_proj(ref_sparse.block_sparse_attention(q, k, v, idx, SMALL.block_size).reshape(1, T, -1) * gate)
+    out, _ = m(u)
+    if T < SMALL.dense_len:
+        assert_close(out, dense, 1e-6)
+    else:
+        assert_close(out, sparse, 1e-6)
+        if T > SMALL.dense_len:  # the selection really drops blocks, so the two paths differ
+            assert (out - dense).abs().max() > 1e-4
+
+
+def test_sparse_mixer_is_nope():
+    """No positional encoding: the output at the last token does not change when the earlier
+    tokens are the same but the sequence is shifted in absolute position (cache offset)."""
+    m, u = sparse_mixer(cfg=SparseConfig(dense_len=1 << 20)), _u(1, 12)
+    out, _ = m(u, position_ids=torch.arange(12)[None])
+    out2, _ = m(u, position_ids=torch.arange(100, 112)[None])
+    assert torch.equal(out, out2)
+
+
+@pytest.mark.parametrize("prefill", [SMALL.dense_len, 23])
+def test_sparse_decode_through_cache_matches_full_pass(prefill):
+    """Prefill at >= dense_len keys, then decode: every call runs InfLLM-V2, as the full pass does."""
+    m, u = sparse_mixer(), _u(2, 36)
+    full, _ = m(u)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE])
+    outs = [m(u[:, :prefill], cache=cache)[0]]
+    for t in range(prefill, 36):
+        outs.append(m(u[:, t:t + 1], cache=cache)[0])  # decode: one query over every cached key
+    assert cache.get_seq_length() == 36
+    assert cache.layers[0].keys.shape == (2, 36, HKV, D)
+    assert_close(torch.cat(outs, 1), full, 1e-5)
+
+
+def test_sparse_decode_across_dense_len_matches_prefix_recompute():
+    """Decoding from a short prompt across dense_len: step t equals the last row of a full pass over
+    the t+1 tokens so far (dense while the cache holds fewer than dense_len keys, sparse after).
+    Note the op decides dense vs sparse per call by the total key count, so rows < dense_len of ONE
+    long pass (all sparse) can differ from the same rows decoded early (dense)."""
+    m, u = sparse_mixer(), _u(1, 30)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE])
+    m(u[:, :3], cache=cache)
+    for t in range(3, 30):
+        step = m(u[:, t:t + 1], cache=cache)[0]
+        assert_close(step, m(u[:, :t + 1])[0][:, -1:], 1e-5, what=f"step {t}")
+
+
+def test_sparse_chunked_prefill_through_cache():
+    m, u = sparse_mixer(), _u(1, 40)
+    full, _ = m(u)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE])
+    parts = [m(u[:, a:b], cache=cache)[0] for a, b in ((0, 17), (17, 30), (30, 40))]  # every call >= dense_len keys
+    assert_close(torch.cat(parts, 1), full, 1e-5)
+
+
+def test_sparse_packed_equals_separate():
+    m = sparse_mixer()
+    a, b = _u(1, 21, seed=3), _u(1, 30, seed=4)
+    packed, _ = m(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 21, 51]))
+    assert_close(packed, torch.cat([m(a)[0], m(b)[0]], 1), 1e-5)
+
+
+def test_sparse_mixer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        SparseMixer(HIDDEN, 4, 3, D)
+    with pytest.raises(TypeError, match="SparseConfig"):
+        SparseMixer(HIDDEN, 4, 2, D, sparse_config={"topk": 2})
+
+
+# --------------------------------------------------------------------------------------- lightning
+
+def lightning_by_hand(m: LightningMixer, u, positions):
+    """The spec (section 3) written out: per-head RMSNorm, RoPE, the recurrence, o_norm, the z gate."""
+    B, T, _ = u.shape
+    q = m.q_proj(u).view(B, T, H, D)
+    k = m.k_proj(u).view(B, T, H, D)
+    v = m.v_proj(u).view(B, T, H, D)
+    q = ref_rope.apply_rope(ref_rope.rms_norm(q, m.q_norm.weight, m.eps), positions, m.rope_theta, m.rotary_dim)
+    k = ref_rope.apply_rope(ref_rope.rms_norm(k, m.k_norm.weight, m.eps), positions, m.rope_theta, m.rotary_dim)
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+    o, _ = ref_lightning.lightning_recurrent(q, k, v, slopes, 1 / math.sqrt(D))
+    o = ref_rope.rms_norm(o.reshape(B, T, -1), m.o_norm.weight, m.eps)
+    return m.o_proj(o * torch.sigmoid(m.z_proj(u)))
+
+
+@pytest.mark.parametrize("rotary_dim", [None, 4])
+def test_lightning_mixer_matches_spec(rotary_dim):
+    m, u = lightning_mixer(rotary_dim=rotary_dim, rope_theta=500.0), _u(2, 19)
+    pos = torch.arange(19)[None].expand(2, -1)
+    out, none = m(u)
+    assert none is None
+    assert_close(out, lightning_by_hand(m, u, pos), 1e-5)
+    # explicit position_ids are honoured (RoPE)
+    out7, _ = m(u, position_ids=torch.arange(7, 26)[None])
+    assert_close(out7, lightning_by_hand(m, u, pos + 7), 1e-5)
+
+
+@pytest.mark.parametrize("prefill", [1, 6])
+def test_lightning_decode_through_cache_matches_full_pass(prefill, monkeypatch):
+    import sala_ops.layers as layers
+    steps = []
+    real = layers.lightning_attention_step
+    monkeypatch.setattr(layers, "lightning_attention_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    m, u = lightning_mixer(), _u(2, 20)
+    full, _ = m(u)
+    cache = SalaCache(mixer_types=[MIXER_LIGHTNING])
+    outs = [m(u[:, :prefill], cache=cache)[0]]
+    for t in range(prefill, 20):
+        outs.append(m(u[:, t:t + 1], cache=cache)[0])
+    assert len(steps) == 20 - prefill  # decode went through lightning_attention_step
+    st = cache.layers[0].state
+    assert st.dtype == torch.float32 and st.shape == (2, H, D, D)
+    assert cache.get_seq_length() == 20
+    assert_close(torch.cat(outs, 1), full, 1e-5)
+
+
+def test_lightning_chunked_prefill_and_bf16_state():
+    m, u = lightning_mixer(), _u(1, 30)
+    full, _ = m(u)
+    cache = SalaCache(mixer_types=[MIXER_LIGHTNING])
+    parts = [m(u[:, a:b], cache=cache)[0] for a, b in ((0, 11), (11, 12), (12, 30))]
+    assert_close(torch.cat(parts, 1), full, 1e-5)
+    mb = m.to(torch.bfloat16)
+    cache = SalaCache(mixer_types=[MIXER_LIGHTNING])
+    mb(u[:, :5].bfloat16(), cache=cache)
+    mb(u[:, 5:6].bfloat16(), cache=cache)
+    assert cache.layers[0].state.dtype == torch.float32  # the state stays fp32 under a bf16 model
+    assert mb.decay(u.device).dtype == torch.float32
+
+
+def test_lightning_packed_equals_separate():
+    m = lightning_mixer()
+    a, b = _u(1, 9, seed=5), _u(1, 14, seed=6)
+    packed, _ = m(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 9, 23]))
+    assert_close(packed, torch.cat([m(a)[0], m(b)[0]], 1), 1e-5)
+
+
+def test_lightning_weight_names_match_release():
+    names = {n for n, _ in lightning_mixer().named_parameters()}
+    assert names == {f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "z_proj", "q_norm", "k_norm", "o_norm")}
+    names = {n for n, _ in sparse_mixer().named_parameters()}
+    assert names == {f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "o_gate")}
+    assert not list(lightning_mixer().buffers())  # decay slopes are computed, never stored
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+def test_cache_errors_are_clear():
+    from transformers import DynamicCache
+    m, u = lightning_mixer(), _u(1, 4)
+    with pytest.raises(TypeError, match="SalaCache"):
+        m(u, cache=DynamicCache())
+    cache = SalaCache(mixer_types=[MIXER_SPARSE])
+    with pytest.raises(ValueError, match="cached as"):
+        m(u, cache=cache)
+    with pytest.raises(ValueError, match="mixer_types"):
+        SalaCache(mixer_types=["attention"])
+    with pytest.raises(NotImplementedError, match="crop"):
+        cache.crop(2)
+
+
+def test_cache_reorder_and_repeat():
+    m, u = sparse_mixer(), _u(2, 8)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE])
+    m(u, cache=cache)
+    k0 = cache.layers[0].keys.clone()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(cache.layers[0].keys, k0.flip(0))
+    cache.batch_repeat_interleave(2)
+    assert cache.layers[0].keys.shape[0] == 4 and cache.batch_size == 4
+    cache.reset()
+    assert cache.get_seq_length() == 0 and not cache.is_initialized
