@@ -1,0 +1,271 @@
+"""convert_to_sala on tiny random Llama, Qwen2, Qwen3 and Mistral models (CPU, reference backend):
+layer placement, weight transfer, the converted model's start point, save/load round trips,
+generate() with the hybrid cache, HALO selection, stage-1 training, clear errors."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from sala_ops.cache import SalaCache
+from sala_ops.convert import (convert_to_sala, default_sparse_layers, expand_kv_rows, halo_importance, sala_layers,
+                              sparse_config_from)
+from sala_ops.layers import MIXER_LIGHTNING, MIXER_SPARSE, LightningMixer, SparseMixer
+from sala_ops.sparse import SparseConfig
+
+from helpers import assert_close
+
+SMALL = SparseConfig(kernel_size=4, kernel_stride=2, block_size=4, init_blocks=1, window_size=4, topk=2, dense_len=16)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def tiny(family, layers=4, seed=0, **kw):
+    cfg_cls, model_cls = FAMILIES[family]
+    args = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=97, max_position_embeddings=256,
+                tie_word_embeddings=False, rope_theta=1000.0)
+    args.update(kw)
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**{k: v for k, v in args.items() if k != "rope_theta"})
+    model = model_cls(cfg).eval()
+    if family == "qwen3":  # make the source's QK-norm weights non-trivial so copying them is visible
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def ids(B, T, seed=0, vocab=97):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------- placement
+
+def test_default_layer_choice():
+    assert default_sparse_layers(32) == [0, 4, 9, 13, 18, 22, 27, 31]  # 25%, first and last, spread
+    assert default_sparse_layers(8) == [0, 7]
+    assert default_sparse_layers(12) == [0, 6, 11]
+    assert default_sparse_layers(4) == [0, 3]
+    assert default_sparse_layers(1) == [0]
+    for L in range(2, 64):
+        chosen = default_sparse_layers(L)
+        assert chosen[0] == 0 and chosen[-1] == L - 1 and len(chosen) == max(2, round(L / 4))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_conversion_places_sparse_layers_where_asked(family):
+    model = convert_to_sala(tiny(family, layers=6), sparse_layers=[0, 2, 5], sparse_config=SMALL)
+    assert type(model).__name__ == f"Sala{type(model).__mro__[2].__name__}"
+    assert model.config.model_type == f"sala_{family}"
+    assert model.config.mixer_types == [MIXER_SPARSE, MIXER_LIGHTNING, MIXER_SPARSE, MIXER_LIGHTNING,
+                                        MIXER_LIGHTNING, MIXER_SPARSE]
+    assert sala_layers(model, MIXER_SPARSE) == [0, 2, 5]
+    assert sala_layers(model, MIXER_LIGHTNING) == [1, 3, 4]
+    assert sparse_config_from(model.config) == SMALL
+    for i, layer in enumerate(model.model.layers):
+        assert isinstance(layer.self_attn, SparseMixer if i in (0, 2, 5) else LightningMixer)
+        assert layer.self_attn.layer_idx == i
+    default = convert_to_sala(tiny(family, layers=8))
+    assert sala_layers(default, MIXER_SPARSE) == [0, 7]
+    assert sparse_config_from(default.config) == SparseConfig()
+
+
+# ---------------------------------------------------------------------------------- weight transfer
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lightning_kv_expansion_reproduces_source_projections(family):
+    src = tiny(family)
+    model = convert_to_sala(copy.deepcopy(src), sparse_layers=[0], sparse_config=SMALL)
+    u = torch.randn(2, 7, 32)
+    for i in (1, 2, 3):
+        a, m = src.model.layers[i].self_attn, model.model.layers[i].self_attn
+        assert isinstance(m, LightningMixer) and m.num_heads == 4 and m.head_dim == 8
+        G = 2  # 4 query heads over 2 K/V heads
+        assert_close(m.q_proj(u), a.q_proj(u), 1e-6)
+        for name in ("k_proj", "v_proj"):
+            ref = getattr(a, name)(u).view(2, 7, 2, 8).repeat_interleave(G, dim=2).reshape(2, 7, 32)
+            assert_close(getattr(m, name)(u), ref, 1e-6, what=name)
+        assert_close(m.o_proj(u), 2 * a.o_proj(u) - (a.o_proj.bias if a.o_proj.bias is not None else 0), 1e-6)
+        assert (m.z_proj.weight == 0).all() and (m.o_norm.weight == 1).all()
+        if family == "qwen3":
+            assert torch.equal(m.q_norm.weight, a.q_norm.weight) and torch.equal(m.k_norm.weight, a.k_norm.weight)
+        else:
+            assert (m.q_norm.weight == 1).all() and (m.k_norm.weight == 1).all()
+        assert (m.q_proj.bias is not None) == (a.q_proj.bias is not None)  # Qwen2 keeps its q/k/v biases
+    w = torch.arange(2 * 3 * 5.0).reshape(6, 5)  # 2 kv heads x head_dim 3
+    assert torch.equal(expand_kv_rows(w, 2, 4), torch.cat([w[:3], w[:3], w[3:], w[3:]]))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sparse_layer_starts_as_source_attention_without_rope(family):
+    """Gate o_gate = 0 (sigmoid 0.5) and o_proj x 2: below dense_len the converted sparse layer equals
+    the source attention module run with RoPE switched off (cos = 1, sin = 0), SALA sparse layers being NoPE."""
+    src = tiny(family)
+    src.config._attn_implementation = "eager"
+    model = convert_to_sala(copy.deepcopy(src), sparse_layers=[0, 3], sparse_config=SMALL)
+    u = torch.randn(1, 12, 32)
+    a, m = src.model.layers[3].self_attn, model.model.layers[3].self_attn
+    cos, sin = torch.ones(1, 12, 8), torch.zeros(1, 12, 8)
+    mask = torch.full((12, 12), float("-inf")).triu(1)[None, None]
+    expect, _ = a(hidden_states=u, position_embeddings=(cos, sin), attention_mask=mask)
+    got, _ = m(u)
+    assert_close(got, expect, 1e-5)
+
+
+def test_calibration_sets_o_norm_to_source_scale():
+    src = tiny("llama")
+    calib = ids(2, 24, seed=3)
+    model = convert_to_sala(copy.deepcopy(src), sparse_config=SMALL, calibration_ids=calib)
+    seen = []
+    h = src.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        src(calib, use_cache=False)
+    h.remove()
+    rms = seen[0].float().pow(2).mean((0, 1)).sqrt()
+    assert_close(model.model.layers[1].self_attn.o_norm.weight, rms, 1e-5)
+
+
+# ------------------------------------------------------------------------------- round trip, decode
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_from_pretrained_round_trip(family, tmp_path):
+    model = convert_to_sala(tiny(family, layers=5), sparse_layers=[0, 4], sparse_config=SMALL)
+    x = ids(2, 24)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert loaded.config.mixer_types == model.config.mixer_types
+    assert sparse_config_from(loaded.config) == SMALL
+    with torch.no_grad():
+        assert torch.equal(loaded(x, use_cache=False).logits, model(x, use_cache=False).logits)
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert "model.layers.1.self_attn.z_proj.weight" in sd and "model.layers.0.self_attn.o_gate.weight" in sd
+
+
+def _greedy_by_recompute(model, prompt, n):
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    return seq
+
+
+@pytest.mark.parametrize("family,prompt_len", [("llama", 18), ("qwen2", 5), ("qwen3", 20), ("mistral", 17)])
+def test_greedy_generate_with_cache_equals_recompute(family, prompt_len):
+    """prompt_len >= dense_len: prefill and every decode step run InfLLM-V2 (cached K/V, one query);
+    prompt_len 5 with 8 new tokens stays dense. Lightning layers decode from the cached fp32 state."""
+    model = convert_to_sala(tiny(family), sparse_config=SMALL)
+    prompt = ids(2, prompt_len, seed=7)
+    n = 8
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                             min_new_tokens=n, pad_token_id=0)
+    assert torch.equal(out, _greedy_by_recompute(model, prompt, n))
+    with torch.no_grad():
+        res = model(prompt, use_cache=True)
+    cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+    assert isinstance(cache, SalaCache) and cache.get_seq_length() == prompt_len
+
+
+def test_padded_batches_are_refused():
+    model = convert_to_sala(tiny("llama"), sparse_config=SMALL)
+    x = ids(2, 6)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="padded batches are not supported"):
+        model(x, attention_mask=mask)
+    with pytest.raises(ValueError, match="padded batches are not supported"):
+        model.generate(x, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(x, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2), use_cache=False)
+    model(x, attention_mask=torch.ones_like(x))  # a mask of ones is fine
+
+
+# ---------------------------------------------------------------------------------------------- HALO
+
+def test_halo_importance_formula():
+    rt, cs = [0.9, 0.5, 0.7], [0.8, 0.6, 0.8]
+    imp = halo_importance(rt, cs)
+    assert imp[0] == 0.0
+    assert imp[1] == pytest.approx((0.9 - 0.5) / (0.8 - 0.6 + 1e-10))
+    assert imp[2] == 50.0  # (0.2) / (0 + 1e-10) clipped at 50
+
+
+def test_halo_with_user_evaluation_keeps_the_important_layers():
+    """A user evaluation that says replacing layer 3 or 5 by a linear layer hurts recall most."""
+    model = tiny("llama", layers=8)
+    calls = []
+
+    def evaluate(m):
+        lin = [i for i, layer in enumerate(m.model.layers) if isinstance(layer.self_attn, LightningMixer)]
+        assert len(lin) == 1  # one layer replaced at a time
+        calls.append(lin[0])
+        rt = {3: 0.2, 5: 0.4}.get(lin[0], 0.9)
+        return rt, 0.5 - 0.01 * lin[0]
+
+    convert_to_sala(model, sparse_layers="halo", halo_eval=evaluate, sparse_ratio=0.5, sparse_config=SMALL)
+    assert sorted(calls) == [1, 2, 3, 4, 5, 6]  # first and last are never candidates, always sparse
+    # importance: layer 3 (0.9-0.2)/(0.49-0.47) = 35, layer 5 0.5/0.04 = 12.5, the others 0
+    assert model.sala_halo_scores["importance"][3] == pytest.approx(35.0)
+    assert sala_layers(model, MIXER_SPARSE) == [0, 3, 5, 7]  # 50% of 8 layers
+    assert model.sala_halo_scores["sparse_layers"] == [0, 3, 5, 7]
+
+
+def test_halo_builtin_evaluation_runs():
+    model = convert_to_sala(tiny("qwen3", layers=8), sparse_layers="halo", halo_text_ids=ids(2, 24, seed=2),
+                            sparse_ratio=0.5, sparse_config=SMALL)
+    chosen = sala_layers(model, MIXER_SPARSE)
+    assert len(chosen) == 4 and chosen[0] == 0 and chosen[-1] == 7
+    assert set(model.sala_halo_scores["importance"]) == set(range(1, 7))
+    with pytest.raises(ValueError, match="halo_text_ids"):
+        convert_to_sala(tiny("llama"), sparse_layers="halo")
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def test_stage1_training_lowers_alignment_loss():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import convert_and_train as ex
+    teacher = ex.tiny_model("llama", layers=3)
+    student = convert_to_sala(copy.deepcopy(teacher), sparse_config=ex.TINY_SPARSE)
+    data = ex.batches(None, 40, 2, teacher.config.vocab_size, 0, "cpu")
+    frozen = {n: p.clone() for n, p in student.named_parameters() if ".self_attn." not in n}
+    losses = ex.stage1_train(teacher, student, data, steps=6, lr=3e-3, log=None)
+    assert losses[-1] < 0.8 * losses[0], losses
+    for n, p in student.named_parameters():  # only the converted mixers moved
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_unsupported_models_and_arguments_fail_clearly():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64))
+    with pytest.raises(ValueError, match=r"not supported; supported: llama .*qwen2.*qwen3.*mistral"):
+        convert_to_sala(gpt2)
+    base = tiny("llama")
+    with pytest.raises(ValueError, match="pass the causal LM"):
+        convert_to_sala(base.model)
+    with pytest.raises(ValueError, match="distinct indices"):
+        convert_to_sala(tiny("llama"), sparse_layers=[0, 4])
+    with pytest.raises(ValueError, match="'halo'"):
+        convert_to_sala(tiny("llama"), sparse_layers="all")
+    with pytest.raises(TypeError, match="SparseConfig"):
+        convert_to_sala(tiny("llama"), sparse_config={"topk": 4})
+    with pytest.raises(TypeError, match="must be a Hugging Face"):
+        convert_to_sala("llama")
+    done = convert_to_sala(tiny("llama"))
+    with pytest.raises(ValueError, match="already a SALA model"):
+        convert_to_sala(done)
