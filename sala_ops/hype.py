@@ -6,6 +6,8 @@ and only the norm, if one is given. The naive math is in reference/rope.py.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import _checks as C
@@ -16,12 +18,21 @@ from .reference.rope import HYPE_POLICY
 LAYER_TYPES = tuple(HYPE_POLICY)
 
 
-def _positions(op, positions, q, cu_seqlens):
+def varlen_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions [total] of a packed batch, each sequence counting from 0, built on the device of
+    cu_seqlens without a host synchronisation (same values as reference positions_from_cu_seqlens)."""
+    tok = torch.arange(total, device=cu_seqlens.device, dtype=torch.int64)
+    cu = cu_seqlens.to(torch.int64)
+    seq = torch.searchsorted(cu[1:], tok, right=True)
+    return tok - cu[seq]
+
+
+def _positions(op, positions, q, cu_seqlens, need_default=True):
     B, T = q.shape[:2]
     if positions is None:
         if cu_seqlens is not None:
-            return ref.positions_from_cu_seqlens(cu_seqlens, T)[None]
-        return torch.arange(T, device=q.device)[None].expand(B, -1)
+            return varlen_positions(cu_seqlens, T)[None]
+        return torch.arange(T, device=q.device)[None].expand(B, -1) if need_default else None
     C.tensor(op, "positions", positions, ndim=(1, 2), dtypes=(torch.int32, torch.int64))
     if positions.device != q.device:
         raise ValueError(f"sala_ops.{op}: positions must be on {q.device}, got {positions.device}")
@@ -65,8 +76,94 @@ def hype_embed(q, k, positions=None, layer_type="lightning", theta=10000.0, rota
                 raise ValueError(f"sala_ops.{op}: {name} must be on {q.device}, got {w.device}")
     if cu_seqlens is not None:
         C.cu_seqlens(op, cu_seqlens, T, batch=B, device=q.device)
-    pos = _positions(op, positions, q, cu_seqlens)
     backend = choose(op, q)
     if backend == "triton":
-        raise NotImplementedError("sala_ops.hype_embed: triton backend not built yet")
+        for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+            if w is not None and w.dtype not in C.FLOAT_DTYPES:
+                raise TypeError(f"sala_ops.{op}: {name} must be a float tensor, got {w.dtype}")
+        rope = HYPE_POLICY[layer_type] == "rope"
+        # positions None without cu_seqlens: the kernel counts 0..T-1 itself (nothing to read)
+        pos = _positions(op, positions, q, cu_seqlens, need_default=False) if rope else None
+        do_q, do_k = rope or q_norm_weight is not None, rope or k_norm_weight is not None
+        if not (do_q or do_k):  # NoPE without norms: the identity
+            return q, k
+        yq, yk = torch.ops.sala_ops.hype_embed_fwd(q, k, pos, q_norm_weight, k_norm_weight, float(theta), r, rope,
+                                                   float(eps), do_q, do_k)
+        return (yq if do_q else q), (yk if do_k else k)
+    pos = _positions(op, positions, q, cu_seqlens)
     return ref.hype_embed(q, k, pos, layer_type, theta, r, q_norm_weight, k_norm_weight, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Triton path as torch.library custom ops (so torch.compile sees one opaque op, with a fake
+# implementation for shapes), with autograd registered on the forward op. A tensor the layer leaves
+# alone (do_q / do_k False: a sparse layer with only the other tensor's norm) comes back as an empty
+# placeholder and the public function returns the input itself.
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("sala_ops::hype_embed_fwd", mutates_args=())
+def _hype_fwd_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor], q_weight: Optional[torch.Tensor],
+                 k_weight: Optional[torch.Tensor], theta: float, rotary_dim: int, rope: bool, eps: float, do_q: bool,
+                 do_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton import rope_qknorm as K
+    yq, yk = K.hype_fwd(q, k, positions, q_weight, k_weight, theta=theta, rotary_dim=rotary_dim, rope=rope, eps=eps,
+                        do_q=do_q, do_k=do_k)
+    return (yq if do_q else q.new_empty(_EMPTY)), (yk if do_k else k.new_empty(_EMPTY))
+
+
+@_hype_fwd_op.register_fake
+def _(q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if do_q else q.new_empty(_EMPTY),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device) if do_k else k.new_empty(_EMPTY))
+
+
+@torch.library.custom_op("sala_ops::hype_embed_bwd", mutates_args=())
+def _hype_bwd_op(q: torch.Tensor, k: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor,
+                 positions: Optional[torch.Tensor], q_weight: Optional[torch.Tensor],
+                 k_weight: Optional[torch.Tensor], theta: float, rotary_dim: int, rope: bool, eps: float, do_q: bool,
+                 do_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton import rope_qknorm as K
+    dq, dk, dwq, dwk = K.hype_bwd(q, k, gq, gk, positions, q_weight, k_weight, theta=theta, rotary_dim=rotary_dim,
+                                  rope=rope, eps=eps, do_q=do_q, do_k=do_k)
+    e = lambda: q.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731  (outputs may not alias each other)
+    return (dq if do_q else q.new_empty(_EMPTY)), (dk if do_k else k.new_empty(_EMPTY)), \
+        (dwq if dwq is not None else e()), (dwk if dwk is not None else e())
+
+
+@_hype_bwd_op.register_fake
+def _(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k):
+    D = q.shape[-1]
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if do_q else q.new_empty(_EMPTY),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device) if do_k else k.new_empty(_EMPTY),
+            q.new_empty((D,) if (do_q and q_weight is not None) else _EMPTY, dtype=torch.float32),
+            q.new_empty((D,) if (do_k and k_weight is not None) else _EMPTY, dtype=torch.float32))
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k = inputs
+    norm = (q_weight is not None and do_q) or (k_weight is not None and do_k)
+    # q and k are needed only to recompute the norm statistics
+    ctx.save_for_backward(q if norm else None, k if norm else None, positions, q_weight, k_weight)
+    ctx.args = (theta, rotary_dim, rope, eps, do_q, do_k)
+
+
+def _fwd_backward(ctx, gyq, gyk):
+    q, k, positions, q_weight, k_weight = ctx.saved_tensors
+    theta, rotary_dim, rope, eps, do_q, do_k = ctx.args
+    if q is None:  # no norm (so RoPE on both): the kernel reads q and k only for their shapes
+        q, k = gyq, gyk
+    gq = gyq if do_q else q
+    gk = gyk if do_k else k
+    dq, dk, dwq, dwk = torch.ops.sala_ops.hype_embed_bwd(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim,
+                                                          rope, eps, do_q, do_k)
+    need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq = dq if (do_q and need_q) else None
+    dk = dk if (do_k and need_k) else None
+    dwq = dwq.to(q_weight.dtype) if (q_weight is not None and do_q and ctx.needs_input_grad[3]) else None
+    dwk = dwk.to(k_weight.dtype) if (k_weight is not None and do_k and ctx.needs_input_grad[4]) else None
+    return dq, dk, None, dwq, dwk, None, None, None, None, None, None
+
+
+_hype_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
