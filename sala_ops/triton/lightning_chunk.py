@@ -75,7 +75,7 @@ def _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN: tl.co
     return a, b
 
 
-@triton.autotune(configs=_configs([64, 32, 128], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"])
+@triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"])
 @triton.jit
 def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
                         T, NSS, L, H, GK, GV, stride_k, stride_v, kv_mult, DK, DV,

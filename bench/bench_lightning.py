@@ -1,0 +1,219 @@
+"""Benchmark: sala_ops lightning_attention / lightning_attention_step vs fla on an H200.
+
+Peers (same inputs, same process): fla `chunk_simple_gla` (g = -decay broadcast per token, [B, T, H]
+fp32 log-decay, as fla expects) and `fused_recurrent_simple_gla` for the decode step.
+B=1, H=32, D=128, SALA decay slopes; T = 8K, 32K, 128K; bf16 and fp32 inputs; fwd and fwd+bwd.
+fp32 inputs: fla's kernels use TF32 tensor-core products (triton's default), so the equal-work
+comparison runs ours with torch.set_float32_matmul_precision("high") (TF32 too); the "fp32x3" rows
+show ours at torch's default "highest" (TF32x3, near-fp32 accuracy).
+
+Timing: triton.testing.do_bench medians after a warm-up; achieved bandwidth counts the compulsory
+traffic only (fwd: read q, k, v + write o; fwd+bwd: that + read q, k, v, dO + write dq, dk, dv),
+against the 4.2 TB/s copy ceiling. A numeric check (relative error of our output vs fla's) makes
+sure both do the same work.
+
+    python bench/bench_lightning.py --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import sala_ops  # noqa: E402
+from sala_ops.triton import lightning_chunk as LC  # noqa: E402
+
+CEIL = 4.2e12
+H, D = 32, 128
+
+
+def _bench(fn, grad_to_none=None):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _inputs(T, dtype, grad):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+    # unit-norm-ish q, k (the SALA layers RMS-normalise q and k)
+    q, k = q / D ** 0.25, k / D ** 0.25
+    if grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return q, k, v
+
+
+def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
+    torch.set_float32_matmul_precision(precision)
+    decay = sala_ops.sala_decay_slopes(H).cuda()
+    scale = D ** -0.5
+    grad = mode == "fwd+bwd"
+    q, k, v = _inputs(T, dtype, grad)
+    do = torch.randn(1, T, H, D, device="cuda", dtype=dtype) if grad else None
+    g = (-decay).view(1, 1, H).expand(1, T, H).contiguous()
+
+    def ours():
+        o = sala_ops.lightning_attention(q, k, v, decay, scale=scale).output
+        if grad:
+            o.backward(do)
+        return o
+
+    def peer():
+        o = fla(q, k, v, g=g, scale=scale)[0]
+        if grad:
+            o.backward(do)
+        return o
+
+    esz = torch.finfo(dtype).bits // 8
+    nbytes = (4 if not grad else 11) * T * H * D * esz
+    row = dict(T=T, dtype=str(dtype).split(".")[-1], mode=mode, precision=precision)
+    with torch.no_grad() if not grad else torch.enable_grad():
+        if check:
+            o1 = ours().detach()
+            if fla is not None:
+                o2 = peer().detach()
+                row["rel_err_vs_fla"] = _rel(o1, o2)
+            del o1
+        gtn = [q, k, v] if grad else None
+        row["ours_ms"] = _bench(ours, gtn)
+        if fla is not None:
+            row["fla_ms"] = _bench(peer, gtn)
+            row["speedup"] = row["fla_ms"] / row["ours_ms"]
+    row["ours_TBps"] = nbytes / row["ours_ms"] / 1e9
+    row["ours_bw_frac"] = row["ours_TBps"] * 1e12 / CEIL
+    rows.append(row)
+    print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+    torch.set_float32_matmul_precision("highest")
+    del q, k, v, do, g
+    torch.cuda.empty_cache()
+
+
+def run_step(fla_rec, rows):
+    decay = sala_ops.sala_decay_slopes(H).cuda()
+    q, k, v = (torch.randn(1, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    state = torch.randn(1, H, D, D, device="cuda", dtype=torch.float32)
+    g = (-decay).view(1, 1, H).contiguous()
+
+    def ours():
+        return sala_ops.lightning_attention_step(q, k, v, state, decay, inplace=True)[0]
+
+    def peer():
+        return fla_rec(q[:, None], k[:, None], v[:, None], g=g, initial_state=state, output_final_state=True)[0]
+
+    row = dict(T=1, dtype="bfloat16", mode="decode", precision="-")
+    s0 = state.clone()
+    o1 = ours()
+    state.copy_(s0)
+    if fla_rec is not None:
+        o2 = peer()[:, 0]
+        row["rel_err_vs_fla"] = _rel(o1, o2)
+    row["ours_ms"] = _bench(ours)
+    if fla_rec is not None:
+        row["fla_ms"] = _bench(peer)
+        row["speedup"] = row["fla_ms"] / row["ours_ms"]
+    for name, fn in (("ours", ours), ("fla", peer if fla_rec is not None else None)):
+        if fn is None:
+            continue
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        row[f"{name}_graph_ms"] = _bench(graph.replay)
+    if "fla_graph_ms" in row:
+        row["graph_speedup"] = row["fla_graph_ms"] / row["ours_graph_ms"]
+    rows.append(row)
+    print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+
+
+def sweep(rows):
+    """Chunk length L / block BT sweep for our op alone (tuning aid)."""
+    decay = sala_ops.sala_decay_slopes(H).cuda()
+    for T in (32768, 131072):
+        for dtype in (torch.bfloat16,):
+            q, k, v = _inputs(T, dtype, True)
+            do = torch.randn_like(q)
+            for L, BT in ((512, 64), (1024, 64), (2048, 64), (4096, 64), (8192, 64), (2048, 128), (4096, 128)):
+                LC.CHUNK_OVERRIDE = (L, BT)
+                try:
+                    with torch.no_grad():
+                        f = _bench(lambda: sala_ops.lightning_attention(q, k, v, decay))
+
+                    def fb():
+                        sala_ops.lightning_attention(q, k, v, decay).output.backward(do)
+                    fbm = _bench(fb, [q, k, v])
+                    row = dict(sweep=True, T=T, L=L, BT=BT, fwd_ms=f, fwdbwd_ms=fbm)
+                except Exception as e:  # noqa: BLE001
+                    row = dict(sweep=True, T=T, L=L, BT=BT, error=repr(e)[:200])
+                print(row, flush=True)
+                rows.append(row)
+            LC.CHUNK_OVERRIDE = None
+            del q, k, v, do
+            torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--T", default="8192,32768,131072")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-fla", action="store_true")
+    args = ap.parse_args()
+    fla = fla_rec = None
+    if not args.no_fla:
+        try:
+            from fla.ops.simple_gla import chunk_simple_gla as fla
+            from fla.ops.simple_gla import fused_recurrent_simple_gla as fla_rec
+        except Exception as e:  # noqa: BLE001
+            print(f"fla not available: {e!r}")
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    run_step(fla_rec, rows)
+    Ts = [int(t) for t in args.T.split(",")]
+    for dtype, precisions in ((torch.bfloat16, ["highest"]), (torch.float32, ["high", "highest"])):
+        for mode in ("fwd", "fwd+bwd"):
+            for T in Ts:
+                for prec in precisions:
+                    peer = fla if prec != "highest" or dtype != torch.float32 else None
+                    run_chunk(T, dtype, mode, peer, prec, rows)
+    if args.sweep:
+        sweep(rows)
+    # table
+    print()
+    hdr = f"{'op':8} {'dtype':9} {'prec':8} {'T':>7} {'ours ms':>9} {'fla ms':>9} {'ratio':>6} {'TB/s':>6} {'%ceil':>6} {'rel err':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if r.get("sweep"):
+            continue
+        fla_ms = r.get("fla_ms")
+        print(f"{r['mode']:8} {r['dtype']:9} {r['precision']:8} {r['T']:>7} {r['ours_ms']:9.4f} "
+              f"{(fla_ms if fla_ms is not None else float('nan')):9.4f} {r.get('speedup', float('nan')):6.2f} "
+              f"{r.get('ours_TBps', float('nan')):6.2f} {100 * r.get('ours_bw_frac', float('nan')):6.1f} "
+              f"{r.get('rel_err_vs_fla', float('nan')):9.2e}")
+        if r["mode"] == "decode":
+            print(f"{'  graph':8} {'':9} {'':8} {'':>7} {r['ours_graph_ms']:9.4f} "
+                  f"{r.get('fla_graph_ms', float('nan')):9.4f} {r.get('graph_speedup', float('nan')):6.2f}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "lightning.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""lightning_attention / lightning_attention_step on the Triton backend (sala_ops/triton/lightning_*.py)
+against reference/lightning.py.
+
+On CPU the kernels run through the Triton interpreter (tiny shapes, fp32 and fp16, small chunk
+lengths forced through CHUNK_OVERRIDE so that the multi-chunk scan and partial blocks are exercised);
+on a GPU the `gpu` tests run bf16 at real sizes (B=1, H=32, D=128, up to 1M tokens).
+
+Ground truth: the reference with fp64 inputs (its math is fp32), gradients by autograd through it.
+Tolerances: 1e-5 in fp32; in fp16/bf16 twice the error PyTorch makes computing the same function with
+low-precision matmuls (`_torch_lowp`: the quadratic form, scores and products in the input dtype).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import sala_ops
+from sala_ops.reference import lightning as ref
+from sala_ops.triton import lightning_chunk as LC
+
+from conftest import KERNEL_DEVICE
+from helpers import assert_close, gqa_heads, nan_like, rel_err, seeded_randn, varlen_splits
+
+DEV = KERNEL_DEVICE
+FP32_TOL = 1e-5
+CHUNKINGS = [(16, 16), (32, 16), (48, 16), (64, 32), (40, 16)]  # (chunk length L, block BT)
+DIMS = [8, 12, 16, 24, 32]
+
+
+@pytest.fixture(autouse=True)
+def _reset_override():
+    yield
+    LC.CHUNK_OVERRIDE = None
+
+
+def _lightning(*args, **kw):
+    with sala_ops.use_backend("triton"):
+        return sala_ops.lightning_attention(*args, **kw)
+
+
+def _step(*args, **kw):
+    with sala_ops.use_backend("triton"):
+        return sala_ops.lightning_attention_step(*args, **kw)
+
+
+def _torch_lowp(q, k, v, decay, scale, S0, dtype):
+    """The function computed by PyTorch in `dtype`: quadratic form with low-precision matmuls (single
+    sequence batch, any GQA). Used only to size the low-precision tolerance."""
+    B, T, H, K = q.shape
+    qd, kd, vd = q.to(dtype), ref._expand_kv(k.to(dtype), H), ref._expand_kv(v.to(dtype), H)
+    pos = torch.arange(T, device=q.device, dtype=torch.float32)
+    diff = pos[:, None] - pos[None, :]
+    s = decay.float().to(q.device)
+    w = torch.where(diff[None] >= 0, torch.exp(-s[:, None, None] * diff.clamp(min=0)[None]), 0.0).to(dtype)
+    outs = []
+    for b in range(B):
+        sc = torch.einsum("thk,shk->hts", qd[b], kd[b]) * w
+        o = torch.einsum("hts,shv->thv", sc, vd[b])
+        if S0 is not None:
+            lam_t = torch.exp(-s[None, :] * (pos[:, None] + 1)).to(dtype)
+            o = o + lam_t[:, :, None] * torch.einsum("thk,hkv->thv", qd[b], S0[b].to(dtype))
+        outs.append(o * scale)
+    return torch.stack(outs)
+
+
+def _ref_all(q, k, v, decay, scale, S0, want_final, cu, do, dfin, dtype=torch.float64):
+    """Reference output, final state and grads (q, k, v, S0) with inputs cast to `dtype`."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    s0 = None if S0 is None else S0.detach().to(dtype).requires_grad_()
+    o, f = ref.lightning_parallel(*leaves, decay, scale, s0, want_final, cu)
+    outs, grads_in = [o], [do.to(o.dtype)]
+    if want_final:
+        outs.append(f)
+        grads_in.append(dfin.to(f.dtype))
+    ins = leaves + ([s0] if s0 is not None else [])
+    grads = torch.autograd.grad(outs, ins, grads_in)
+    return o.detach(), (None if f is None else f.detach()), grads
+
+
+@st.composite
+def _case(draw, max_T=96):
+    B = draw(st.integers(1, 2))
+    T = draw(st.one_of(st.integers(1, max_T), st.sampled_from([1, 15, 16, 17, 31, 32, 33, 64, 65])))
+    H, Hkv = draw(gqa_heads(max_kv=2, max_group=2))
+    K = draw(st.sampled_from(DIMS))
+    V = draw(st.sampled_from(DIMS))
+    chunk = draw(st.sampled_from(CHUNKINGS))
+    has_init = draw(st.booleans())
+    want_final = draw(st.booleans())
+    scale = draw(st.sampled_from([None, 0.3]))
+    strong = draw(st.booleans())  # also strong decays (exp(-s) tiny): masks must not make inf * 0
+    seed = draw(st.integers(0, 2**16))
+    return B, T, H, Hkv, K, V, chunk, has_init, want_final, scale, strong, seed
+
+
+def _inputs(B, T, H, Hkv, K, V, has_init, strong, seed, dtype=torch.float32, N=None):
+    q = seeded_randn(seed, B, T, H, K, dtype=dtype, device=DEV)
+    k = seeded_randn(seed + 1, B, T, Hkv, K, dtype=dtype, device=DEV)
+    v = seeded_randn(seed + 2, B, T, Hkv, V, dtype=dtype, device=DEV)
+    decay = ref.sala_decay_slopes(H).to(DEV)
+    if strong:
+        decay = decay * torch.linspace(0.5, 30.0, H)[torch.randperm(H, generator=torch.Generator().manual_seed(seed))].to(DEV)
+    S0 = seeded_randn(seed + 3, N or B, H, K, V, device=DEV) if has_init else None
+    return q, k, v, decay, S0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU (interpreter) and GPU: fp32 against the reference, outputs and every gradient
+
+@given(_case())
+def test_fwd_bwd_fp32_matches_reference(case):
+    B, T, H, Hkv, K, V, chunk, has_init, want_final, scale, strong, seed = case
+    LC.CHUNK_OVERRIDE = chunk
+    q, k, v, decay, S0 = _inputs(B, T, H, Hkv, K, V, has_init, strong, seed)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    s0 = None if S0 is None else S0.clone().requires_grad_()
+    out = _lightning(*leaves, decay, scale=scale, initial_state=s0, output_final_state=want_final)
+    do = seeded_randn(seed + 4, B, T, H, V, device=DEV)
+    dfin = seeded_randn(seed + 5, B, H, K, V, device=DEV) if want_final else None
+    o_ref, f_ref, g_ref = _ref_all(q, k, v, decay, scale, S0, want_final, None, do, dfin)
+    assert out.output.dtype == torch.float32
+    assert_close(out.output, o_ref, FP32_TOL, "output")
+    if want_final:
+        assert out.final_state.dtype == torch.float32
+        assert_close(out.final_state, f_ref, FP32_TOL, "final_state")
+    else:
+        assert out.final_state is None
+    outs = [out.output] + ([out.final_state] if want_final else [])
+    grads_in = [do] + ([dfin] if want_final else [])
+    ins = leaves + ([s0] if s0 is not None else [])
+    grads = torch.autograd.grad(outs, ins, grads_in)
+    for name, g, r in zip(("dq", "dk", "dv", "d_initial_state"), grads, g_ref):
+        assert g.dtype == (torch.float32 if name == "d_initial_state" else q.dtype)
+        assert_close(g, r, FP32_TOL, name)
+
+
+@given(_case(max_T=64))
+def test_fwd_bwd_fp16_within_low_precision_bound(case):
+    B, T, H, Hkv, K, V, chunk, has_init, want_final, scale, strong, seed = case
+    LC.CHUNK_OVERRIDE = chunk
+    q, k, v, decay, S0 = _inputs(B, T, H, Hkv, K, V, has_init, strong, seed)
+    sc = K ** -0.5 if scale is None else scale
+    # exact values of the fp16-rounded inputs
+    q16, k16, v16 = (x.half() for x in (q, k, v))
+    do = seeded_randn(seed + 4, B, T, H, V, device=DEV)
+    o_ref, _, g_ref = _ref_all(q16, k16, v16, decay, scale, S0, False, None, do, None)
+    leaves = [x.clone().requires_grad_() for x in (q16, k16, v16)]
+    out = _lightning(*leaves, decay, scale=scale, initial_state=S0)
+    assert out.output.dtype == torch.float16
+    # PyTorch's own fp16 computation of the same function, forward and backward
+    lp = [x.clone().float().requires_grad_() for x in (q16, k16, v16)]
+    o_lp = _torch_lowp(*[x.half() for x in lp], decay, sc, S0, torch.float16)
+    g_lp = torch.autograd.grad(o_lp, lp, do.half())
+    tol_o = max(2 * rel_err(o_lp, o_ref), 1e-5)
+    assert_close(out.output, o_ref, tol_o, "fp16 output")
+    grads = torch.autograd.grad(out.output, leaves, do.half())
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, g_ref, g_lp):
+        assert g.dtype == torch.float16
+        assert_close(g, r, max(2 * rel_err(lo, r), 1e-5), f"fp16 {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# equivalences
+
+@given(varlen_splits(total_min=1, total_max=90, max_seqs=4), st.sampled_from(CHUNKINGS), gqa_heads(max_kv=2, max_group=2),
+       st.booleans(), st.integers(0, 2**16))
+def test_packed_varlen_equals_separate_calls(split, chunk, heads, has_init, seed):
+    lens, cu = split
+    LC.CHUNK_OVERRIDE = chunk
+    H, Hkv = heads
+    T, N, K, V = sum(lens), len(lens), 16, 24
+    q, k, v, decay, S0 = _inputs(1, T, H, Hkv, K, V, has_init, False, seed, N=N)
+    cu = cu.to(DEV)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    s0 = None if S0 is None else S0.clone().requires_grad_()
+    out = _lightning(*leaves, decay, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    do = seeded_randn(seed + 4, 1, T, H, V, device=DEV)
+    dfin = seeded_randn(seed + 5, N, H, K, V, device=DEV)
+    ins = leaves + ([s0] if s0 is not None else [])
+    grads = torch.autograd.grad([out.output, out.final_state], ins, [do, dfin])
+    bounds = [0] + torch.tensor(lens).cumsum(0).tolist()
+    for n in range(N):
+        a, b = bounds[n], bounds[n + 1]
+        sl = [x[:, a:b].clone().requires_grad_() for x in (q, k, v)]
+        sn = None if S0 is None else S0[n:n + 1].clone().requires_grad_()
+        one = _lightning(*sl, decay, initial_state=sn, output_final_state=True)
+        assert_close(out.output[:, a:b], one.output, FP32_TOL, f"output of sequence {n}")
+        assert_close(out.final_state[n:n + 1], one.final_state, FP32_TOL, f"final state of sequence {n}")
+        ins_n = sl + ([sn] if sn is not None else [])
+        g_n = torch.autograd.grad([one.output, one.final_state], ins_n, [do[:, a:b], dfin[n:n + 1]])
+        for name, g, gn in zip(("dq", "dk", "dv"), grads, g_n):
+            assert_close(g[:, a:b], gn, FP32_TOL, f"{name} of sequence {n}")
+        if S0 is not None:
+            assert_close(grads[3][n:n + 1], g_n[3], FP32_TOL, f"d_initial_state of sequence {n}")
+    # and the whole packed call against the reference
+    o_ref, f_ref = ref.lightning_parallel(q.double(), k.double(), v.double(), decay, None,
+                                          None if S0 is None else S0.double(), True, cu)
+    assert_close(out.output, o_ref, FP32_TOL, "packed output")
+    assert_close(out.final_state, f_ref, FP32_TOL, "packed final state")
+
+
+@given(st.integers(1, 40), gqa_heads(max_kv=2, max_group=2), st.sampled_from(CHUNKINGS), st.booleans(),
+       st.integers(0, 2**16))
+def test_chunked_equals_step_by_step_decode(T, heads, chunk, inplace, seed):
+    LC.CHUNK_OVERRIDE = chunk
+    H, Hkv = heads
+    B, K, V = 2, 16, 16
+    q, k, v, decay, S0 = _inputs(B, T, H, Hkv, K, V, True, False, seed)
+    out = _lightning(q, k, v, decay, initial_state=S0, output_final_state=True)
+    state = S0.clone()
+    for t in range(T):
+        o_t, new = _step(q[:, t], k[:, t], v[:, t], state, decay, inplace=inplace)
+        if inplace:
+            assert new is state
+        state = new
+        assert_close(o_t, out.output[:, t], FP32_TOL, f"decode output at t={t}")
+    assert_close(state, out.final_state, FP32_TOL, "decoded state")
+
+
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=4), st.sampled_from(CHUNKINGS), st.integers(0, 2**16))
+def test_segments_carrying_state_equal_one_call(seg_lens, chunk, seed):
+    LC.CHUNK_OVERRIDE = chunk
+    B, H, Hkv, K, V = 1, 2, 1, 16, 32
+    T = sum(seg_lens)
+    q, k, v, decay, S0 = _inputs(B, T, H, Hkv, K, V, True, False, seed)
+    whole = _lightning(q, k, v, decay, initial_state=S0, output_final_state=True)
+    state, a = S0, 0
+    for L in seg_lens:
+        part = _lightning(q[:, a:a + L], k[:, a:a + L], v[:, a:a + L], decay, initial_state=state,
+                          output_final_state=True)
+        assert_close(part.output, whole.output[:, a:a + L], FP32_TOL, f"segment at {a}")
+        state, a = part.final_state, a + L
+    assert_close(state, whole.final_state, FP32_TOL, "carried final state")
+
+
+@given(gqa_heads(max_kv=2, max_group=4), st.sampled_from(DIMS), st.booleans(), st.integers(0, 2**16))
+def test_single_token(heads, D, has_init, seed):
+    H, Hkv = heads
+    q, k, v, decay, S0 = _inputs(3, 1, H, Hkv, D, D, has_init, False, seed)
+    out = _lightning(q, k, v, decay, initial_state=S0, output_final_state=True)
+    o_ref, f_ref = ref.lightning_recurrent(q.double(), k.double(), v.double(), decay, None,
+                                           None if S0 is None else S0.double(), True)
+    assert_close(out.output, o_ref, FP32_TOL, "T=1 output")
+    assert_close(out.final_state, f_ref, FP32_TOL, "T=1 final state")
+
+
+@given(gqa_heads(max_kv=2, max_group=2), st.sampled_from(DIMS), st.sampled_from(DIMS),
+       st.sampled_from([torch.float32, torch.float16]), st.integers(0, 2**16))
+def test_decode_step_matches_reference(heads, K, V, dtype, seed):
+    H, Hkv = heads
+    B = 3
+    q = seeded_randn(seed, B, H, K, dtype=dtype, device=DEV)
+    k = seeded_randn(seed + 1, B, Hkv, K, dtype=dtype, device=DEV)
+    v = seeded_randn(seed + 2, B, Hkv, V, dtype=dtype, device=DEV)
+    state = seeded_randn(seed + 3, B, H, K, V, device=DEV)
+    decay = ref.sala_decay_slopes(H).to(DEV)
+    o, s = _step(q, k, v, state, decay)
+    o_ref, s_ref = ref.lightning_step(q.double(), k.double(), v.double(), state.double(), decay)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    tol = FP32_TOL if dtype == torch.float32 else 2 * rel_err(o_ref.to(dtype), o_ref) + 1e-5
+    assert_close(o, o_ref, tol, "step output")
+    assert_close(s, s_ref, FP32_TOL, "step state")
+    # 4-D form and in-place update
+    st_copy = state.clone()
+    o4, s4 = _step(q[:, None], k[:, None], v[:, None], st_copy, decay, inplace=True)
+    assert s4 is st_copy and o4.shape == (B, 1, H, V)
+    assert_close(o4[:, 0], o, 0.0, "4-D step output")
+    assert_close(s4, s, 0.0, "in-place state")
+
+
+def test_outputs_fully_written_nan_poisoned(monkeypatch):
+    """Every buffer the kernels allocate (outputs, chunk states, gradients) starts as NaN: an element
+    a kernel never writes makes the comparison fail. Varlen with empty chunk slots, GQA, odd dims."""
+    LC.CHUNK_OVERRIDE = (32, 16)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*a, **kw):
+        x = real_empty(*a, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    def nan_empty_like(*a, **kw):
+        return nan_like(real_empty_like(*a, **kw)) if a[0].is_floating_point() else real_empty_like(*a, **kw)
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    lens = [5, 40, 1, 33]
+    cu = torch.tensor([0, 5, 45, 46, 79], device=DEV)
+    q, k, v, decay, S0 = _inputs(1, sum(lens), 4, 2, 12, 20, True, False, 7, N=len(lens))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    s0 = S0.clone().requires_grad_()
+    out = _lightning(*leaves, decay, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    do = seeded_randn(11, *out.output.shape, device=DEV)
+    dfin = seeded_randn(12, *out.final_state.shape, device=DEV)
+    grads = torch.autograd.grad([out.output, out.final_state], leaves + [s0], [do, dfin])
+    o_ref, f_ref, g_ref = _ref_all(q, k, v, decay, None, S0, True, cu, do, dfin)
+    assert_close(out.output, o_ref, FP32_TOL, "output")
+    assert_close(out.final_state, f_ref, FP32_TOL, "final_state")
+    for name, g, r in zip(("dq", "dk", "dv", "d_initial_state"), grads, g_ref):
+        assert_close(g, r, FP32_TOL, name)
+    st0 = seeded_randn(3, 2, 4, 12, 20, device=DEV)
+    o, s = _step(q[0, :2], k[0, :2], v[0, :2], st0, decay)
+    o_ref, s_ref = ref.lightning_step(q[0, :2].double(), k[0, :2].double(), v[0, :2].double(), st0.double(), decay)
+    assert_close(o, o_ref, FP32_TOL, "step output")
+    assert_close(s, s_ref, FP32_TOL, "step state")
+
+
+def test_decay_gets_no_gradient():
+    q, k, v, decay, _ = _inputs(1, 8, 2, 2, 16, 16, False, False, 0)
+    decay = decay.clone().requires_grad_()
+    qq = q.clone().requires_grad_()
+    out = _lightning(qq, k, v, decay)
+    dq, dd = torch.autograd.grad(out.output.sum(), [qq, decay], allow_unused=True)
+    assert dd is None and dq is not None
+
+
+def test_torch_compile_fullgraph():
+    LC.CHUNK_OVERRIDE = (16, 16)
+    q, k, v, decay, S0 = _inputs(1, 20, 2, 1, 16, 16, True, False, 3)
+
+    def f(q, k, v, S0):
+        with sala_ops.use_backend("triton"):
+            return sala_ops.lightning_attention(q, k, v, decay, initial_state=S0, output_final_state=True)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager" if DEV == "cpu" else "inductor")
+    o, fin = cf(*leaves, S0)
+    o_ref, f_ref = ref.lightning_parallel(q.double(), k.double(), v.double(), decay, None, S0.double(), True)
+    assert_close(o, o_ref, FP32_TOL, "compiled output")
+    assert_close(fin, f_ref, FP32_TOL, "compiled final state")
+    g = torch.autograd.grad(o.sum(), leaves)
+    g_ref = torch.autograd.grad(f(*leaves, S0).output.sum(), leaves)
+    for name, a, b in zip(("dq", "dk", "dv"), g, g_ref):
+        assert_close(a, b, FP32_TOL, f"compiled {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU, bf16, real sizes
+
+def _bf16_tol(q, k, v, decay, scale, S0, o_ref):
+    o_lp = _torch_lowp(q, k, v, decay, scale, S0, torch.bfloat16)
+    return max(2 * rel_err(o_lp, o_ref), 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,Hkv", [(2048, 32), (3000, 8)])
+def test_gpu_bf16_fwd_bwd_real_heads(T, Hkv):
+    LC.CHUNK_OVERRIDE = None
+    H, D = 32, 128
+    q, k, v, decay, S0 = _inputs(1, T, H, Hkv, D, D, True, False, 1, dtype=torch.bfloat16)
+    scale = D ** -0.5
+    do = seeded_randn(9, 1, T, H, D, device=DEV, dtype=torch.bfloat16)
+    o_ref, _, g_ref = _ref_all(q, k, v, decay, scale, S0, False, None, do, None, dtype=torch.float32)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    s0 = S0.clone().requires_grad_()
+    out = _lightning(*leaves, decay, initial_state=s0)
+    assert_close(out.output, o_ref, _bf16_tol(q, k, v, decay, scale, S0, o_ref), "bf16 output")
+    grads = torch.autograd.grad(out.output, leaves + [s0], do)
+    lp = [x.clone().float().requires_grad_() for x in (q, k, v)]
+    s0lp = S0.clone().requires_grad_()
+    o_lp = _torch_lowp(*[x.bfloat16() for x in lp], decay, scale, s0lp, torch.bfloat16)
+    g_lp = torch.autograd.grad(o_lp, lp + [s0lp], do)
+    for name, g, r, lo in zip(("dq", "dk", "dv", "d_initial_state"), grads, g_ref, g_lp):
+        assert_close(g, r, max(2 * rel_err(lo, r), 1e-5), f"bf16 {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [131072, 1048576])
+def test_gpu_bf16_long_sequence_checked_segment(T):
+    """B=1, H=32, D=128 bf16 at up to 1M tokens: the output is finite everywhere, and its last CHECK
+    tokens equal the fp32 reference run from the state the kernel itself produced at T - CHECK."""
+    LC.CHUNK_OVERRIDE = None
+    H, D, CHECK = 32, 128, 4096
+    q, k, v, decay, _ = _inputs(1, T, H, H, D, D, False, False, 5, dtype=torch.bfloat16)
+    out = _lightning(q, k, v, decay, output_final_state=True)
+    assert torch.isfinite(out.output).all()
+    assert torch.isfinite(out.final_state).all()
+    head = _lightning(q[:, :T - CHECK], k[:, :T - CHECK], v[:, :T - CHECK], decay, output_final_state=True)
+    S = head.final_state
+    tail = [x[:, T - CHECK:] for x in (q, k, v)]
+    o_ref, f_ref = ref.lightning_parallel(*[x.float() for x in tail], decay, None, S, True)
+    tol = _bf16_tol(*tail, decay, D ** -0.5, S, o_ref)
+    assert_close(out.output[:, T - CHECK:], o_ref, tol, f"bf16 output, last {CHECK} of {T} tokens")
+    # final state: 2x the error of the same sum computed by PyTorch with bf16 matmuls
+    pos = torch.arange(CHECK, device=DEV, dtype=torch.float32)
+    w = torch.exp(-decay[None, :] * (CHECK - 1 - pos[:, None]))  # [CHECK, H]
+    kw = (tail[1][0].float() * w[:, :, None]).bfloat16()
+    f_lp = torch.exp(-decay * CHECK)[:, None, None] * S + torch.einsum("shk,shv->hkv", kw, tail[2][0]).float()
+    assert_close(out.final_state, f_ref, max(2 * rel_err(f_lp[None], f_ref), 1e-5), "final state after the checked segment")
+    assert_close(head.output, out.output[:, :T - CHECK], 1e-6, "prefix call equals the prefix of the full call")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_cuda_graph():
+    H, D = 32, 128
+    q, k, v = (seeded_randn(i, 1, H, D, dtype=torch.bfloat16, device=DEV) for i in range(3))
+    state = seeded_randn(4, 1, H, D, D, device=DEV)
+    decay = ref.sala_decay_slopes(H).to(DEV)
+    o_ref, s_ref = ref.lightning_step(q, k, v, state, decay)
+    st_ = state.clone()
+    _step(q, k, v, st_.clone(), decay, inplace=True)  # compile outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        o, _ = _step(q, k, v, st_, decay, inplace=True)
+    g.replay()
+    torch.cuda.synchronize()
+    o64, _ = ref.lightning_step(q.double(), k.double(), v.double(), state.double(), decay)
+    assert_close(o, o64, 2 * rel_err(o64.to(torch.bfloat16), o64) + 1e-5, "graph step output")
+    assert_close(st_, s_ref, 1e-5, "graph step state")
