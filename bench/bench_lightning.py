@@ -166,6 +166,22 @@ def sweep(rows):
             torch.cuda.empty_cache()
 
 
+class _Rows(list):
+    """Rows, saved to OUT/lightning.json after every append (a killed run keeps what it measured)."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def append(self, row):
+        super().append(row)
+        if self.out:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "lightning.json"), "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                               triton=triton.__version__, rows=list(self)), f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -180,7 +196,7 @@ def main():
             from fla.ops.simple_gla import fused_recurrent_simple_gla as fla_rec
         except Exception as e:  # noqa: BLE001
             print(f"fla not available: {e!r}")
-    rows = []
+    rows = _Rows(args.out)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     run_step(fla_rec, rows)
     Ts = [int(t) for t in args.T.split(",")]
@@ -208,11 +224,6 @@ def main():
         if r["mode"] == "decode":
             print(f"{'  graph':8} {'':9} {'':8} {'':>7} {r['ours_graph_ms']:9.4f} "
                   f"{r.get('fla_graph_ms', float('nan')):9.4f} {r.get('graph_speedup', float('nan')):6.2f}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "lightning.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
