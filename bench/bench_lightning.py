@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--T", default="8192,32768,131072")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true")
     args = ap.parse_args()
     fla = fla_rec = None
     if not args.no_fla:
@@ -198,6 +199,9 @@ def main():
             print(f"fla not available: {e!r}")
     rows = _Rows(args.out)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.sweep_only:
+        sweep(rows)
+        return
     run_step(fla_rec, rows)
     Ts = [int(t) for t in args.T.split(",")]
     for dtype, precisions in ((torch.bfloat16, ["highest"]), (torch.float32, ["high", "highest"])):
