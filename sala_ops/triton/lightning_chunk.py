@@ -184,7 +184,7 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
         dif = offs_t[None, :] - offs_t[:, None]
     else:
         dif = offs_t[:, None] - offs_t[None, :]
-    dmask = tl.where(dif >= 0, tl.exp2(-s2 * tl.maximum(dif, 0).to(tl.float32)), 0.0)
+    dmask = tl.where(dif >= 0, tl.exp2(-s2 * tl.maximum(dif, 0).to(tl.float32)), 0.0) * kv_mult
     nblk = ((b - a + BT - 1) // BT).to(tl.int32)
     for m in range(0, nblk):
         if REVERSE:
@@ -207,15 +207,15 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
             eq = offs_t + 1
             ek = ln - 1 - offs_t
         wq = tl.where(mt, tl.exp2(-s2 * eq.to(tl.float32)), 0.0)
-        wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0)
-        A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * (dmask * kv_mult)
+        wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0) * kv_mult
+        A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
         o = tl.dot(A.to(vt.dtype), vt, input_precision=PREC)
         qw = (qt.to(tl.float32) * wq[:, None]).to(qt.dtype)
         o += tl.dot(qw, S.to(qt.dtype), input_precision=PREC)
         o = o * out_scale
         tl.store(o_ptr + t[:, None] * stride_o + h * DV + offs_v[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
-        kw = (kt.to(tl.float32) * (wk * kv_mult)[:, None]).to(kt.dtype)
+        kw = (kt.to(tl.float32) * wk[:, None]).to(kt.dtype)
         S = S * tl.exp2(-s2 * ln.to(tl.float32)) + tl.dot(tl.trans(kw), vt, input_precision=PREC)
 
 
