@@ -142,15 +142,24 @@ def _scan_kernel(ds_ptr, init_ptr, final_ptr, decay_ptr, chunk_start_ptr, chunk_
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     nc = c1 - c0
+    if REVERSE:
+        c_first = c1 - 1
+    else:
+        c_first = c0
+    zi = tl.zeros([BK, BV], dtype=tl.int32)
+    # software pipelined: the next chunk's dS is in flight while this one is combined
+    d_next = tl.load(ds_ptr + (c_first.to(tl.int64) * H + h) * DK * DV + tile, mask=msk & ((zi + nc) > 0), other=0.0)
     for m in range(0, nc):
         if REVERSE:
             c = c1 - 1 - m
+            cn = c - 1
         else:
             c = c0 + m
+            cn = c + 1
         a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
-        ptr = ds_ptr + (c.to(tl.int64) * H + h) * DK * DV + tile
-        d = tl.load(ptr, mask=msk, other=0.0)
-        tl.store(ptr, S, mask=msk)
+        d = d_next
+        d_next = tl.load(ds_ptr + (cn.to(tl.int64) * H + h) * DK * DV + tile, mask=msk & ((zi + m + 1) < nc), other=0.0)
+        tl.store(ds_ptr + (c.to(tl.int64) * H + h) * DK * DV + tile, S, mask=msk)
         S = tl.exp2(-s2 * (b - a).to(tl.float32)) * S + d
     if STORE_FINAL:
         tl.store(final_ptr + seq_base + tile, S, mask=msk)
