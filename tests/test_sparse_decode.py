@@ -1,0 +1,267 @@
+"""Sparse decode (sala_ops.sparse_decode): prefill n tokens, then decode one token at a time, must give
+at every position what one reference sparse_attention call over the whole sequence gives (queries
+bottom-right aligned; below dense_len keys, dense causal attention), with the selected blocks equal
+to reference select_blocks, the incrementally built compressed keys equal to compress_keys from
+scratch, and the sequences of a batch independent.
+
+CPU: the PyTorch path (fast, long sequences) and the Triton kernels through the interpreter (fp32,
+small configs: kernel 8, stride 4, block 16, window 32, topk 2..4, dense_len crossed during decode).
+GPU-marked: the real 9B configuration in bf16, and a CUDA-graph replay of the decode step.
+"""
+import math
+
+import pytest
+import torch
+
+from sala_ops import use_backend
+from sala_ops.reference import sparse as R
+from sala_ops.sparse_decode import SparseLayerCache, sparse_decode, sparse_decode_step, sparse_prefill
+from helpers import assert_close, rel_err, seeded_randn
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, init_blocks=1)
+SPARSE_KEYS = ("kernel_size", "kernel_stride", "block_size", "init_blocks", "window_size", "topk", "dense_len",
+               "lse_kernel_size", "lse_kernel_stride")
+
+
+def _ref_kw(cfg):
+    return {k: v for k, v in cfg.items() if k in SPARSE_KEYS}
+
+
+def _expected(q, k, v, cfg, positions):
+    """Reference outputs [len(positions), H, D] and indices [len(positions), Hkv, k_sel] of one
+    sequence q [T, H, D], k/v [T, Hkv, D] at the given positions: one sparse_attention call over the
+    whole sequence for positions t with t + 1 >= dense_len, one dense_attention call below."""
+    kw = _ref_kw(cfg)
+    full = R.sparse_attention(q[None], k[None], v[None], **kw)[0]
+    dense = R.dense_attention(q[None], k[None], v[None])[0]
+    sel_kw = {a: b for a, b in kw.items() if a != "dense_len"}
+    idx = R.select_blocks(q[None], k[None], **sel_kw)[0]
+    ksel = cfg["topk"] + cfg["window_size"] // cfg["block_size"]
+    outs, idxs = [], []
+    for t in positions:
+        if t + 1 >= cfg["dense_len"]:
+            outs.append(full[t])
+            idxs.append(idx[t])
+        else:
+            outs.append(dense[t])
+            idxs.append(torch.full((k.shape[1], ksel), -1, dtype=torch.int32))
+    return torch.stack(outs), torch.stack(idxs)
+
+
+def _run(backend, cfg, prompt_lens, steps, H, Hkv, D, dtype=torch.float32, device="cpu", seed=0, chunk_target=None,
+         check_prefill=False):
+    """Prefill each sequence with its prompt, decode `steps` tokens; compare with the reference."""
+    B = len(prompt_lens)
+    seqs = []
+    for b, n in enumerate(prompt_lens):
+        T = n + steps
+        seqs.append(tuple(seeded_randn(seed + 10 * b + i, T, h, D) for i, h in enumerate((H, Hkv, Hkv))))
+    max_len = max(prompt_lens) + steps + 3
+    cache = SparseLayerCache(B, max_len, Hkv, D, dtype=dtype, device=device, **_ref_kw(cfg))
+    if chunk_target is not None:
+        cache.chunk_target = chunk_target
+    # prefill: packed varlen when the prompts differ
+    cu = torch.tensor([0] + list(torch.tensor(prompt_lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    cat = [torch.cat([s[i][:n] for s, n in zip(seqs, prompt_lens)])[None].to(device, dtype) for i in range(3)]
+    if check_prefill:
+        with use_backend("reference"):
+            o = sparse_prefill(cat[0], cat[1], cat[2], cache, cu_seqlens=cu)
+        for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
+            want = R.sparse_attention(s[0][None, :n], s[1][None, :n], s[2][None, :n], **_ref_kw(cfg))[0]
+            assert_close(o[0, cu[b]:cu[b + 1]].float().cpu(), want, 1e-5, f"prefill output of sequence {b}")
+    else:
+        cache.append(cat[1], cat[2], cu_seqlens=cu)
+    outs, idxs = [], []
+    with use_backend(backend):
+        for i in range(steps):
+            qt = torch.stack([s[0][n + i] for s, n in zip(seqs, prompt_lens)]).to(device, dtype)
+            kt = torch.stack([s[1][n + i] for s, n in zip(seqs, prompt_lens)]).to(device, dtype)
+            vt = torch.stack([s[2][n + i] for s, n in zip(seqs, prompt_lens)]).to(device, dtype)
+            cache.append_token(kt, vt)
+            o, idx = sparse_decode(qt, cache, return_indices=True)
+            outs.append(o.float().cpu())
+            idxs.append(idx.cpu().clone())
+    assert cache.lengths_host() == [n + steps for n in prompt_lens]
+    cache.check()
+    if backend == "triton":
+        assert cache._ws, "the Triton path did not run"
+        if chunk_target is not None and chunk_target <= 8:
+            assert cache._ws[H]["p"]["NCH"] >= 2, "the multi-chunk top-k merge was not exercised"
+    outs, idxs = torch.stack(outs, 1), torch.stack(idxs, 1)  # [B, steps, ...]
+    for b, ((q, k, v), n) in enumerate(zip(seqs, prompt_lens)):
+        pos = list(range(n, n + steps))
+        want_o, want_i = _expected(q, k, v, cfg, pos)
+        assert torch.equal(idxs[b].long(), want_i.long()), \
+            f"selected blocks of sequence {b} differ at positions " \
+            f"{[t for t, a, r in zip(pos, idxs[b], want_i) if not torch.equal(a.long(), r.long())]}"
+        for s_, t in enumerate(pos):
+            assert_close(outs[b, s_], want_o[s_], 1e-5, f"decode output of sequence {b} at position {t}")
+        # incrementally built compressed keys = compress_keys from scratch
+        c1, c2 = cache.compressed_keys(b)
+        ks2, st2 = cache.config.c2
+        ref1 = R.compress_keys(k, cfg["kernel_size"], cfg["kernel_stride"])
+        ref2 = R.compress_keys(k, ks2, st2)
+        assert c1.shape == ref1.shape and c2.shape == ref2.shape
+        assert_close(c1.cpu(), ref1, 1e-6, f"C1 keys of sequence {b}")
+        assert_close(c2.cpu(), ref2, 1e-6, f"C2 keys of sequence {b}")
+    return cache, outs
+
+
+# ---------------------------------------------------------------- PyTorch path (CPU, long)
+@pytest.mark.parametrize("topk,heads,prompts,dense_len", [
+    (2, (2, 1), [40], 64),
+    (3, (4, 2), [37, 90], 100),
+    (4, (6, 2), [1, 129, 63], 120),
+])
+def test_reference_path_prefill_then_decode(topk, heads, prompts, dense_len):
+    H, Hkv = heads
+    cfg = dict(SMALL, topk=topk, dense_len=dense_len)
+    steps = 200 - max(prompts)
+    _run("reference", cfg, prompts, steps, H, Hkv, 16, seed=topk, check_prefill=True)
+
+
+# ---------------------------------------------------------------- Triton kernels (interpreter on CPU)
+@pytest.mark.parametrize("topk,heads,prompts,steps,D,chunk_target", [
+    # two sequences of different lengths cross dense_len = 64 during decode; one chunk per row
+    (3, (4, 2), [40, 55], 36, 16, 32),
+    # GQA group 3, odd head dim, several selection chunks (multi-chunk top-k merge), T up to 200
+    (4, (3, 1), [150], 14, 24, 4),
+    # topk 2 (4 blocks selected), group 1: four selection chunks of 4 blocks merged
+    (2, (2, 2), [150], 30, 32, 8),
+])
+def test_triton_prefill_then_decode(topk, heads, prompts, steps, D, chunk_target):
+    H, Hkv = heads
+    cfg = dict(SMALL, topk=topk, dense_len=64)
+    _run("triton", cfg, prompts, steps, H, Hkv, D, device=DEV, seed=100 + topk, chunk_target=chunk_target)
+
+
+def test_triton_batch_rows_independent():
+    """Row 1 of a batch decodes exactly as it does alone in a cache of batch 1."""
+    cfg = dict(SMALL, topk=3, dense_len=50)
+    H, Hkv, D, steps = 4, 2, 16, 6
+    cache3, outs3 = _run("triton", cfg, [20, 60, 45], steps, H, Hkv, D, device=DEV, seed=7)
+    # sequence b of _run is seeded with seed + 10 * b: alone, sequence 1 is seed 17 at b = 0
+    cache1, outs1 = _run("triton", cfg, [60], steps, H, Hkv, D, device=DEV, seed=17)
+    assert_close(outs3[1], outs1[0], 1e-6, "row 1 of a batch vs alone")
+
+
+def test_decode_step_and_overflow():
+    """sparse_decode_step = append_token + sparse_decode; a full sequence drops tokens and check() says so."""
+    cfg = dict(SMALL, topk=2, dense_len=10)
+    H, Hkv, D = 2, 1, 16
+    k = seeded_randn(1, 1, 20, Hkv, D)
+    q = seeded_randn(2, 1, 20, H, D)
+    with use_backend("triton"):
+        cache = SparseLayerCache(1, 20, Hkv, D, dtype=torch.float32, device=DEV, **_ref_kw(cfg))
+        cache.append(k[:, :19].to(DEV), k[:, :19].to(DEV))
+        o = sparse_decode_step(q[:, 19].to(DEV), k[:, 19].to(DEV), k[:, 19].to(DEV), cache)
+        want = R.sparse_attention(q, k, k, **_ref_kw(cfg))[:, 19]
+        assert_close(o.float().cpu(), want, 1e-5, "sparse_decode_step")
+        cache.check()
+        cache.append_token(k[:, 0].to(DEV), k[:, 0].to(DEV))
+    assert cache.lengths_host() == [20]
+    with pytest.raises(ValueError, match="max_len"):
+        cache.check()
+
+
+def test_bad_arguments_name_the_op():
+    cache = SparseLayerCache(2, 32, 2, 16, dtype=torch.float32, **dict(SMALL, topk=2, dense_len=16))
+    with pytest.raises(TypeError, match="sparse_decode"):
+        sparse_decode(torch.zeros(2, 4, 16, dtype=torch.float16), cache)
+    with pytest.raises(ValueError, match="sparse_decode.*batch"):
+        sparse_decode(torch.zeros(3, 4, 16), cache)
+    with pytest.raises(ValueError, match="sparse_decode.*multiple"):
+        sparse_decode(torch.zeros(2, 3, 16), cache)
+    with pytest.raises(ValueError, match="append.*max_len"):
+        cache.append(torch.zeros(2, 33, 2, 16), torch.zeros(2, 33, 2, 16))
+
+
+# ---------------------------------------------------------------- GPU: the 9B configuration
+def _lowp_attend(q, k, v, allowed, scale, dtype):
+    """PyTorch's own attention in `dtype` (for the DESIGN's 2x-low-precision bound): q [H, D], k/v [L, Hkv, D]."""
+    G = q.shape[0] // k.shape[1]
+    kk, vv = k.to(dtype).repeat_interleave(G, 1), v.to(dtype).repeat_interleave(G, 1)
+    s = torch.einsum("hd,lhd->hl", q.to(dtype), kk) * scale
+    s = s.masked_fill(~allowed.repeat_interleave(G, 0), float("-inf"))
+    return torch.einsum("hl,lhd->hd", torch.softmax(s, -1), vv)
+
+
+@pytest.mark.gpu
+def test_gpu_9b_config_decode_crosses_dense_len():
+    torch.manual_seed(0)
+    B, H, Hkv, D, dtype = 2, 32, 2, 128, torch.bfloat16
+    prompts, steps = [8150, 12000], 80
+    cache = SparseLayerCache(B, 16384, Hkv, D, dtype=dtype, device="cuda")
+    cfg = cache.config
+    seqs = [tuple(torch.randn(n + steps, h, D, device="cuda").to(dtype) for h in (H, Hkv, Hkv)) for n in prompts]
+    cu = torch.tensor([0, prompts[0], sum(prompts)], dtype=torch.int32, device="cuda")
+    cache.append(torch.cat([s[1][:n] for s, n in zip(seqs, prompts)])[None],
+                 torch.cat([s[2][:n] for s, n in zip(seqs, prompts)])[None], cu_seqlens=cu)
+    scale = 1 / math.sqrt(D)
+    for i in range(steps):
+        cache.append_token(torch.stack([s[1][n + i] for s, n in zip(seqs, prompts)]),
+                           torch.stack([s[2][n + i] for s, n in zip(seqs, prompts)]))
+        qt = torch.stack([s[0][n + i] for s, n in zip(seqs, prompts)])
+        o, idx = sparse_decode(qt, cache, return_indices=True)
+        if i % 9 and i != steps - 1:
+            continue
+        for b, ((q, k, v), n) in enumerate(zip(seqs, prompts)):
+            t = n + i
+            L = t + 1
+            want = R.sparse_attention(q[None, t:t + 1], k[None, :L], v[None, :L])[0, 0]
+            if L >= cfg.dense_len:
+                ridx = R.select_blocks(q[None, t:t + 1], k[None, :L])[0, 0]
+                assert torch.equal(idx[b].cpu(), ridx.cpu()), f"selected blocks, sequence {b}, position {t}"
+                nb = t // cfg.block_size + 1
+                chosen = torch.zeros(Hkv, nb + 1, dtype=torch.bool, device="cuda")
+                chosen.scatter_(1, torch.where(ridx < 0, nb, ridx).long(), True)
+                allowed = chosen[:, torch.arange(L, device="cuda") // cfg.block_size]
+            else:
+                assert bool((idx[b] == -1).all())
+                allowed = torch.ones(Hkv, L, dtype=torch.bool, device="cuda")
+            exact = _lowp_attend(q[t].double(), k[:L].double(), v[:L].double(), allowed, scale, torch.float64)
+            tol = max(2 * rel_err(_lowp_attend(q[t], k[:L], v[:L], allowed, scale, dtype), exact), 1e-5)
+            assert rel_err(o[b], exact) <= tol, f"sequence {b} position {t}: {rel_err(o[b], exact):.2e} > {tol:.2e}"
+            assert rel_err(want, exact) <= tol
+    for b, ((q, k, v), n) in enumerate(zip(seqs, prompts)):
+        c1, c2 = cache.compressed_keys(b)
+        assert_close(c1, R.compress_keys(k, 32, 16), 1e-6, "C1 keys")
+        assert_close(c2, R.compress_keys(k, 128, 64), 1e-6, "C2 keys")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_equals_eager():
+    torch.manual_seed(1)
+    B, H, Hkv, D, dtype = 3, 32, 2, 128, torch.bfloat16
+    n, steps = 9000, 12
+    k = torch.randn(B, n + steps, Hkv, D, device="cuda").to(dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(B, n + steps, H, D, device="cuda").to(dtype)
+    caches = [SparseLayerCache(B, n + 64, Hkv, D, dtype=dtype, device="cuda") for _ in range(2)]
+    for c in caches:
+        c.append(k[:, :n], v[:, :n])
+    # eager
+    eager = [sparse_decode_step(q[:, n + i], k[:, n + i], v[:, n + i], caches[0]) for i in range(steps)]
+    # graph: static inputs, warm up (allocates the workspace), capture one step, replay
+    c = caches[1]
+    sq, sk, sv = q[:, n].clone(), k[:, n].clone(), v[:, n].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        c._workspace(H)
+        sparse_decode(sq, c)  # compiles the kernels; appends nothing
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        so = sparse_decode_step(sq, sk, sv, c)
+    outs = []
+    for i in range(steps):
+        sq.copy_(q[:, n + i]); sk.copy_(k[:, n + i]); sv.copy_(v[:, n + i])
+        g.replay()
+        outs.append(so.clone())
+    assert c.lengths_host() == [n + steps] * B
+    for i in range(steps):
+        assert torch.equal(outs[i], eager[i]), f"graph replay differs from eager at step {i}"
