@@ -234,11 +234,12 @@ def run_fsdp(args):
         teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     else:
         teacher = tiny_model(args.tiny_base, layers=args.layers).to(dtype)
+    teacher.to(device)  # every rank converts its own full copy on its GPU, then both models are sharded
     student = copy.deepcopy(teacher)
-    calib = None
     data_all = _load_data(args.data, args.model)
-    if data_all is not None and args.calibrate:
-        calib = data_all[: args.seq_len][None]
+    # o_norm of the lightning layers starts at the source's attention-output scale measured on one batch
+    calib = None if args.no_calibrate else \
+        next(batches(data_all, args.seq_len, 2, teacher.config.vocab_size, args.seed, "cpu"))
     sparse_cfg = SparseConfig() if args.model else TINY_SPARSE
     convert_to_sala(student, sparse_config=sparse_cfg, calibration_ids=calib)
     log(f"converted: mixer_types = {student.config.mixer_types}")
@@ -302,7 +303,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--freeze-sparse", action="store_true", help="train only the lightning layers")
-    ap.add_argument("--calibrate", action="store_true", help="start o_norm at the source attention-output RMS")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="start o_norm at the data-free value-RMS estimate instead of measuring one batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", help="save the converted, trained model here")
     args = ap.parse_args(argv)

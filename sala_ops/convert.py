@@ -31,9 +31,11 @@ Design decisions
   dropped QK-norm of a Qwen3 source; below dense_len its attention is plain causal softmax. A
   zero-weight, large-bias gate would also start near 1, but the released format has no gate bias
   and sigmoid near 1 passes almost no gradient. Lightning layers cannot reproduce softmax attention
-  at init; their `o_norm` weight is ones, or, with `calibration_ids`, the per-channel RMS of the
-  source attention output (the input of its o_proj) on those tokens, so the layer starts at the
-  source's output scale. Stage-1 alignment training (examples/convert_and_train.py) does the rest.
+  at init, but they start at the source's output scale: `o_norm`'s weight is, with
+  `calibration_ids`, the per-channel RMS of the source attention output (the input of its o_proj)
+  on those tokens, and without data the RMS of the source's values v = W_v u for unit-variance
+  normed inputs (`value_rms`, an upper bound of the attention output's scale). Ones would start the
+  layer orders of magnitude off for models whose attention outputs are small. Stage-1 alignment training (examples/convert_and_train.py) does the rest.
 - RoPE on lightning layers uses the source's theta and rotary fraction (plain RoPE; a source with a
   scaled RoPE type such as llama3 or yarn gets a warning: the lightning layers use unscaled RoPE).
   Mistral's sliding window is not carried over (sparse layers keep the whole cache).
@@ -209,8 +211,29 @@ def expand_kv_rows(weight: torch.Tensor, num_kv_heads: int, num_heads: int) -> t
     return x.repeat_interleave(group, dim=0).reshape(num_heads * x.shape[1], *weight.shape[1:])
 
 
+def _input_norm_weight(layer):
+    norm = getattr(layer, "input_layernorm", None)
+    return getattr(norm, "weight", None)
+
+
 @torch.no_grad()
-def _transfer(mixer, attn, o_norm_weight=None):
+def value_rms(attn, num_heads, head_dim, input_norm_weight=None) -> torch.Tensor:
+    """Data-free scale of the source attention output, per channel of the expanded width [H*D]: the
+    RMS of v = W_v u when u is the layer's normed input (unit-variance entries times the input
+    RMSNorm weight g, if given): sqrt(sum_j W_v[c, j]^2 g_j^2 (+ bias^2)). Softmax attention averages
+    values, so this bounds its output scale from above; it is the lightning o_norm's start when no
+    calibration data is given."""
+    w = attn.v_proj.weight.float()
+    if input_norm_weight is not None:
+        w = w * input_norm_weight.float()[None, :]
+    ms = w.pow(2).sum(1)
+    if attn.v_proj.bias is not None:
+        ms = ms + attn.v_proj.bias.float().pow(2)
+    return expand_kv_rows(ms.sqrt().clamp_min(1e-6), w.shape[0] // head_dim, num_heads)
+
+
+@torch.no_grad()
+def _transfer(mixer, attn, o_norm_weight=None, input_norm_weight=None):
     """Copy the source attention's weights into a new mixer (see the module doc for the choices)."""
     def copy(dst: nn.Linear, src: nn.Linear, rows=None, factor=1.0):
         w, b = src.weight, src.bias
@@ -237,7 +260,9 @@ def _transfer(mixer, attn, o_norm_weight=None):
             w = getattr(src, "weight", None)
             getattr(mixer, name).weight.copy_(w if w is not None and w.shape == (mixer.head_dim,)
                                               else torch.ones(mixer.head_dim))
-        mixer.o_norm.weight.copy_(o_norm_weight if o_norm_weight is not None else torch.ones(mixer.o_norm.weight.shape))
+        if o_norm_weight is None:
+            o_norm_weight = value_rms(attn, mixer.num_heads, mixer.head_dim, input_norm_weight)
+        mixer.o_norm.weight.copy_(o_norm_weight)
     # the gate starts at sigmoid(0) = 0.5; doubling o_proj makes it start as the identity
     mixer.o_proj.weight.copy_(attn.o_proj.weight * 2)
     if mixer.o_proj.bias is not None:
@@ -319,7 +344,7 @@ def halo_scores(model, evaluate: Callable, candidates: Sequence[int], o_norm_rms
     for i in candidates:
         attn = layers[i].self_attn
         lin = _new_mixer(attn, MIXER_LIGHTNING, config, i, None)
-        _transfer(lin, attn, None if o_norm_rms is None else o_norm_rms[i])
+        _transfer(lin, attn, None if o_norm_rms is None else o_norm_rms[i], _input_norm_weight(layers[i]))
         layers[i].self_attn = lin
         try:
             rt, cs = evaluate(model)
@@ -434,7 +459,8 @@ def convert_to_sala(model, sparse_layers=None, sparse_config: Optional[SparseCon
         score on `halo_text_ids`; first and last layer always sparse).
     sparse_config: SparseConfig for the sparse layers (default: the 9B model's, dense below 8192 keys).
     calibration_ids: token ids [B, T]; if given, the lightning layers' o_norm starts at the source's
-        per-channel attention-output RMS on them (default for HALO: halo_text_ids).
+        per-channel attention-output RMS on them (default for HALO: halo_text_ids); else at the
+        data-free `value_rms` estimate.
     Returns the model (same object, class now Sala<Base>ForCausalLM); `model.sala_halo_scores` holds
     the HALO measurements when used.
     """
@@ -512,7 +538,7 @@ def convert_to_sala(model, sparse_layers=None, sparse_config: Optional[SparseCon
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         mixer = _new_mixer(attn, mixer_types[i], new_cfg, i, sparse_cfg)
-        _transfer(mixer, attn, None if o_norm_rms is None else o_norm_rms[i])
+        _transfer(mixer, attn, None if o_norm_rms is None else o_norm_rms[i], _input_norm_weight(layer))
         layer.self_attn = mixer
     for m in model.modules():
         if getattr(m, "config", None) is config:

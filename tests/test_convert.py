@@ -95,7 +95,11 @@ def test_lightning_kv_expansion_reproduces_source_projections(family):
             ref = getattr(a, name)(u).view(2, 7, 2, 8).repeat_interleave(G, dim=2).reshape(2, 7, 32)
             assert_close(getattr(m, name)(u), ref, 1e-6, what=name)
         assert_close(m.o_proj(u), 2 * a.o_proj(u) - (a.o_proj.bias if a.o_proj.bias is not None else 0), 1e-6)
-        assert (m.z_proj.weight == 0).all() and (m.o_norm.weight == 1).all()
+        assert (m.z_proj.weight == 0).all()
+        # o_norm starts at the RMS of the source's values for unit-variance normed inputs (no calibration data)
+        wv = a.v_proj.weight * src.model.layers[i].input_layernorm.weight[None]
+        ms = wv.pow(2).sum(1) + (a.v_proj.bias.pow(2) if a.v_proj.bias is not None else 0)
+        assert_close(m.o_norm.weight, ms.sqrt().view(2, 8).repeat_interleave(G, dim=0).flatten(), 1e-6)
         if family == "qwen3":
             assert torch.equal(m.q_norm.weight, a.q_norm.weight) and torch.equal(m.k_norm.weight, a.k_norm.weight)
         else:
