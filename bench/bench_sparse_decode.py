@@ -1,0 +1,229 @@
+"""Sparse-layer decode step on the GPU: sala_ops.sparse_decode vs SDPA decode over the same cache.
+
+One query token per sequence over L cached tokens (32 query / 2 KV heads, D = 128, bf16, the 9B
+sparse-layer config: selection of 96 blocks of 64 from the cached compressed keys + block-sparse
+attention). The peer is torch scaled_dot_product_attention with a query of length 1 and
+enable_gqa=True over the same K/V (dense: it reads the whole cache); its faster layout of the two
+tried (the cache's [B, L, Hkv, D] viewed as [B, Hkv, L, D], or a contiguous [B, Hkv, L, D] copy)
+is the baseline. Medians of triton.testing.do_bench, eager and CUDA-graph replay; the append
+(K/V row + compressed keys) is timed on its own.
+
+    python bench/bench_sparse_decode.py [--quick] [--out DIR] [--sweep] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+if os.environ.get("SALA_BENCH_DRY") == "1":  # before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("SALA_OPS_BACKEND", "triton")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from sala_ops.sparse_decode import SparseLayerCache, sparse_decode  # noqa: E402
+
+H, HKV, D = 32, 2, 128
+DTYPE = torch.bfloat16
+DEV = "cuda"
+# SALA_BENCH_DRY=1: a CPU dry run of this script's logic (Triton interpreter, tiny sizes, no timing meaning)
+DRY = os.environ.get("SALA_BENCH_DRY") == "1"
+if DRY:
+    H, HKV, D, DTYPE, DEV = 4, 2, 32, torch.float32, "cpu"
+
+
+def sync():
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+def bench(fn, warmup=25, rep=100):
+    if DRY:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def bench_graph(fn, warmup=10, rep=100):
+    if DRY:
+        return bench(fn)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay, warmup, rep)
+
+
+def make_cache(B, L, chunk_target=None, headroom=0):
+    cache = SparseLayerCache(B, L + headroom, HKV, D, dtype=DTYPE, device=DEV)
+    if chunk_target is not None:
+        cache.chunk_target = chunk_target
+    g = torch.Generator(device=DEV).manual_seed(0)
+    k = torch.randn(B, L, HKV, D, device=DEV, dtype=DTYPE, generator=g)
+    v = torch.randn(B, L, HKV, D, device=DEV, dtype=DTYPE, generator=g)
+    cache.append(k, v)
+    del k, v
+    sync()
+    return cache
+
+
+def sdpa_fns(cache, q, L):
+    qs = q[:, :, None, :]  # [B, H, 1, D]
+    kv_view = (cache.k[:, :L].transpose(1, 2), cache.v[:, :L].transpose(1, 2))
+    fns = {"view": lambda: F.scaled_dot_product_attention(qs, *kv_view, enable_gqa=True)}
+    try:
+        kc, vc = (x.contiguous() for x in kv_view)
+        fns["contig"] = lambda: F.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True)
+    except RuntimeError:  # out of memory: the view alone
+        pass
+    return fns
+
+
+def run_case(B, L, chunk_target=None, graphs=True):
+    cache = make_cache(B, L, chunk_target)
+    q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
+    row = dict(B=B, L=L)
+    ours = lambda: sparse_decode(q, cache)  # noqa: E731
+    ours()
+    sync()
+    p = cache._ws[H]["p"]
+    row["plan"] = {k: p[k] for k in ("S2", "CB", "NCH", "NSPLIT", "SPB")}
+    row["ours_ms"] = bench(ours)
+    best = None
+    for name, fn in sdpa_fns(cache, q, L).items():
+        fn()
+        t = bench(fn)
+        row[f"sdpa_{name}_ms"] = t
+        if best is None or t < best[1]:
+            best = (name, t, fn)
+    row["sdpa_ms"], row["sdpa_layout"] = best[1], best[0]
+    row["ratio"] = row["sdpa_ms"] / row["ours_ms"]
+    if graphs:
+        row["ours_graph_ms"] = bench_graph(ours)
+        row["sdpa_graph_ms"] = bench_graph(best[2])
+        row["graph_ratio"] = row["sdpa_graph_ms"] / row["ours_graph_ms"]
+    # append one token (K/V row + compressed keys + lengths) at position L - 1 (capacity is L), lengths reset
+    # each call; L - 1 = 2^k - 1 completes a C1 and a C2 window, the costliest append
+    L0 = cache.lengths.clone() - 1
+    kn = torch.randn(B, HKV, D, device=DEV, dtype=DTYPE)
+
+    def app():
+        cache.lengths.copy_(L0)
+        cache.append_token(kn, kn)
+    row["append_ms"] = bench(app)
+    if graphs:
+        row["append_graph_ms"] = bench_graph(app)
+    # bytes the step must move at least: selected K/V blocks + compressed keys (fp32)
+    sel_bytes = B * HKV * 96 * 64 * D * 2 * 2
+    comp_bytes = (cache.c1[:, :(L - 32) // 16 + 1].numel() + cache.c2[:, :(L - 128) // 64 + 1].numel()) * 4
+    row["min_bytes"] = sel_bytes + comp_bytes
+    row["ours_TBps"] = row["min_bytes"] / (row.get("ours_graph_ms", row["ours_ms"]) * 1e-3) / 1e12
+    del cache
+    if not DRY:
+        torch.cuda.empty_cache()
+    return row
+
+
+def profile_case(B, L):
+    cache = make_cache(B, L)
+    q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
+    for _ in range(5):
+        sparse_decode(q, cache)
+    sync()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            sparse_decode(q, cache)
+        torch.cuda.synchronize()
+    print(f"\nprofile B={B} L={L} (20 steps)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
+def fmt_table(rows):
+    cols = ["B", "L", "ours_ms", "sdpa_ms", "ratio", "ours_graph_ms", "sdpa_graph_ms", "graph_ratio", "append_ms",
+            "append_graph_ms", "ours_TBps"]
+    out = [" | ".join(f"{c:>13}" for c in cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:>13.4f}" if isinstance(v, float) else f"{v!s:>13}")
+        out.append(" | ".join(cells))
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="32K and 1M at B=1 only")
+    ap.add_argument("--out", default=None, help="write DIR/sparse_decode.json")
+    ap.add_argument("--sweep", action="store_true", help="also try selection chunk targets at 1M, B=1")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table at 1M, B=1")
+    ap.add_argument("--no-graphs", action="store_true")
+    args = ap.parse_args()
+    sizes = [32 * 1024, 128 * 1024, 1024 * 1024]
+    batches = [1] if args.quick else [1, 8]
+    if args.quick:
+        sizes = [32 * 1024, 1024 * 1024]
+    if DRY:
+        sizes, batches = [300, 9000], [1, 2]
+    info = dict(device="cpu-dry" if DRY else torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                heads=H, kv_heads=HKV, head_dim=D, dtype=str(DTYPE), config="SparseConfig() (9B)")
+    print(info, flush=True)
+    rows = []
+
+    def save():
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "sparse_decode.json"), "w") as f:
+                json.dump(dict(info=info, rows=rows), f, indent=1)
+
+    for B in batches:
+        for L in sizes:
+            t0 = time.time()
+            try:
+                r = run_case(B, L, graphs=not args.no_graphs)
+                rows.append(r)
+                print(f"B={B} L={L}: {json.dumps(r)} ({time.time() - t0:.1f}s)", flush=True)
+            except Exception as e:  # keep going: report what ran
+                traceback.print_exc()
+                rows.append(dict(B=B, L=L, error=repr(e)))
+                if not DRY:
+                    torch.cuda.empty_cache()
+            save()
+    if args.sweep:
+        for ct in (8, 16, 64, 128):
+            try:
+                r = run_case(1, sizes[-1], chunk_target=ct, graphs=True)
+                r["chunk_target"] = ct
+                rows.append(r)
+                print(f"sweep chunk_target={ct}: {json.dumps(r)}", flush=True)
+            except Exception as e:
+                traceback.print_exc()
+                rows.append(dict(B=1, L=1024 * 1024, chunk_target=ct, error=repr(e)))
+            save()
+    print()
+    print(fmt_table([r for r in rows if "error" not in r]))
+    save()
+    if args.profile:
+        try:
+            profile_case(1, sizes[-1])
+        except Exception:
+            traceback.print_exc()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
