@@ -4,6 +4,13 @@ compress -> select (stage-1 scores with the C2 LSE approximation, summed over th
 max-pooled onto blocks, forced init/local blocks, top-k) -> block-sparse softmax attention.
 Dense causal attention for sequences with fewer than `dense_len` keys. The naive math is in
 reference/sparse.py; the defaults are the 9B model's (spec section 2).
+
+Triton backend (sala_ops/triton/sparse_select.py, sparse_attn.py): inputs are packed to varlen
+form (a batch is N equal sequences), keys are compressed, blocks selected (no gradient), and the
+block-sparse kernel runs under an autograd.Function. The dense path below `dense_len` is the same
+block-sparse kernel with every causal block selected (one code path, varlen batches that mix
+short and long sequences in one launch, same backward); it is not as fast as FlashAttention for
+long dense sequences, but dense sequences are short (< dense_len) by definition.
 """
 from __future__ import annotations
 
@@ -15,6 +22,69 @@ import torch
 from . import _checks as C
 from ._dispatch import choose
 from .reference import sparse as ref
+
+
+def _kernels():
+    # imported lazily: TRITON_INTERPRET must be set before triton is imported
+    from .triton import sparse_attn, sparse_select
+    return sparse_select, sparse_attn
+
+
+def _pack(q, k, v, cu_q, cu_k):
+    """[B, T, H, D] -> packed [B*T, H, D] + int64 offsets (a batch is B equal sequences)."""
+    B, Tq = q.shape[:2]
+    Tk = k.shape[1]
+    if cu_q is None:
+        ar = torch.arange(B + 1, device=q.device, dtype=torch.int64)
+        cu_q, cu_k = ar * Tq, ar * Tk
+    else:
+        cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+    flat = [None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous() for x in (q, k, v)]
+    return (*flat, cu_q, cu_k)
+
+
+class _BlockSparseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size):
+        _, A = _kernels()
+        o, lse = A.forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size)
+        ctx.save_for_backward(q, k, v, o, lse, idx, cu_q, cu_k, tok_seq)
+        ctx.scale, ctx.block_size = scale, block_size
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        _, A = _kernels()
+        q, k, v, o, lse, idx, cu_q, cu_k, tok_seq = ctx.saved_tensors
+        dq, dk, dv = A.backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, ctx.scale, ctx.block_size)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _triton_select(qp, kp, cu_q, cu_k, scale, cfg, dense_len, width):
+    Sel, _ = _kernels()
+    ks2, st2 = cfg.c2
+    with torch.no_grad():
+        return Sel.select(qp, kp, cu_q, cu_k, scale, cfg.kernel_size, cfg.kernel_stride, ks2, st2, cfg.block_size,
+                          cfg.init_blocks, cfg.window_size, cfg.topk, dense_len, width)
+
+
+def _triton_sparse_attention(q, k, v, scale, cfg, cu_q, cu_k):
+    _, A = _kernels()
+    B, Tq, H, _ = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    qp, kp, vp, cu_q, cu_k = _pack(q, k, v, cu_q, cu_k)
+    tok_seq = A.token_seq(cu_q, qp.shape[0])
+    bs = cfg.block_size
+    varlen = B == 1 and cu_q.numel() > 2
+    if not varlen and Tk < cfg.dense_len:  # every sequence is dense: no selection at all
+        idx = A.dense_indices(cu_q, cu_k, tok_seq, bs, (Tk + bs - 1) // bs, Hkv)
+    else:
+        width = cfg.num_selected
+        if varlen and cfg.dense_len > 0:  # some sequences may be dense: room for all their blocks
+            width = max(width, (min(cfg.dense_len - 1, Tk) + bs - 1) // bs)
+        idx = _triton_select(qp, kp, cu_q, cu_k, scale, cfg, cfg.dense_len, width)
+    o = _BlockSparseFn.apply(qp, kp, vp, idx, cu_q, cu_k, tok_seq, scale, bs)
+    return o.reshape(B, Tq, H, v.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -124,7 +194,7 @@ def sparse_attention(q, k, v, scale=None, cu_seqlens=None, cu_seqlens_k=None, co
     scale = C.scale_arg(op, scale, q.shape[-1])
     backend = choose(op, q)
     if backend == "triton":
-        raise NotImplementedError("sala_ops.sparse_attention: triton backend not built yet")
+        return _triton_sparse_attention(q, k, v, scale, cfg, cu_q, cu_k)
     ks2, st2 = cfg.c2
     return ref.sparse_attention(q, k, v, scale, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
                                 cfg.window_size, cfg.topk, cfg.dense_len, ks2, st2, cu_q, cu_k)
@@ -140,7 +210,9 @@ def select_blocks(q, k, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: 
     scale = C.scale_arg(op, scale, q.shape[-1])
     backend = choose(op, q)
     if backend == "triton":
-        raise NotImplementedError("sala_ops.select_blocks: triton backend not built yet")
+        qp, kp, _, cq, ck = _pack(q, k, None, cu_q, cu_k)
+        idx = _triton_select(qp, kp, cq, ck, scale, cfg, 0, cfg.num_selected)
+        return idx.reshape(q.shape[0], q.shape[1], k.shape[2], cfg.num_selected)
     ks2, st2 = cfg.c2
     with torch.no_grad():
         return ref.select_blocks(q, k, scale, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
@@ -163,7 +235,14 @@ def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu
     scale = C.scale_arg(op, scale, q.shape[-1])
     backend = choose(op, q)
     if backend == "triton":
-        raise NotImplementedError("sala_ops.block_sparse_attention: triton backend not built yet")
+        _, A = _kernels()
+        B, Tq, H, _ = q.shape
+        qp, kp, vp, cq, ck = _pack(q, k, v, cu_q, cu_k)
+        tok_seq = A.token_seq(cq, qp.shape[0])
+        idx = block_indices.reshape(B * Tq, *block_indices.shape[2:])
+        idx = A.sanitize_indices(idx, cq, ck, tok_seq, block_size)
+        o = _BlockSparseFn.apply(qp, kp, vp, idx, cq, ck, tok_seq, scale, block_size)
+        return o.reshape(B, Tq, H, v.shape[-1])
     return ref.block_sparse_attention(q, k, v, block_indices, block_size, scale, cu_q, cu_k)
 
 
@@ -174,4 +253,11 @@ def compress_keys(k, kernel_size=32, kernel_stride=16):
     C.tensor(op, "k", k, ndim=4)
     C.positive_int(op, "kernel_size", kernel_size)
     C.positive_int(op, "kernel_stride", kernel_stride)
+    if choose(op, k) == "triton":
+        Sel, _ = _kernels()
+        B, T, H, D = k.shape
+        n = 0 if T < kernel_size else (T - kernel_size) // kernel_stride + 1
+        cu = torch.arange(B + 1, device=k.device, dtype=torch.int64) * T
+        c, _ = Sel.compress(k.reshape(B * T, H, D).contiguous(), cu, kernel_size, kernel_stride)
+        return c[:B * n].reshape(B, n, H, D)
     return ref.compress_keys(k, kernel_size, kernel_stride)

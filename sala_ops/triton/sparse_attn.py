@@ -1,0 +1,337 @@
+"""Block-sparse softmax attention over given block indices (InfLLM-V2 step 6), forward and backward
+(Triton). Kernels and launchers only; sala_ops/sparse.py holds the autograd.Function and policy.
+
+Packed layout: q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv], int64 offsets cu_q / cu_k [N+1];
+queries bottom-right aligned to the keys of their sequence (t = Lk - Lq + i). Block indices
+idx int32 [Tq, Hkv, S]: block numbers local to the sequence, strictly ascending, each <= the
+query's own block, -1 padding at the end (`sanitize_indices` makes arbitrary user indices so).
+
+Forward: one program = one query token x the G query heads of its KV group (rows padded to 16 for
+tl.dot); it walks the token's selected blocks, loads each 64-key block of K and V once for all G
+heads, and runs the online softmax in the log2 domain with the token-level causal mask (only the
+query's own block is cut). Saves lse (log2 domain, fp32 [Tq, H]); +inf marks a row with no key.
+
+Backward:
+  dq   : the same walk as the forward (recompute p from lse; dq += ds @ k).
+  dk,dv: a transposed index is built on the device with one stable sort (key = (g, global block),
+         value = token): for every (KV head, key block) the queries that selected it, ascending.
+         Programs take chunks of at most CHUNK such queries (a chunk map built with searchsorted, so
+         the busy blocks - block 0 and the local window - are spread over many programs), gather
+         the G heads of each query, and add their dk/dv tile into fp32 buffers with atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import sparse_select as _sel
+from .sparse_select import LOG2E, _interpreted, _pow2, _prec
+
+_BIG = 1 << 30
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
+                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sl_t, si_t, si_h,
+                qk_scale, D, DV, G, BS, S,
+                ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_S: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    n = tl.load(tok_seq + i)
+    q0 = tl.load(cu_q + n).to(tl.int64)
+    Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
+    k0 = tl.load(cu_k + n).to(tl.int64)
+    Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+    t = Lk - Lq + (i - q0)
+    h = tl.arange(0, ROWS)
+    hm = h < G
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + i * sq_t + (g * G + h)[:, None] * sq_h + d[None, :], mask=hm[:, None] & (d < D)[None, :], other=0.0)
+    # number of selected blocks (-1 padding sits at the end)
+    s_off = tl.arange(0, BLOCK_S)
+    ib = IDX + i * si_t + g * si_h
+    cnt = tl.sum((tl.load(ib + s_off, mask=s_off < S, other=-1) >= 0).to(tl.int32), 0)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    nn = tl.arange(0, BLOCK_N)
+    for s in range(0, cnt):
+        b = tl.load(ib + s).to(tl.int64)
+        kpos = b * BS + nn
+        kmask = (nn < BS) & (kpos < Lk) & (kpos <= t)
+        kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
+                     mask=kmask[:, None] & (d < D)[None, :], other=0.0)
+        vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
+                     mask=kmask[:, None] & (dv < DV)[None, :], other=0.0)
+        sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
+        sc = tl.where(kmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
+    tl.store(O + i * so_t + (g * G + h)[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
+             mask=hm[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + i * sl_t + g * G + h, lse, mask=hm)
+
+
+def _rows(G: int) -> int:
+    return _pow2(G, 16)
+
+
+def token_seq(cu_q: torch.Tensor, Tq: int) -> torch.Tensor:
+    """Sequence id of every packed query token (device, int32)."""
+    ids = torch.arange(Tq, device=cu_q.device, dtype=cu_q.dtype)
+    return torch.searchsorted(cu_q[1:], ids, right=True).to(torch.int32)
+
+
+def forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size):
+    """o [Tq, H, Dv] (q.dtype), lse [Tq, H] fp32 (log2 domain)."""
+    Tq, H, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[2]
+    G = H // Hkv
+    o = _sel.empty((Tq, H, DV), q.dtype, q.device)
+    lse = _sel.empty((Tq, H), torch.float32, q.device)
+    if Tq == 0:
+        return o, lse
+    S = idx.shape[2]
+    _fwd_kernel[(Tq, Hkv)](
+        q, k, v, o, lse, idx, tok_seq, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        lse.stride(0), idx.stride(0), idx.stride(1),
+        scale * LOG2E, D, DV, G, block_size, S,
+        ROWS=_rows(G), BLOCK_D=_pow2(D, 16), BLOCK_DV=_pow2(DV, 16), BLOCK_N=_pow2(block_size, 16),
+        BLOCK_S=_pow2(S), PREC=_prec(q.dtype), num_warps=4, num_stages=1 if _interpreted() else 3)
+    return o, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, tok_seq, cu_q, cu_k,
+                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h, sl_t, si_t, si_h,
+                   qk_scale, scale, D, DV, G, BS, S,
+                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_S: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    n = tl.load(tok_seq + i)
+    q0 = tl.load(cu_q + n).to(tl.int64)
+    Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
+    k0 = tl.load(cu_k + n).to(tl.int64)
+    Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+    t = Lk - Lq + (i - q0)
+    h = tl.arange(0, ROWS)
+    hm = h < G
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + i * sq_t + (g * G + h)[:, None] * sq_h + d[None, :], mask=hm[:, None] & (d < D)[None, :], other=0.0)
+    do = tl.load(DO + i * sdo_t + (g * G + h)[:, None] * sdo_h + dv[None, :],
+                 mask=hm[:, None] & (dv < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + i * sl_t + g * G + h, mask=hm, other=float("inf"))
+    delta = tl.load(DELTA + i * sl_t + g * G + h, mask=hm, other=0.0)
+    s_off = tl.arange(0, BLOCK_S)
+    ib = IDX + i * si_t + g * si_h
+    cnt = tl.sum((tl.load(ib + s_off, mask=s_off < S, other=-1) >= 0).to(tl.int32), 0)
+    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    nn = tl.arange(0, BLOCK_N)
+    for s in range(0, cnt):
+        b = tl.load(ib + s).to(tl.int64)
+        kpos = b * BS + nn
+        kmask = (nn < BS) & (kpos < Lk) & (kpos <= t)
+        kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
+                     mask=kmask[:, None] & (d < D)[None, :], other=0.0)
+        vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
+                     mask=kmask[:, None] & (dv < DV)[None, :], other=0.0)
+        sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
+        p = tl.where(kmask[None, :], tl.exp2(sc - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kk.dtype), kk, input_precision=PREC)
+    dq = dq * scale
+    tl.store(DQ + i * sdq_t + (g * G + h)[:, None] * sdq_h + d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=hm[:, None] & (d < D)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: dk, dv over the transposed index
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, DELTA, TOK, BUCKET_OFF, CHUNK_BUCKET, CHUNK_START,
+                     BLK_SEQ, BLK_OFF, cu_q, cu_k, n_buckets, NBT,
+                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h, sl_t,
+                     qk_scale, scale, D, DV, G, BS, CHUNK,
+                     BQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bucket = tl.load(CHUNK_BUCKET + pid)
+    if bucket < n_buckets:
+        g = bucket // NBT
+        gb = bucket % NBT
+        n = tl.load(BLK_SEQ + gb)
+        b = (gb - tl.load(BLK_OFF + n)).to(tl.int64)
+        q0 = tl.load(cu_q + n).to(tl.int64)
+        Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
+        k0 = tl.load(cu_k + n).to(tl.int64)
+        Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+        e0 = tl.load(BUCKET_OFF + bucket) + tl.load(CHUNK_START + pid)
+        e1 = tl.minimum(e0 + CHUNK, tl.load(BUCKET_OFF + bucket + 1))
+        nn = tl.arange(0, BLOCK_N)
+        kpos = b * BS + nn
+        kin = (nn < BS) & (kpos < Lk)
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
+                     mask=kin[:, None] & (d < D)[None, :], other=0.0)
+        vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
+                     mask=kin[:, None] & (dv < DV)[None, :], other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dvacc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        r = tl.arange(0, ROWS)
+        rm = r // G
+        rh = r % G
+        for e in range(e0, e1, BQ):
+            ent = e + rm
+            ok = (rm < BQ) & (ent < e1)
+            tok = tl.load(TOK + ent, mask=ok, other=0).to(tl.int64)
+            t = Lk - Lq + (tok - q0)
+            head = g * G + rh
+            q = tl.load(Q + tok[:, None] * sq_t + head[:, None] * sq_h + d[None, :],
+                        mask=ok[:, None] & (d < D)[None, :], other=0.0)
+            do = tl.load(DO + tok[:, None] * sdo_t + head[:, None] * sdo_h + dv[None, :],
+                         mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+            lse = tl.load(LSE + tok * sl_t + head, mask=ok, other=float("inf"))
+            delta = tl.load(DELTA + tok * sl_t + head, mask=ok, other=0.0)
+            sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
+            allowed = ok[:, None] & kin[None, :] & (kpos[None, :] <= t[:, None])
+            p = tl.where(allowed, tl.exp2(sc - lse[:, None]), 0.0)
+            dvacc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk = dk * scale
+        tl.atomic_add(DK + (k0 + kpos)[:, None] * sdk_t + g * sdk_h + d[None, :], dk,
+                      mask=kin[:, None] & (d < D)[None, :])
+        tl.atomic_add(DV_ + (k0 + kpos)[:, None] * sdv_t + g * sdv_h + dv[None, :], dvacc,
+                      mask=kin[:, None] & (dv < DV)[None, :])
+
+
+def _transposed(idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk_total):
+    """For every (KV head g, global key block) the ascending list of query tokens that selected it.
+    bucket = g * NBT + global block (NBT: a host bound on the number of key blocks). Returns the
+    token list (int32 [E]), bucket offsets, the chunk map (bucket and start of every program) and
+    the block -> sequence map. One stable sort; no host synchronisation."""
+    Tq, Hkv, S = idx.shape
+    dev = idx.device
+    nseq = cu_q.numel() - 1
+    lens_k = cu_k[1:] - cu_k[:-1]
+    nb = (lens_k + block_size - 1) // block_size
+    blk_off = torch.zeros(nseq + 1, dtype=torch.int64, device=dev)
+    blk_off[1:] = torch.cumsum(nb, 0)
+    NBT = Tk_total // block_size + nseq + 1  # host bound on the number of key blocks
+    blk_seq = torch.searchsorted(blk_off[1:], torch.arange(NBT, device=dev, dtype=torch.int64), right=True)
+    blk_seq = blk_seq.clamp(max=nseq - 1).to(torch.int32)
+    n_buckets = Hkv * NBT
+    gb = idx.to(torch.int64) + blk_off[tok_seq.long()][:, None, None]
+    key = torch.arange(Hkv, device=dev, dtype=torch.int64)[None, :, None] * NBT + gb
+    key = torch.where(idx < 0, torch.full_like(key, n_buckets), key).reshape(-1)
+    key = key.to(torch.int32) if n_buckets < 2 ** 31 - 1 else key
+    skey, perm = torch.sort(key, stable=True)
+    tok = torch.div(perm, Hkv * S, rounding_mode="floor").to(torch.int32)
+    counts = torch.bincount(key.long() if key.dtype != torch.int64 else key, minlength=n_buckets + 1)[:n_buckets]
+    bucket_off = torch.zeros(n_buckets + 1, dtype=torch.int64, device=dev)
+    bucket_off[1:] = torch.cumsum(counts, 0)
+    nch = (counts + chunk - 1) // chunk
+    cum = torch.cumsum(nch, 0)
+    grid = n_buckets + (Tq * Hkv * S) // chunk + 1
+    ids = torch.arange(grid, device=dev, dtype=torch.int64)
+    cb = torch.searchsorted(cum, ids, right=True)
+    cstart = (ids - (cum - nch)[cb.clamp(max=n_buckets - 1)]) * chunk
+    return tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid
+
+
+def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size):
+    Tq, H, D = q.shape
+    Tk, Hkv, DV = v.shape
+    G = H // Hkv
+    dq = _sel.empty(q.shape, q.dtype, q.device)
+    dk32 = torch.zeros(Tk, Hkv, D, dtype=torch.float32, device=q.device)
+    dv32 = torch.zeros(Tk, Hkv, DV, dtype=torch.float32, device=q.device)
+    if Tq == 0:
+        return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1)  # [Tq, H]
+    S = idx.shape[2]
+    prec = _prec(q.dtype)
+    BD, BDV, BN = _pow2(D, 16), _pow2(DV, 16), _pow2(block_size, 16)
+    _bwd_dq_kernel[(Tq, Hkv)](
+        q, k, v, do, dq, lse, delta, idx, tok_seq, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1), lse.stride(0), idx.stride(0), idx.stride(1),
+        scale * LOG2E, scale, D, DV, G, block_size, S,
+        ROWS=_rows(G), BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, BLOCK_S=_pow2(S), PREC=prec,
+        num_warps=4, num_stages=1 if _interpreted() else 2)
+    chunk = 64 if _interpreted() else 256
+    tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid = _transposed(
+        idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk)
+    BQ = max(1, 64 // _pow2(G)) if not _interpreted() else max(1, 16 // _pow2(G))
+    ROWS = _pow2(BQ * G, 16)
+    _bwd_dkdv_kernel[(grid,)](
+        q, k, v, do, dk32, dv32, lse, delta, tok, bucket_off, cb, cstart, blk_seq, blk_off, cu_q, cu_k,
+        n_buckets, NBT,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk32.stride(0), dk32.stride(1), dv32.stride(0), dv32.stride(1), lse.stride(0),
+        scale * LOG2E, scale, D, DV, G, block_size, chunk,
+        BQ=BQ, ROWS=ROWS, BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, PREC=prec,
+        num_warps=4 if _interpreted() else 8, num_stages=1)
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+def sanitize_indices(idx, cu_q, cu_k, tok_seq, block_size):
+    """Arbitrary user block indices [Tq, Hkv, S] -> the kernels' form: valid (0 <= b <= own block),
+    unique, ascending, -1 padded at the end. Device ops only."""
+    Tq = idx.shape[0]
+    dev = idx.device
+    ts = tok_seq.long()
+    lq = (cu_q[1:] - cu_q[:-1])[ts]
+    lk = (cu_k[1:] - cu_k[:-1])[ts]
+    t = lk - lq + (torch.arange(Tq, device=dev) - cu_q[:-1][ts])
+    qb = torch.div(t, block_size, rounding_mode="floor")[:, None, None]
+    x = idx.to(torch.int64)
+    x = torch.where((x < 0) | (x > qb), torch.full_like(x, _BIG), x)
+    x = torch.sort(x, dim=-1).values
+    if x.shape[-1] > 1:
+        dup = torch.zeros_like(x, dtype=torch.bool)
+        dup[..., 1:] = x[..., 1:] == x[..., :-1]
+        x = torch.where(dup, torch.full_like(x, _BIG), x)
+        x = torch.sort(x, dim=-1).values
+    return torch.where(x == _BIG, torch.full_like(x, -1), x).to(torch.int32).contiguous()
+
+
+def dense_indices(cu_q, cu_k, tok_seq, block_size, width, Hkv):
+    """Every causal block of every query (0..qb, -1 after): dense attention as block-sparse."""
+    Tq = tok_seq.numel()
+    dev = tok_seq.device
+    ts = tok_seq.long()
+    lq = (cu_q[1:] - cu_q[:-1])[ts]
+    lk = (cu_k[1:] - cu_k[:-1])[ts]
+    t = lk - lq + (torch.arange(Tq, device=dev) - cu_q[:-1][ts])
+    qb = torch.div(t, block_size, rounding_mode="floor")[:, None]
+    s = torch.arange(width, device=dev)[None, :]
+    idx = torch.where(s <= qb, s, torch.full_like(s, -1)).to(torch.int32)
+    return idx[:, None, :].expand(Tq, Hkv, width).contiguous()
