@@ -29,6 +29,10 @@ from . import sparse_select as _sel
 from .sparse_select import LOG2E, _interpreted, _pow2, _prec
 
 _BIG = 1 << 30
+# Launch parameters (module level so that bench/bench_sparse.py --sweep can try others).
+FWD_CFG = dict(num_warps=4, num_stages=3)
+DQ_CFG = dict(num_warps=4, num_stages=2)
+DKDV_CFG = dict(num_warps=8, num_stages=1, rows=64, chunk=256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +117,8 @@ def forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size):
         lse.stride(0), idx.stride(0), idx.stride(1),
         scale * LOG2E, D, DV, G, block_size, S,
         ROWS=_rows(G), BLOCK_D=_pow2(D, 16), BLOCK_DV=_pow2(DV, 16), BLOCK_N=_pow2(block_size, 16),
-        BLOCK_S=_pow2(S), PREC=_prec(q.dtype), num_warps=4, num_stages=1 if _interpreted() else 3)
+        BLOCK_S=_pow2(S), PREC=_prec(q.dtype), num_warps=FWD_CFG["num_warps"],
+        num_stages=1 if _interpreted() else FWD_CFG["num_stages"])
     return o, lse
 
 
@@ -285,11 +290,11 @@ def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size):
         dq.stride(0), dq.stride(1), lse.stride(0), idx.stride(0), idx.stride(1),
         scale * LOG2E, scale, D, DV, G, block_size, S,
         ROWS=_rows(G), BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, BLOCK_S=_pow2(S), PREC=prec,
-        num_warps=4, num_stages=1 if _interpreted() else 2)
-    chunk = 64 if _interpreted() else 256
+        num_warps=DQ_CFG["num_warps"], num_stages=1 if _interpreted() else DQ_CFG["num_stages"])
+    chunk = 64 if _interpreted() else DKDV_CFG["chunk"]
     tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid = _transposed(
         idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk)
-    BQ = max(1, 64 // _pow2(G)) if not _interpreted() else max(1, 16 // _pow2(G))
+    BQ = max(1, (16 if _interpreted() else DKDV_CFG["rows"]) // _pow2(G))
     ROWS = _pow2(BQ * G, 16)
     _bwd_dkdv_kernel[(grid,)](
         q, k, v, do, dk32, dv32, lse, delta, tok, bucket_off, cb, cstart, blk_seq, blk_off, cu_q, cu_k,
@@ -298,7 +303,7 @@ def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size):
         dk32.stride(0), dk32.stride(1), dv32.stride(0), dv32.stride(1), lse.stride(0),
         scale * LOG2E, scale, D, DV, G, block_size, chunk,
         BQ=BQ, ROWS=ROWS, BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, PREC=prec,
-        num_warps=4 if _interpreted() else 8, num_stages=1)
+        num_warps=4 if _interpreted() else DKDV_CFG["num_warps"], num_stages=1 if _interpreted() else DKDV_CFG["num_stages"])
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 

@@ -35,6 +35,7 @@ _MIN_KEY = tl.constexpr(-(2 ** 63))
 # Tests set POISON = True: kernel outputs are then allocated filled with NaN (floats) or -7 (ints)
 # instead of torch.empty, so an element a kernel never writes fails the comparison.
 POISON = False
+SELECT_CFG = dict(num_warps=8, num_stages=1, rows=64)
 
 
 def empty(shape, dtype, device):
@@ -258,7 +259,7 @@ def select(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Ten
     c1, c1_off = compress(k, cu_k, kernel_size, kernel_stride)
     c2, c2_off = compress(k, cu_k, lse_kernel_size, lse_kernel_stride)
     GP = _pow2(G)
-    M = max(1, 64 // GP)  # 64 rows (tokens x heads of the group) per program
+    M = max(1, SELECT_CFG["rows"] // GP)  # rows = tokens x heads of the group, per program
     NB = _pow2(W, 16)
     lens_q = cu_q[1:] - cu_q[:-1]
     grid = Tq // M + nseq + 1
@@ -271,5 +272,5 @@ def select(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Ten
         scale * LOG2E, D, G, kernel_size, kernel_stride, lse_kernel_size, lse_kernel_stride, block_size,
         init_blocks, wb, k_sel, W, dense_len,
         M=M, GP=GP, ROWS=M * GP, BLOCK_D=_pow2(D, 16), NB=NB, BN2=16 if _interpreted() else 64, NWIN=nwin, PREC=prec,
-        num_warps=4 if _interpreted() else 8, num_stages=1)
+        num_warps=4 if _interpreted() else SELECT_CFG["num_warps"], num_stages=SELECT_CFG["num_stages"])
     return out

@@ -1,0 +1,210 @@
+"""InfLLM-V2 sparse attention (sala_ops, selection included) vs dense SDPA and fla's parallel_nsa.
+
+One process, one GPU: B=1, 32 query / 2 KV heads, D=128, bf16, the 9B sparse configuration (96 blocks
+of 64 = top-64 + 32-block local window, C1 32/16, C2 128/64). For every T in --seqlens:
+  ours      sala_ops.sparse_attention (compression + selection + block-sparse attention)
+  select    sala_ops.select_blocks alone (its share of `ours` fwd)
+  sdpa      torch.nn.functional.scaled_dot_product_attention(causal, enable_gqa=True)
+  nsa64     fla.ops.nsa.parallel_nsa given 64 block indices per token (no selection cost; the
+            anchors say 96 blocks do not compile in its backward)
+fwd and fwd+bwd medians with triton.testing.do_bench (warm-up first), ratios vs SDPA, and peak extra
+memory (torch.cuda.max_memory_allocated minus the memory held before the call).
+
+    python bench/bench_sparse.py [--seqlens 32768 65536 131072] [--out DIR] [--sweep]
+
+--sweep also times the attention kernels under a few launch configurations. Writes DIR/sparse.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _bench(fn, grad_to_none=None):
+    import triton
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+
+
+def _peak(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+
+
+def _try(results, key, fn):
+    try:
+        results[key] = fn()
+    except Exception as e:  # keep going: one failing peer must not hide the other numbers
+        results[key] = None
+        results[key + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
+
+
+def run_one(T, args, out_rows):
+    import sala_ops
+    from sala_ops.triton import sparse_attn as A
+    H, Hkv, D = 32, 2, 128
+    dev = "cuda"
+    torch.manual_seed(0)
+    q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
+    cfg = sala_ops.SparseConfig()
+    r = {"T": T, "H": H, "Hkv": Hkv, "D": D, "blocks": cfg.num_selected}
+    grads = [q, k, v]
+
+    def ours_fwd():
+        with torch.no_grad():
+            return sala_ops.sparse_attention(q, k, v, config=cfg)
+
+    def ours_fb():
+        sala_ops.sparse_attention(q, k, v, config=cfg).backward(do)
+
+    def select():
+        return sala_ops.select_blocks(q, k, config=cfg)
+
+    def sdpa_fwd():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+
+    def sdpa_fb():
+        torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=True).backward(do.transpose(1, 2))
+
+    _try(r, "ours_fwd_ms", lambda: _bench(ours_fwd))
+    _try(r, "select_ms", lambda: _bench(select))
+    _try(r, "ours_fwdbwd_ms", lambda: _bench(ours_fb, grads))
+    _try(r, "ours_fwd_peak_gib", lambda: _peak(ours_fwd))
+    _try(r, "ours_fwdbwd_peak_gib", lambda: _peak(ours_fb))
+    for x in grads:
+        x.grad = None
+    _try(r, "sdpa_fwd_ms", lambda: _bench(sdpa_fwd))
+    _try(r, "sdpa_fwdbwd_ms", lambda: _bench(sdpa_fb, grads))
+    _try(r, "sdpa_fwd_peak_gib", lambda: _peak(sdpa_fwd))
+    _try(r, "sdpa_fwdbwd_peak_gib", lambda: _peak(sdpa_fb))
+    for x in grads:
+        x.grad = None
+
+    # attention alone, given our indices (to compare with nsa on equal terms and for --sweep)
+    idx96 = select().reshape(T, Hkv, -1).contiguous()
+    cu = torch.tensor([0, T], device=dev, dtype=torch.int64)
+    ts = A.token_seq(cu, T)
+    qp, kp, vp = (x.detach().reshape(T, x.shape[2], D) for x in (q, k, v))
+    scale = D ** -0.5
+
+    def attn96():
+        return A.forward(qp, kp, vp, idx96, cu, cu, ts, scale, 64)
+    _try(r, "attn96_fwd_ms", lambda: _bench(attn96))
+    o96, lse96 = attn96()
+    _try(r, "attn96_bwd_ms", lambda: _bench(lambda: A.backward(do.reshape(T, H, D), qp, kp, vp, o96, lse96, idx96,
+                                                                 cu, cu, ts, scale, 64)))
+    if args.sweep:
+        sweep = {}
+        saved = dict(A.FWD_CFG)
+        for w, s in ((4, 2), (4, 3), (4, 4), (8, 3), (2, 3)):
+            A.FWD_CFG.update(num_warps=w, num_stages=s)
+            _try(sweep, f"fwd_w{w}_s{s}", lambda: _bench(attn96))
+        A.FWD_CFG.update(saved)
+        saved = dict(A.DKDV_CFG)
+        for w, rows, ch in ((8, 64, 256), (4, 64, 256), (8, 128, 256), (4, 32, 256), (8, 64, 1024)):
+            A.DKDV_CFG.update(num_warps=w, rows=rows, chunk=ch)
+            _try(sweep, f"bwd_dkdv_w{w}_r{rows}_c{ch}", lambda: _bench(
+                lambda: A.backward(do.reshape(T, H, D), qp, kp, vp, o96, lse96, idx96, cu, cu, ts, scale, 64)))
+        A.DKDV_CFG.update(saved)
+        from sala_ops.triton import sparse_select as S
+        saved = dict(S.SELECT_CFG)
+        for w, rows in ((8, 64), (4, 64), (8, 128), (4, 32)):
+            S.SELECT_CFG.update(num_warps=w, rows=rows)
+            _try(sweep, f"select_w{w}_r{rows}", lambda: _bench(select))
+        S.SELECT_CFG.update(saved)
+        r["sweep"] = sweep
+        print(json.dumps(sweep, indent=1), flush=True)
+
+    # fla parallel_nsa, 64 given blocks (top-32 + the 32-block window from our own selector)
+    def nsa_setup():
+        from fla.ops.nsa import parallel_nsa
+        idx64 = sala_ops.select_blocks(q, k, config=sala_ops.SparseConfig(topk=32)).long()
+        return parallel_nsa, idx64
+    try:
+        parallel_nsa, idx64 = nsa_setup()
+
+        def nsa_fwd():
+            with torch.no_grad():
+                return parallel_nsa(q, k, v, block_indices=idx64, block_counts=64, block_size=64)
+
+        def nsa_fb():
+            parallel_nsa(q, k, v, block_indices=idx64, block_counts=64, block_size=64).backward(do)
+        _try(r, "nsa64_fwd_ms", lambda: _bench(nsa_fwd))
+        _try(r, "nsa64_fwdbwd_ms", lambda: _bench(nsa_fb, grads))
+        _try(r, "nsa64_fwd_peak_gib", lambda: _peak(nsa_fwd))
+    except Exception as e:
+        r["nsa64_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
+
+    def ratio(a, b):
+        return None if r.get(a) is None or r.get(b) is None else r[a] / r[b]
+    r["speedup_fwd_vs_sdpa"] = ratio("sdpa_fwd_ms", "ours_fwd_ms")
+    r["speedup_fwdbwd_vs_sdpa"] = ratio("sdpa_fwdbwd_ms", "ours_fwdbwd_ms")
+    r["speedup_fwd_vs_nsa64"] = ratio("nsa64_fwd_ms", "ours_fwd_ms")
+    r["speedup_fwdbwd_vs_nsa64"] = ratio("nsa64_fwdbwd_ms", "ours_fwdbwd_ms")
+    r["select_share_of_fwd"] = ratio("select_ms", "ours_fwd_ms")
+    out_rows.append(r)
+    print(json.dumps(r), flush=True)
+    del q, k, v, do
+    torch.cuda.empty_cache()
+
+
+def _fmt(x, p=2):
+    return "-" if x is None else f"{x:.{p}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_sparse: needs a CUDA GPU")
+        return 1
+    import triton
+    rows = []
+    t0 = time.time()
+    for T in args.seqlens:
+        run_one(T, args, rows)
+    hdr = ("T", "ours fwd", "sdpa fwd", "x", "nsa64 fwd", "sel %", "ours f+b", "sdpa f+b", "x", "nsa64 f+b",
+           "mem ours GiB", "mem sdpa GiB")
+    print("\n" + " | ".join(f"{h:>10}" for h in hdr))
+    for r in rows:
+        vals = (str(r["T"]), _fmt(r.get("ours_fwd_ms")), _fmt(r.get("sdpa_fwd_ms")), _fmt(r.get("speedup_fwd_vs_sdpa")),
+                _fmt(r.get("nsa64_fwd_ms")), _fmt(None if r.get("select_share_of_fwd") is None else 100 * r["select_share_of_fwd"], 0),
+                _fmt(r.get("ours_fwdbwd_ms")), _fmt(r.get("sdpa_fwdbwd_ms")), _fmt(r.get("speedup_fwdbwd_vs_sdpa")),
+                _fmt(r.get("nsa64_fwdbwd_ms")), _fmt(r.get("ours_fwdbwd_peak_gib")), _fmt(r.get("sdpa_fwdbwd_peak_gib")))
+        print(" | ".join(f"{x:>10}" for x in vals))
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "seconds": time.time() - t0, "times": "ms, triton.testing.do_bench median", "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sparse.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {os.path.join(args.out, 'sparse.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
