@@ -107,8 +107,12 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
         else:
             e = (b - 1 - t).to(tl.float32)
         w = tl.where(mt, tl.exp2(-s2 * e), 0.0)
-        kw = (kt.to(tl.float32) * w[:, None]).to(kt.dtype)
-        acc += tl.dot(tl.trans(kw), vt, input_precision=PREC)
+        if BV <= BK:  # weight the narrower operand
+            vw = (vt.to(tl.float32) * w[:, None]).to(vt.dtype)
+            acc += tl.dot(tl.trans(kt), vw, input_precision=PREC)
+        else:
+            kw = (kt.to(tl.float32) * w[:, None]).to(kt.dtype)
+            acc += tl.dot(tl.trans(kw), vt, input_precision=PREC)
     acc = acc * kv_mult
     base = (c.to(tl.int64) * H + h) * DK * DV
     tl.store(ds_ptr + base + offs_k[:, None] * DV + offs_v[None, :], acc, mask=mk[:, None] & mv[None, :])
@@ -165,7 +169,8 @@ def _scan_kernel(ds_ptr, init_ptr, final_ptr, decay_ptr, chunk_start_ptr, chunk_
         tl.store(final_ptr + seq_base + tile, S, mask=msk)
 
 
-@triton.autotune(configs=_configs([64, 32], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"])
+@triton.autotune(configs=_configs([64, 32], [4, 8], [2, 3]) + _configs([128], [8], [2, 3])[:0 if INTERPRET else 2],
+                 key=["DK", "DV", "BT", "REVERSE"])
 @triton.jit
 def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
                       T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,
@@ -215,17 +220,22 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
         else:
             eq = offs_t + 1
             ek = ln - 1 - offs_t
-        wq = tl.where(mt, tl.exp2(-s2 * eq.to(tl.float32)), 0.0)
+        wq = tl.where(mt, tl.exp2(-s2 * eq.to(tl.float32)), 0.0) * out_scale
         wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0) * kv_mult
+        # (q diag(wq)) S = diag(wq) (q S): the row weights go on the product, the loaded q tile feeds
+        # the tensor cores as it is
         A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
-        o = tl.dot(A.to(vt.dtype), vt, input_precision=PREC)
-        qw = (qt.to(tl.float32) * wq[:, None]).to(qt.dtype)
-        o += tl.dot(qw, S.to(qt.dtype), input_precision=PREC)
-        o = o * out_scale
+        o = tl.dot(A.to(vt.dtype), vt, input_precision=PREC) * out_scale
+        o += tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
         tl.store(o_ptr + t[:, None] * stride_o + h * DV + offs_v[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
-        kw = (kt.to(tl.float32) * wk[:, None]).to(kt.dtype)
-        S = S * tl.exp2(-s2 * ln.to(tl.float32)) + tl.dot(tl.trans(kw), vt, input_precision=PREC)
+        if BV <= BK:
+            vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
+            U = tl.dot(tl.trans(kt), vw, input_precision=PREC)
+        else:
+            kw = (kt.to(tl.float32) * wk[:, None]).to(kt.dtype)
+            U = tl.dot(tl.trans(kw), vt, input_precision=PREC)
+        S = S * tl.exp2(-s2 * ln.to(tl.float32)) + U
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +245,9 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
+    forced = os.environ.get("SALA_LIGHTNING_F32_DOT")  # tf32 | tf32x3 | ieee (diagnostics)
+    if forced:
+        return forced
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
