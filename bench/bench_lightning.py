@@ -1,7 +1,9 @@
 """Benchmark: sala_ops lightning_attention / lightning_attention_step vs fla on an H200.
 
-Peers (same inputs, same process): fla `chunk_simple_gla` (g = -decay broadcast per token, [B, T, H]
-fp32 log-decay, as fla expects) and `fused_recurrent_simple_gla` for the decode step.
+Peers (same inputs, same process): fla `chunk_simple_gla`, timed both with g = -decay broadcast per token ([B, T, H] fp32 log-decay)
+and with g_gamma = -decay ([H], its constant-decay form); the ratio is against the faster of the two
+(fwd+bwd: g_gamma only, fla refuses the per-token-g backward on Hopper with triton 3.4-3.7.0), and
+`fused_recurrent_simple_gla` for the decode step.
 B=1, H=32, D=128, SALA decay slopes; T = 8K, 32K, 128K; bf16 and fp32 inputs; fwd and fwd+bwd.
 fp32 inputs: fla's kernels use TF32 tensor-core products (triton's default), so the equal-work
 comparison runs ours with torch.set_float32_matmul_precision("high") (TF32 too); the "fp32x3" rows
@@ -61,6 +63,7 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
     q, k, v = _inputs(T, dtype, grad)
     do = torch.randn(1, T, H, D, device="cuda", dtype=dtype) if grad else None
     g = (-decay).view(1, 1, H).expand(1, T, H).contiguous()
+    g_gamma = (-decay).contiguous()
 
     def ours():
         o = sala_ops.lightning_attention(q, k, v, decay, scale=scale).output
@@ -68,8 +71,14 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
             o.backward(do)
         return o
 
-    def peer():
+    def peer():  # per-token g (fla's general form); its backward refuses triton 3.4-3.7.0 on Hopper
         o = fla(q, k, v, g=g, scale=scale)[0]
+        if grad:
+            o.backward(do)
+        return o
+
+    def peer_gamma():  # fla's constant per-head decay form (g_gamma [H])
+        o = fla(q, k, v, g_gamma=g_gamma, scale=scale)[0]
         if grad:
             o.backward(do)
         return o
@@ -81,13 +90,20 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
         if check:
             o1 = ours().detach()
             if fla is not None:
-                o2 = peer().detach()
+                o2 = peer_gamma().detach()
                 row["rel_err_vs_fla"] = _rel(o1, o2)
+                del o2
+            ref_err = _ref_check(q, k, v, decay, scale, o1)
+            if ref_err is not None:
+                row["ours_rel_err_vs_fp32_ref_last2k"], row["fla_rel_err_vs_fp32_ref_last2k"] = ref_err
             del o1
         gtn = [q, k, v] if grad else None
         row["ours_ms"] = _bench(ours, gtn)
         if fla is not None:
-            row["fla_ms"] = _bench(peer, gtn)
+            row["fla_gamma_ms"] = _bench(peer_gamma, gtn)
+            if not grad:
+                row["fla_g_ms"] = _bench(peer, gtn)
+            row["fla_ms"] = min(row["fla_gamma_ms"], row.get("fla_g_ms", float("inf")))
             row["speedup"] = row["fla_ms"] / row["ours_ms"]
     row["ours_TBps"] = nbytes / row["ours_ms"] / 1e9
     row["ours_bw_frac"] = row["ours_TBps"] * 1e12 / CEIL
@@ -96,6 +112,42 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
     torch.set_float32_matmul_precision("highest")
     del q, k, v, do, g
     torch.cuda.empty_cache()
+
+
+def _ref_check(q, k, v, decay, scale, o, n=2048):
+    """Relative error vs the fp32 reference on the first n tokens (zero initial state), ours and fla's."""
+    from sala_ops.reference import lightning as R
+    qs, ks, vs = (x.detach()[:, :n].float() for x in (q, k, v))
+    ref = R.lightning_parallel(qs, ks, vs, decay, scale)[0]
+    out = [_rel(o[:, :n], ref)]
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+        with torch.no_grad():
+            of = chunk_simple_gla(q.detach()[:, :n].contiguous(), k.detach()[:, :n].contiguous(),
+                                  v.detach()[:, :n].contiguous(), g_gamma=-decay, scale=scale)[0]
+        out.append(_rel(of, ref))
+    except Exception:  # noqa: BLE001
+        out.append(None)
+    return out
+
+
+def breakdown(rows, T=131072, dtype=torch.bfloat16):
+    """Time of each pass of our forward (local states, scan, chunk outputs) and of the backward."""
+    decay = sala_ops.sala_decay_slopes(H).cuda()
+    q, k, v = _inputs(T, dtype, False)
+    ch = LC.Chunks(1, T, H, D, None, q.device)
+    st = LC.local_states(k, v, 1, 1, H, decay, 1.0, False, ch)
+    o = torch.empty_like(q)
+    row = dict(breakdown=True, T=T, dtype=str(dtype).split(".")[-1], L=ch.L, NS=ch.NS)
+    row["local_states_ms"] = _bench(lambda: LC.local_states(k, v, 1, 1, H, decay, 1.0, False, ch))
+    st2 = st.clone()
+    row["scan_ms"] = _bench(lambda: LC.scan_states(st2, decay, None, True, False, ch))
+    row["chunk_outputs_ms"] = _bench(lambda: LC.chunk_outputs(q, k, v, 1, 1, 1, H, o, st, False, decay, D ** -0.5,
+                                                                1.0, False, ch))
+    do = torch.randn_like(q)
+    row["backward_ms"] = _bench(lambda: LC.lightning_chunk_bwd(do, None, q, k, v, decay, st, D ** -0.5, False))
+    print(row, flush=True)
+    rows.append(row)
 
 
 def run_step(fla_rec, rows):
@@ -203,11 +255,14 @@ def main():
         sweep(rows)
         return
     run_step(fla_rec, rows)
+    breakdown(rows)
     Ts = [int(t) for t in args.T.split(",")]
     for dtype, precisions in ((torch.bfloat16, ["highest"]), (torch.float32, ["high", "highest"])):
         for mode in ("fwd", "fwd+bwd"):
             for T in Ts:
                 for prec in precisions:
+                    if dtype == torch.float32 and prec == "highest" and mode != "fwd":
+                        continue
                     peer = fla if prec != "highest" or dtype != torch.float32 else None
                     run_chunk(T, dtype, mode, peer, prec, rows)
     if args.sweep:
@@ -218,7 +273,7 @@ def main():
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        if r.get("sweep"):
+        if r.get("sweep") or r.get("breakdown"):
             continue
         fla_ms = r.get("fla_ms")
         print(f"{r['mode']:8} {r['dtype']:9} {r['precision']:8} {r['T']:>7} {r['ours_ms']:9.4f} "
