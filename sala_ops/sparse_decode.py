@@ -83,7 +83,8 @@ class SparseLayerCache:
             C.positive_int(op, name, val)
         if dtype not in C.FLOAT_DTYPES:
             raise TypeError(f"sala_ops.{op}: dtype must be one of {[str(d) for d in C.FLOAT_DTYPES]}, got {dtype}")
-        device = torch.device(device if device is not None else "cpu")
+        # the device the buffers really live on ("cuda" -> "cuda:0"), so argument checks compare equal
+        device = torch.empty(0, device=device if device is not None else "cpu").device
         self.batch_size, self.max_len, self.num_kv_heads, self.head_dim = batch_size, max_len, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         ks2, st2 = cfg.c2
