@@ -339,10 +339,15 @@ def hype_fwd(q, k, positions, q_weight, k_weight, *, theta=10000.0, rotary_dim=N
     return yq, yk
 
 
+_SM_COUNT: dict = {}
+
+
 def _num_programs(N, device):
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(N, sms * 16))
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return max(1, min(N, _SM_COUNT[idx] * 16))
     return max(1, min(N, 3))
 
 
