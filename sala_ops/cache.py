@@ -2,11 +2,11 @@
 
 One entry per decoder layer, chosen by the layer's mixer type:
 
-    SparseLayerCache     sparse (InfLLM-V2) layers: the full K/V ("sparse compute, dense storage"),
+    SparseCacheLayer     sparse (InfLLM-V2) layers: the full K/V ("sparse compute, dense storage"),
                          [B, T, Hkv, D] in sala_ops' layout, grown by doubling; plus a reserved place
                          for the incrementally maintained compressed keys (C1 every kernel_stride
                          tokens, C2 every 4 * kernel_stride; spec section 2, issue 5).
-    LightningLayerCache  lightning layers: the fp32 recurrent state [B, H, K, V], independent of length.
+    LightningCacheLayer  lightning layers: the fp32 recurrent state [B, H, K, V], independent of length.
 
 `get_seq_length()` is the number of tokens every layer has seen. It subclasses
 `transformers.cache_utils.Cache` so `generate()` and the mask helpers accept it; everything the
@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache
 from .layers import MIXER_LIGHTNING, MIXER_SPARSE, MIXER_TYPES
 
 
-class SparseLayerCache:
+class SparseCacheLayer:
     """K/V of one sparse layer, [B, T, Hkv, D] (sala_ops layout), stored in buffers that double in
     length when full so appending one decode token is amortised O(1) copies."""
 
@@ -40,8 +40,10 @@ class SparseLayerCache:
         self._k: Optional[torch.Tensor] = None
         self._v: Optional[torch.Tensor] = None
         self.seq_len = 0
-        # Incremental compressed keys (issue 5). The reference `sparse_attention` recomputes them from the
-        # full key cache on every call, so nothing lives here yet; an incremental compressor will keep
+        # Incremental compressed keys (issue 5). `sparse_attention` recomputes them from the full key cache
+        # on every call, so nothing lives here yet. The decode path of issue 5 (sala_ops/sparse_decode.py,
+        # a preallocated cache with C1/C2 appended per token + a one-token kernel) can take this entry's
+        # place; until it does, an incremental compressor keeps
         #   compressed_k1  [B, N1, Hkv, D] fp32: mean keys over (kernel_size, kernel_stride) windows
         #   compressed_k2  [B, N2, Hkv, D] fp32: the same over (4 kernel_size, 4 kernel_stride), for the LSE
         # appending a window whenever seq_len crosses a stride boundary (update() is the place).
@@ -98,7 +100,7 @@ class SparseLayerCache:
         self.__init__()
 
 
-class LightningLayerCache:
+class LightningCacheLayer:
     """The fp32 recurrent state [B, H, K, V] of one lightning layer and how many tokens made it."""
 
     mixer_type = MIXER_LIGHTNING
@@ -134,7 +136,7 @@ class LightningLayerCache:
         self.__init__()
 
 
-_LAYER_CLASSES = {MIXER_SPARSE: SparseLayerCache, MIXER_LIGHTNING: LightningLayerCache}
+_LAYER_CLASSES = {MIXER_SPARSE: SparseCacheLayer, MIXER_LIGHTNING: LightningCacheLayer}
 
 
 class SalaCache(Cache):
@@ -262,4 +264,4 @@ class SalaCache(Cache):
         raise NotImplementedError("sala_ops.SalaCache: offloading is not supported")
 
 
-__all__ = ["SalaCache", "SparseLayerCache", "LightningLayerCache"]
+__all__ = ["SalaCache", "SparseCacheLayer", "LightningCacheLayer"]
