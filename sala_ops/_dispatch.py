@@ -58,7 +58,8 @@ def choose(op: str, tensor: torch.Tensor) -> str:
     if backend == "triton" and not tensor.is_cuda and not triton_interpreted():
         raise ValueError(f"sala_ops.{op}: the triton backend needs CUDA tensors or TRITON_INTERPRET=1 "
                          f"(set before triton is imported); got tensors on {tensor.device}")
-    if (op, backend) not in _announced:
+    # dynamo cannot trace logging: under torch.compile the line was (or will be) logged eagerly
+    if (op, backend) not in _announced and not torch.compiler.is_compiling():
         _announced.add((op, backend))
         _log.info("sala_ops.%s: using the %s backend", op, backend)
     return backend
