@@ -54,8 +54,11 @@ CHUNK_OVERRIDE: tuple[int, int] | None = None
 DEFAULT_BT = 64
 
 
+_PINNED = INTERPRET or os.environ.get("SALA_LIGHTNING_PIN_CONFIG") == "1"
+
+
 def _configs(bvs, warps, stages):
-    if INTERPRET or os.environ.get("SALA_LIGHTNING_PIN_CONFIG") == "1":
+    if _PINNED:
         return [triton.Config({"BV": bvs[0]}, num_warps=4, num_stages=1)]
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in bvs for w in warps for s in stages]
 
@@ -169,7 +172,7 @@ def _scan_kernel(ds_ptr, init_ptr, final_ptr, decay_ptr, chunk_start_ptr, chunk_
         tl.store(final_ptr + seq_base + tile, S, mask=msk)
 
 
-@triton.autotune(configs=_configs([64, 32], [4, 8], [2, 3]) + _configs([128], [8], [2, 3])[:0 if len(_configs([1], [1], [1, 2])) == 1 else 2],
+@triton.autotune(configs=_configs([64, 32], [4, 8], [2, 3]) + ([] if _PINNED else _configs([128], [8], [2, 3])),
                  key=["DK", "DV", "BT", "REVERSE"])
 @triton.jit
 def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
