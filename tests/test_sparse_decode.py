@@ -265,3 +265,35 @@ def test_gpu_cuda_graph_replay_equals_eager():
     assert c.lengths_host() == [n + steps] * B
     for i in range(steps):
         assert torch.equal(outs[i], eager[i]), f"graph replay differs from eager at step {i}"
+
+
+def test_triton_fp16_within_twice_torch_error():
+    """fp16 cache and query: same selection as the reference on the same fp16 values, output within 2x the
+    error of PyTorch's own fp16 attention over the same keys (vs fp64)."""
+    cfg = dict(SMALL, topk=3, dense_len=64)
+    H, Hkv, D, n, steps = 4, 2, 32, 58, 10
+    q, k, v = (seeded_randn(300 + i, n + steps, h, D, dtype=torch.float16) for i, h in enumerate((H, Hkv, Hkv)))
+    cache = SparseLayerCache(1, n + steps, Hkv, D, dtype=torch.float16, device=DEV, **_ref_kw(cfg))
+    cache.append(k[None, :n].to(DEV), v[None, :n].to(DEV))
+    scale = 1 / math.sqrt(D)
+    bs = cfg["block_size"]
+    with use_backend("triton"):
+        for i in range(steps):
+            t = n + i
+            L = t + 1
+            cache.append_token(k[None, t].to(DEV), v[None, t].to(DEV))
+            o, idx = sparse_decode(q[None, t].to(DEV), cache, return_indices=True)
+            if L >= cfg["dense_len"]:
+                kw = {a: b for a, b in _ref_kw(cfg).items() if a != "dense_len"}
+                ridx = R.select_blocks(q[None, t:t + 1], k[None, :L], **kw)[0, 0]
+                assert torch.equal(idx[0].cpu(), ridx), f"selected blocks at position {t}"
+                nb = t // bs + 1
+                chosen = torch.zeros(Hkv, nb + 1, dtype=torch.bool)
+                chosen.scatter_(1, torch.where(ridx < 0, nb, ridx).long(), True)
+                allowed = chosen[:, torch.arange(L) // bs]
+            else:
+                allowed = torch.ones(Hkv, L, dtype=torch.bool)
+            exact = _lowp_attend(q[t].double(), k[:L].double(), v[:L].double(), allowed, scale, torch.float64)
+            tol = max(2 * rel_err(_lowp_attend(q[t], k[:L], v[:L], allowed, scale, torch.float16), exact), 1e-5)
+            err = rel_err(o[0].cpu(), exact)
+            assert err <= tol, f"position {t}: {err:.2e} > {tol:.2e}"
