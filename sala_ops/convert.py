@@ -405,7 +405,12 @@ def _sala_pre_forward(module, args, kwargs):
             raise ValueError("sala_ops: a converted SALA model takes a 2-D attention_mask [batch, seq] of ones (or "
                              f"none); got {getattr(mask, 'shape', type(mask).__name__)}. Custom 4-D masks are not "
                              "supported: causality is built into the SALA mixers.")
-        if not bool(mask.bool().all()):
+        prev = kwargs.get(cache_key)
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        decoding = isinstance(prev, SalaCache) and prev.get_seq_length() > 0 and ids is not None and ids.shape[1] == 1
+        # a decode step's mask only adds a column for the new token: the rest was checked with the prompt,
+        # so generate() pays no host sync per token here
+        if not decoding and not bool(mask.bool().all()):
             raise ValueError("sala_ops: padded batches are not supported by the SALA mixers (the lightning "
                              "recurrence and the sparse block selection would read the padding). Use equal-length "
                              "prompts (batch size 1 always works) or pack sequences and call the mixers with "
