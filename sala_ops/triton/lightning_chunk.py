@@ -255,7 +255,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    # head-dim tiles are at least 64 wide: every tensor-core product then has M, N, K >= 32, the
+    # shapes the real-size (D=128) runs use. A GPU run of small fp32 cases (D = 8..32, 16-wide tiles)
+    # hit an illegal memory access inside these kernels on triton 3.6 / H200 (small fp32/tf32 tiles
+    # are a known source of such compiler bugs); that run came before this change (bench/NOTES_lightning.md).
+    return max(64, triton.next_power_of_2(d))
 
 
 class Chunks:
