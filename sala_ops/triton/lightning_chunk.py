@@ -392,12 +392,15 @@ def lightning_chunk_bwd(do, dfinal, q, k, v, decay, states, scale, need_dh0, cu_
 
 
 def chunk_len(B, T, H, DV, N):
-    """(chunk length L, block BT): long chunks, but >= ~1024 output programs (7-8 per H200 SM)."""
+    """(chunk length L, block BT): long chunks, but >= ~512 output programs (4 per H200 SM).
+    H200 sweep, bf16, B=1 H=32 D=128 (bench/NOTES_lightning.md): longer chunks were never slower
+    at 32K/128K (L 512 -> 8192: fwd 3.41 -> 2.88 ms, fwd+bwd 11.4 -> 10.3 ms at 128K); BT=128 was
+    slower than BT=64."""
     if CHUNK_OVERRIDE is not None:
         return CHUNK_OVERRIDE
     nvb = max(1, triton.cdiv(DV, 64))
-    L = 4096
-    while L > 256 and (B * T // L + N) * H * nvb < 1024:
+    L = 8192
+    while L > 256 and (B * T // L + N) * H * nvb < 512:
         L //= 2
     return L, DEFAULT_BT
 
