@@ -87,8 +87,11 @@ def hype_embed(q, k, positions=None, layer_type="lightning", theta=10000.0, rota
         do_q, do_k = rope or q_norm_weight is not None, rope or k_norm_weight is not None
         if not (do_q or do_k):  # NoPE without norms: the identity
             return q, k
-        yq, yk = torch.ops.sala_ops.hype_embed_fwd(q, k, pos, q_norm_weight, k_norm_weight, float(theta), r, rope,
-                                                   float(eps), do_q, do_k)
+        args = (q, k, pos, q_norm_weight, k_norm_weight, float(theta), r, rope, float(eps), do_q, do_k)
+        if _eager_ok(q, k, pos, q_norm_weight, k_norm_weight):
+            yq, yk = _HypeFn.apply(*args)
+        else:
+            yq, yk = torch.ops.sala_ops.hype_embed_fwd(*args)
         return (yq if do_q else q), (yk if do_k else k)
     pos = _positions(op, positions, q, cu_seqlens)
     return ref.hype_embed(q, k, pos, layer_type, theta, r, q_norm_weight, k_norm_weight, eps)
@@ -107,9 +110,7 @@ _EMPTY = (0,)
 def _hype_fwd_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor], q_weight: Optional[torch.Tensor],
                  k_weight: Optional[torch.Tensor], theta: float, rotary_dim: int, rope: bool, eps: float, do_q: bool,
                  do_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from .triton import rope_qknorm as K
-    yq, yk = K.hype_fwd(q, k, positions, q_weight, k_weight, theta=theta, rotary_dim=rotary_dim, rope=rope, eps=eps,
-                        do_q=do_q, do_k=do_k)
+    yq, yk = _fwd_impl(q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k)
     return (yq if do_q else q.new_empty(_EMPTY)), (yk if do_k else k.new_empty(_EMPTY))
 
 
@@ -123,25 +124,35 @@ def _(q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, d
 def _hype_bwd_op(q: torch.Tensor, k: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor,
                  positions: Optional[torch.Tensor], q_weight: Optional[torch.Tensor],
                  k_weight: Optional[torch.Tensor], theta: float, rotary_dim: int, rope: bool, eps: float, do_q: bool,
-                 do_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .triton import rope_qknorm as K
-    dq, dk, dwq, dwk = K.hype_bwd(q, k, gq, gk, positions, q_weight, k_weight, theta=theta, rotary_dim=rotary_dim,
-                                  rope=rope, eps=eps, do_q=do_q, do_k=do_k)
-    e = lambda: q.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731  (outputs may not alias each other)
+                 do_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dw): dw the fp32 [2, D] weight grads (row 0 q's, row 1 k's), empty without a norm weight."""
+    dq, dk, dw = _bwd_impl(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k)
     return (dq if do_q else q.new_empty(_EMPTY)), (dk if do_k else k.new_empty(_EMPTY)), \
-        (dwq if dwq is not None else e()), (dwk if dwk is not None else e())
+        (dw if dw is not None else q.new_empty(_EMPTY, dtype=torch.float32))
 
 
 @_hype_bwd_op.register_fake
 def _(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k):
     D = q.shape[-1]
+    norm = (do_q and q_weight is not None) or (do_k and k_weight is not None)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if do_q else q.new_empty(_EMPTY),
             torch.empty(k.shape, dtype=k.dtype, device=k.device) if do_k else k.new_empty(_EMPTY),
-            q.new_empty((D,) if (do_q and q_weight is not None) else _EMPTY, dtype=torch.float32),
-            q.new_empty((D,) if (do_k and k_weight is not None) else _EMPTY, dtype=torch.float32))
+            q.new_empty((2, D) if norm else _EMPTY, dtype=torch.float32))
 
 
-def _fwd_setup(ctx, inputs, output):
+def _fwd_impl(q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k):
+    from .triton import rope_qknorm as K
+    return K.hype_fwd(q, k, positions, q_weight, k_weight, theta=theta, rotary_dim=rotary_dim, rope=rope, eps=eps,
+                      do_q=do_q, do_k=do_k)
+
+
+def _bwd_impl(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k):
+    from .triton import rope_qknorm as K
+    return K.hype_bwd(q, k, gq, gk, positions, q_weight, k_weight, theta=theta, rotary_dim=rotary_dim, rope=rope,
+                      eps=eps, do_q=do_q, do_k=do_k, stacked_dw=True)
+
+
+def _setup(ctx, inputs):
     q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k = inputs
     norm = (q_weight is not None and do_q) or (k_weight is not None and do_k)
     # q and k are needed only to recompute the norm statistics
@@ -149,21 +160,63 @@ def _fwd_setup(ctx, inputs, output):
     ctx.args = (theta, rotary_dim, rope, eps, do_q, do_k)
 
 
-def _fwd_backward(ctx, gyq, gyk):
+def _backward(ctx, gyq, gyk, bwd):
+    """Shared by the custom op's autograd and the eager autograd.Function; bwd returns (dq, dk, dw [2, D])."""
     q, k, positions, q_weight, k_weight = ctx.saved_tensors
     theta, rotary_dim, rope, eps, do_q, do_k = ctx.args
     if q is None:  # no norm (so RoPE on both): the kernel reads q and k only for their shapes
         q, k = gyq, gyk
     gq = gyq if do_q else q
     gk = gyk if do_k else k
-    dq, dk, dwq, dwk = torch.ops.sala_ops.hype_embed_bwd(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim,
-                                                          rope, eps, do_q, do_k)
+    dq, dk, dw = bwd(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k)
     need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dq = dq if (do_q and need_q) else None
     dk = dk if (do_k and need_k) else None
-    dwq = dwq.to(q_weight.dtype) if (q_weight is not None and do_q and ctx.needs_input_grad[3]) else None
-    dwk = dwk.to(k_weight.dtype) if (k_weight is not None and do_k and ctx.needs_input_grad[4]) else None
+    want_q = q_weight is not None and do_q and ctx.needs_input_grad[3]
+    want_k = k_weight is not None and do_k and ctx.needs_input_grad[4]
+    dwq = dwk = None
+    if want_q and want_k and q_weight.dtype == k_weight.dtype:
+        dw = dw.to(q_weight.dtype)  # one cast for both rows
+        dwq, dwk = dw[0], dw[1]
+    else:
+        dwq = dw[0].to(q_weight.dtype) if want_q else None
+        dwk = dw[1].to(k_weight.dtype) if want_k else None
     return dq, dk, None, dwq, dwk, None, None, None, None, None, None
 
 
+def _fwd_setup(ctx, inputs, output):
+    _setup(ctx, inputs)
+
+
+def _fwd_backward(ctx, gyq, gyk):
+    return _backward(ctx, gyq, gyk, torch.ops.sala_ops.hype_embed_bwd)
+
+
 _hype_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+class _HypeFn(torch.autograd.Function):
+    """The eager path: the same kernels and the same backward as the custom ops, without the
+    torch.library dispatch (custom op + registered autograd cost several hundred microseconds of
+    host time per forward+backward, more than the whole GPU work below ~32K tokens)."""
+
+    @staticmethod
+    def forward(ctx, q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k):
+        yq, yk = _fwd_impl(q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k)
+        _setup(ctx, (q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k))
+        return (yq if do_q else q.new_empty(_EMPTY)), (yk if do_k else k.new_empty(_EMPTY))
+
+    @staticmethod
+    def backward(ctx, gyq, gyk):
+        return _backward(ctx, gyq, gyk, _bwd_impl)
+
+
+def _eager_ok(*tensors) -> bool:
+    """Plain tensors outside torch.compile / functorch transforms: the eager autograd.Function may run
+    (anything else goes through the custom ops, which tracing and fake tensors understand)."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return False
+    return True

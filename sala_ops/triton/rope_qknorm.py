@@ -21,9 +21,13 @@ Backward (dy -> dx, dw), recomputing rstd from x:
     g  = R(-angle) dy                                         (the inverse rotation)
     dw += sum_{n,h} g * x * rstd
     gh = g * w;  dx = rstd * (gh - xhat * mean_d(gh * xhat)),  xhat = x * rstd
-The backward runs a fixed grid of programs that stride over token blocks, each keeping its dw
-partial sums in registers and writing one row of a [programs, D] fp32 buffer (summed on the host
-side by torch, deterministic; no atomics).
+The backward runs an ordinary grid: each program owns TPP consecutive tokens (TPP a power of two,
+4..16, picked from the token count alone so the grid has >= ~2048 programs), walks them BT at a
+time, and accumulates the dw products elementwise in [BT, heads, D] register tiles (no reduction
+inside the loop, so no cross-warp barrier per step); it reduces them once at the end and writes one
+row of a [2, programs, D] fp32 buffer, summed by one torch .sum(1): deterministic, no atomics, no
+host work per call beyond the allocations and the launch. q and k run in separate programs (grid
+axis 1), so a program holds the accumulators of one tensor only (registers: occupancy).
 
 Offsets are int64 where they scale with tokens (T x H x D can pass 2^31). Under TRITON_INTERPRET=1
 one config is pinned (the interpreter would run every autotune config).
@@ -41,11 +45,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if _INTERPRET:
     _FWD_CONFIGS = [triton.Config({"BT": 2}, num_warps=4)]
-    _BWD_CONFIGS = [triton.Config({"BT": 2}, num_warps=4)]
+    # BHMAX 2 < the heads of most test shapes: the head loop and its masked tail block run too
+    _BWD_CONFIGS = [triton.Config({"BT": 2, "BHMAX": 2}, num_warps=4)]
 else:
     # few configs: every (head counts, norm flags) combination autotunes once, and compiles each
     _FWD_CONFIGS = [triton.Config({"BT": bt}, num_warps=w) for bt, w in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8))]
-    _BWD_CONFIGS = [triton.Config({"BT": bt}, num_warps=w) for bt, w in ((1, 4), (2, 4), (2, 8), (4, 8))]
+    # the backward keeps 2 dw accumulator tiles [BT, BH, D/2] live next to its 4 working tiles; registers
+    # (ptxas sm_90, bf16, D=128, 32 heads): BT=1/BH=32/4 warps 128 (4 programs = 64 KB of loads in flight
+    # per SM), BT=1/BH=16/4 warps 96, BT=2/BH=16/8 warps 128; BT=2/BH=32 needs 177+, BT=4 spills
+    _BWD_CONFIGS = [triton.Config({"BT": bt, "BHMAX": bh}, num_warps=w)
+                    for bt, bh, w in ((1, 32, 4), (1, 32, 8), (1, 16, 4), (1, 16, 8), (2, 16, 8))]
 
 _TWO_PI = tl.constexpr(6.283185307179586)
 
@@ -189,14 +198,14 @@ def _bwd_tensor(X, sxb, sxt, sxh, G, sgb, sgt, sgh, DX, W, eps, n, nmask, b, t, 
             rstd = (1.0 / tl.sqrt(ss / D + eps))[:, :, None]
             x1 = x1 * rstd
             x2 = x2 * rstd
-            dw1 += tl.sum(tl.sum(g1 * x1, axis=1), axis=0)
-            dw2 += tl.sum(tl.sum(g2 * x2, axis=1), axis=0)
+            dw1 += g1 * x1
+            dw2 += g2 * x2
             g1 = g1 * w1
             g2 = g2 * w2
             c = tl.sum(g1 * x1, axis=2) + tl.sum(g2 * x2, axis=2)
             if REST > 0:
                 x3 = x3 * rstd
-                dw3 += tl.sum(tl.sum(g3 * x3, axis=1), axis=0)
+                dw3 += g3 * x3
                 g3 = g3 * w3
                 c += tl.sum(g3 * x3, axis=2)
             c = (c / D)[:, :, None]
@@ -212,36 +221,30 @@ def _bwd_tensor(X, sxb, sxt, sxh, G, sgb, sgt, sgh, DX, W, eps, n, nmask, b, t, 
 
 
 @triton.jit
-def _store_dw(DW, pid, dw1, dw2, dw3, D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-              REST: tl.constexpr, REST_P: tl.constexpr):
+def _store_dw(DW, dw1, dw2, dw3, HALF: tl.constexpr, HALF_P: tl.constexpr, REST: tl.constexpr,
+              REST_P: tl.constexpr):
+    """Reduce the [BT, BH, *] accumulator tiles over tokens and heads and store one row (D values)."""
     i = tl.arange(0, HALF_P)
-    base = DW + pid * D
-    tl.store(base + i, dw1, mask=i < HALF)
-    tl.store(base + HALF + i, dw2, mask=i < HALF)
+    tl.store(DW + i, tl.sum(tl.sum(dw1, axis=1), axis=0), mask=i < HALF)
+    tl.store(DW + HALF + i, tl.sum(tl.sum(dw2, axis=1), axis=0), mask=i < HALF)
     if REST > 0:
         j = tl.arange(0, REST_P)
-        tl.store(base + 2 * HALF + j, dw3, mask=j < REST)
+        tl.store(DW + 2 * HALF + j, tl.sum(tl.sum(dw3, axis=1), axis=0), mask=j < REST)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["HQ", "HK", "D", "HALF", "NORM_Q", "NORM_K", "ROPE", "DO_Q", "DO_K"])
 @triton.jit
-def _hype_bwd_kernel(Q, sqb, sqt, sqh, K, skb, skt, skh, GQ, sgqb, sgqt, sgqh, GK, sgkb, sgkt, sgkh,
-                     DQ, DK, WQ, WK, DWQ, DWK, POS, spb, spt, INV, N, T, HQ, HK, eps,
-                     D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, REST: tl.constexpr,
-                     REST_P: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr,
-                     NORM_Q: tl.constexpr, NORM_K: tl.constexpr, ROPE: tl.constexpr, HAS_POS: tl.constexpr,
-                     DO_Q: tl.constexpr, DO_K: tl.constexpr, BT: tl.constexpr):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    dwq1 = tl.zeros([HALF_P], dtype=tl.float32)
-    dwq2 = tl.zeros([HALF_P], dtype=tl.float32)
-    dwq3 = tl.zeros([REST_P], dtype=tl.float32)
-    dwk1 = tl.zeros([HALF_P], dtype=tl.float32)
-    dwk2 = tl.zeros([HALF_P], dtype=tl.float32)
-    dwk3 = tl.zeros([REST_P], dtype=tl.float32)
-    nblocks = tl.cdiv(N, BT)
-    for blk in range(pid, nblocks, nprog):
-        n = tl.arange(0, BT).to(tl.int64) + blk * BT
+def _bwd_program(X, sxb, sxt, sxh, G, sgb, sgt, sgh, DX, W, DW, POS, spb, spt, INV, N, T, NH, eps, TPP, pid,
+                 D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, REST: tl.constexpr,
+                 REST_P: tl.constexpr, BH: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+                 HAS_POS: tl.constexpr, BT: tl.constexpr):
+    """One tensor (q or k) over tokens [pid * TPP, (pid + 1) * TPP), BT per step; with a norm weight,
+    its dw partial sums over those tokens and all heads go to DW[pid, :D]."""
+    dw1 = tl.zeros([BT, BH, HALF_P], dtype=tl.float32)
+    dw2 = tl.zeros([BT, BH, HALF_P], dtype=tl.float32)
+    dw3 = tl.zeros([BT, BH, REST_P], dtype=tl.float32)
+    n0 = pid.to(tl.int64) * TPP
+    for s in range(0, TPP, BT):
+        n = tl.arange(0, BT).to(tl.int64) + (n0 + s)
         nmask = n < N
         b = n // T
         t = n - b * T
@@ -250,18 +253,40 @@ def _hype_bwd_kernel(Q, sqb, sqt, sqh, K, skb, skt, skh, GQ, sgqb, sgqt, sgqh, G
         else:
             cos = tl.zeros([BT, 1, HALF_P], dtype=tl.float32)
             sin = cos
-        if DO_Q:
-            dwq1, dwq2, dwq3 = _bwd_tensor(Q, sqb, sqt, sqh, GQ, sgqb, sgqt, sgqh, DQ, WQ, eps, n, nmask, b, t,
-                                           HQ, cos, sin, dwq1, dwq2, dwq3,
-                                           D, HALF, HALF_P, REST, REST_P, BHQ, NORM_Q, ROPE)
-        if DO_K:
-            dwk1, dwk2, dwk3 = _bwd_tensor(K, skb, skt, skh, GK, sgkb, sgkt, sgkh, DK, WK, eps, n, nmask, b, t,
-                                           HK, cos, sin, dwk1, dwk2, dwk3,
-                                           D, HALF, HALF_P, REST, REST_P, BHK, NORM_K, ROPE)
-    if NORM_Q:
-        _store_dw(DWQ, pid, dwq1, dwq2, dwq3, D, HALF, HALF_P, REST, REST_P)
-    if NORM_K:
-        _store_dw(DWK, pid, dwk1, dwk2, dwk3, D, HALF, HALF_P, REST, REST_P)
+        dw1, dw2, dw3 = _bwd_tensor(X, sxb, sxt, sxh, G, sgb, sgt, sgh, DX, W, eps, n, nmask, b, t,
+                                    NH, cos, sin, dw1, dw2, dw3,
+                                    D, HALF, HALF_P, REST, REST_P, BH, NORM, ROPE)
+    if NORM:
+        _store_dw(DW + pid.to(tl.int64) * D, dw1, dw2, dw3, HALF, HALF_P, REST, REST_P)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["HQ", "HK", "D", "HALF", "NORM_Q", "NORM_K", "ROPE", "DO_Q", "DO_K"])
+@triton.jit
+def _hype_bwd_kernel(Q, sqb, sqt, sqh, K, skb, skt, skh, GQ, sgqb, sgqt, sgqh, GK, sgkb, sgkt, sgkh,
+                     DQ, DK, WQ, WK, DWQ, DWK, POS, spb, spt, INV, N, T, HQ, HK, eps, TPP,
+                     D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, REST: tl.constexpr,
+                     REST_P: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr,
+                     NORM_Q: tl.constexpr, NORM_K: tl.constexpr, ROPE: tl.constexpr, HAS_POS: tl.constexpr,
+                     DO_Q: tl.constexpr, DO_K: tl.constexpr, BT: tl.constexpr, BHMAX: tl.constexpr):
+    """Grid (programs, tensors): axis 1 picks q (0) or k (1; 0 when q is skipped), so a program keeps
+    the dw accumulators of one tensor only; program (pid, .) handles tokens [pid * TPP, (pid + 1) * TPP)
+    and writes row pid of DWQ / DWK [programs, D]."""
+    pid = tl.program_id(0)
+    BHQ_: tl.constexpr = BHQ if BHQ < BHMAX else BHMAX
+    BHK_: tl.constexpr = BHK if BHK < BHMAX else BHMAX
+    if DO_Q and DO_K:
+        if tl.program_id(1) == 0:
+            _bwd_program(Q, sqb, sqt, sqh, GQ, sgqb, sgqt, sgqh, DQ, WQ, DWQ, POS, spb, spt, INV, N, T, HQ, eps,
+                         TPP, pid, D, HALF, HALF_P, REST, REST_P, BHQ_, NORM_Q, ROPE, HAS_POS, BT)
+        else:
+            _bwd_program(K, skb, skt, skh, GK, sgkb, sgkt, sgkh, DK, WK, DWK, POS, spb, spt, INV, N, T, HK, eps,
+                         TPP, pid, D, HALF, HALF_P, REST, REST_P, BHK_, NORM_K, ROPE, HAS_POS, BT)
+    elif DO_Q:
+        _bwd_program(Q, sqb, sqt, sqh, GQ, sgqb, sgqt, sgqh, DQ, WQ, DWQ, POS, spb, spt, INV, N, T, HQ, eps,
+                     TPP, pid, D, HALF, HALF_P, REST, REST_P, BHQ_, NORM_Q, ROPE, HAS_POS, BT)
+    else:
+        _bwd_program(K, skb, skt, skh, GK, sgkb, sgkt, sgkh, DK, WK, DWK, POS, spb, spt, INV, N, T, HK, eps,
+                     TPP, pid, D, HALF, HALF_P, REST, REST_P, BHK_, NORM_K, ROPE, HAS_POS, BT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,22 +364,22 @@ def hype_fwd(q, k, positions, q_weight, k_weight, *, theta=10000.0, rotary_dim=N
     return yq, yk
 
 
-_SM_COUNT: dict = {}
-
-
-def _num_programs(N, device):
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        return max(1, min(N, _SM_COUNT[idx] * 16))
-    return max(1, min(N, 3))
+def _tokens_per_program(N):
+    """Tokens per backward program: a power of two in [4, 16], the largest that still gives >= 2048
+    programs (~16 per SM on an H200: enough to fill it and balance the tail), from N alone (no device
+    query). A multiple of every BT in _BWD_CONFIGS (<= 4)."""
+    tpp = 16
+    while tpp > 4 and N < 2048 * tpp:
+        tpp //= 2
+    return tpp
 
 
 def hype_bwd(q, k, gq, gk, positions, q_weight, k_weight, *, theta=10000.0, rotary_dim=None, rope=True,
-             eps=1e-6, do_q=True, do_k=True, dq_out=None, dk_out=None):
+             eps=1e-6, do_q=True, do_k=True, dq_out=None, dk_out=None, stacked_dw=False):
     """Launch the backward. Returns (dq, dk, dwq, dwk); dw* in fp32 (None without a norm weight);
-    dq / dk None where do_q / do_k is False."""
+    dq / dk None where do_q / do_k is False. stacked_dw=True returns (dq, dk, dw) instead, dw the fp32
+    [2, D] sums (row 0 q's, row 1 k's; a row without its norm weight is undefined), or None without
+    any norm weight."""
     B, T, HQ, D = q.shape
     HK = k.shape[2]
     r = D if rotary_dim is None else rotary_dim
@@ -363,34 +388,39 @@ def hype_bwd(q, k, gq, gk, positions, q_weight, k_weight, *, theta=10000.0, rota
     dq = (dq_out if dq_out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)) if do_q else None
     dk = (dk_out if dk_out is not None else torch.empty(k.shape, dtype=k.dtype, device=k.device)) if do_k else None
     if N == 0 or not (do_q or do_k):
-        z = lambda w: torch.zeros(D, dtype=torch.float32, device=q.device) if w else None  # noqa: E731
-        return dq, dk, z(norm_q), z(norm_k)
-    q, sqb, sqt, sqh = _rows(q)
-    k, skb, skt, skh = _rows(k)
-    if do_q:
-        gq, sgqb, sgqt, sgqh = _rows(gq)
+        dw = torch.zeros((2, D), dtype=torch.float32, device=q.device) if (norm_q or norm_k) else None
     else:
-        gq, sgqb, sgqt, sgqh = q, 0, 0, 0
-    if do_k:
-        gk, sgkb, sgkt, sgkh = _rows(gk)
-    else:
-        gk, sgkb, sgkt, sgkh = k, 0, 0, 0
-    G = _num_programs(N, q.device)
-    # every program writes its row of the partial sums (zeros if it had no token block); under the
-    # interpreter the buffers start as NaN so a row left unwritten fails the tests
-    alloc = (lambda: torch.full((G, D), float("nan"), device=q.device)) if _INTERPRET else \
-        (lambda: torch.empty((G, D), dtype=torch.float32, device=q.device))
-    dwq = alloc() if norm_q else None
-    dwk = alloc() if norm_k else None
-    pos, spb, spt, has_pos = _pos_args(positions, q)
-    inv = inv_freq_turns(theta, r, q.device) if rope else q
-    geo = _geometry(D, r)
-    _hype_bwd_kernel[(G,)](
-        q, sqb, sqt, sqh, k, skb, skt, skh, gq, sgqb, sgqt, sgqh, gk, sgkb, sgkt, sgkh,
-        dq if do_q else q, dk if do_k else k,
-        q_weight if norm_q else q, k_weight if norm_k else k,
-        dwq if norm_q else q, dwk if norm_k else k,
-        pos, spb, spt, inv, N, T, HQ, HK, eps,
-        BHQ=_head_block(HQ), BHK=_head_block(HK), NORM_Q=norm_q, NORM_K=norm_k,
-        ROPE=rope, HAS_POS=has_pos, DO_Q=do_q, DO_K=do_k, **geo)
-    return dq, dk, (dwq.sum(0) if norm_q else None), (dwk.sum(0) if norm_k else None)
+        q, sqb, sqt, sqh = _rows(q)
+        k, skb, skt, skh = _rows(k)
+        if do_q:
+            gq, sgqb, sgqt, sgqh = _rows(gq)
+        else:
+            gq, sgqb, sgqt, sgqh = q, 0, 0, 0
+        if do_k:
+            gk, sgkb, sgkt, sgkh = _rows(gk)
+        else:
+            gk, sgkb, sgkt, sgkh = k, 0, 0, 0
+        tpp = _tokens_per_program(N)
+        G = triton.cdiv(N, tpp)
+        part = None
+        if norm_q or norm_k:
+            # one [2, programs, D] buffer (q's rows, then k's), so one .sum(1) gives both weight grads;
+            # every program writes its row; under the interpreter the buffer starts as NaN so a row
+            # left unwritten fails the tests
+            part = torch.full((2, G, D), float("nan"), device=q.device) if _INTERPRET else \
+                torch.empty((2, G, D), dtype=torch.float32, device=q.device)
+        pos, spb, spt, has_pos = _pos_args(positions, q)
+        inv = inv_freq_turns(theta, r, q.device) if rope else q
+        geo = _geometry(D, r)
+        _hype_bwd_kernel[(G, int(do_q) + int(do_k))](
+            q, sqb, sqt, sqh, k, skb, skt, skh, gq, sgqb, sgqt, sgqh, gk, sgkb, sgkt, sgkh,
+            dq if do_q else q, dk if do_k else k,
+            q_weight if norm_q else q, k_weight if norm_k else k,
+            part[0] if norm_q else q, part[1] if norm_k else q,
+            pos, spb, spt, inv, N, T, HQ, HK, eps, tpp,
+            BHQ=_head_block(HQ), BHK=_head_block(HK), NORM_Q=norm_q, NORM_K=norm_k,
+            ROPE=rope, HAS_POS=has_pos, DO_Q=do_q, DO_K=do_k, **geo)
+        dw = part.sum(1) if part is not None else None
+    if stacked_dw:
+        return dq, dk, dw
+    return dq, dk, (dw[0] if norm_q else None), (dw[1] if norm_k else None)
