@@ -260,7 +260,9 @@ def _bwd_program(X, sxb, sxt, sxh, G, sgb, sgt, sgh, DX, W, DW, POS, spb, spt, I
         _store_dw(DW + pid.to(tl.int64) * D, dw1, dw2, dw3, HALF, HALF_P, REST, REST_P)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["HQ", "HK", "D", "HALF", "NORM_Q", "NORM_K", "ROPE", "DO_Q", "DO_K"])
+# TPP in the key: one tuning per tokens-per-program size class (4, 8, 16), i.e. per size range of N
+@triton.autotune(configs=_BWD_CONFIGS,
+                 key=["HQ", "HK", "D", "HALF", "NORM_Q", "NORM_K", "ROPE", "DO_Q", "DO_K", "TPP"])
 @triton.jit
 def _hype_bwd_kernel(Q, sqb, sqt, sqh, K, skb, skt, skh, GQ, sgqb, sgqt, sgqh, GK, sgkb, sgkt, sgkh,
                      DQ, DK, WQ, WK, DWQ, DWK, POS, spb, spt, INV, N, T, HQ, HK, eps, TPP,
