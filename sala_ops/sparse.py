@@ -43,29 +43,82 @@ def _pack(q, k, v, cu_q, cu_k):
     return (*flat, cu_q, cu_k)
 
 
+# Triton backend as torch.library custom ops (fake implementations give torch.compile(fullgraph=True)
+# the output shapes) and the autograd.Function that ties forward and backward together. Eager calls
+# go straight to the implementations; under torch.compile the ops are used.
+
+def _select_impl(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float,
+                 kernel_size: int, kernel_stride: int, lse_kernel_size: int, lse_kernel_stride: int,
+                 block_size: int, init_blocks: int, window_size: int, topk: int, dense_len: int,
+                 width: int) -> torch.Tensor:
+    Sel, _ = _kernels()
+    return Sel.select(q, k, cu_q, cu_k, scale, kernel_size, kernel_stride, lse_kernel_size, lse_kernel_stride,
+                      block_size, init_blocks, window_size, topk, dense_len, width)
+
+
+_sparse_select_op = torch.library.custom_op("sala_ops::sparse_select", mutates_args=())(_select_impl)
+
+
+@_sparse_select_op.register_fake
+def _(q, k, cu_q, cu_k, scale, kernel_size, kernel_stride, lse_kernel_size, lse_kernel_stride, block_size,
+      init_blocks, window_size, topk, dense_len, width):
+    return q.new_empty((q.shape[0], k.shape[1], width), dtype=torch.int32)
+
+
+def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, cu_q: torch.Tensor,
+                   cu_k: torch.Tensor, tok_seq: torch.Tensor, scale: float,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, A = _kernels()
+    return A.forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size)
+
+
+_sparse_attn_fwd_op = torch.library.custom_op("sala_ops::sparse_attn_fwd", mutates_args=())(_attn_fwd_impl)
+
+
+@_sparse_attn_fwd_op.register_fake
+def _(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2])), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, idx: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   tok_seq: torch.Tensor, scale: float,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, A = _kernels()
+    return A.backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size)
+
+
+_sparse_attn_bwd_op = torch.library.custom_op("sala_ops::sparse_attn_bwd", mutates_args=())(_attn_bwd_impl)
+
+
+@_sparse_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 class _BlockSparseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size):
-        _, A = _kernels()
-        o, lse = A.forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size)
+        fwd = torch.ops.sala_ops.sparse_attn_fwd if torch.compiler.is_compiling() else _attn_fwd_impl
+        o, lse = fwd(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size)
         ctx.save_for_backward(q, k, v, o, lse, idx, cu_q, cu_k, tok_seq)
         ctx.scale, ctx.block_size = scale, block_size
         return o
 
     @staticmethod
     def backward(ctx, do):
-        _, A = _kernels()
         q, k, v, o, lse, idx, cu_q, cu_k, tok_seq = ctx.saved_tensors
-        dq, dk, dv = A.backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, ctx.scale, ctx.block_size)
+        bwd = torch.ops.sala_ops.sparse_attn_bwd if torch.compiler.is_compiling() else _attn_bwd_impl
+        dq, dk, dv = bwd(do.contiguous(), q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, ctx.scale, ctx.block_size)
         return dq, dk, dv, None, None, None, None, None, None
 
 
 def _triton_select(qp, kp, cu_q, cu_k, scale, cfg, dense_len, width):
-    Sel, _ = _kernels()
     ks2, st2 = cfg.c2
+    sel = torch.ops.sala_ops.sparse_select if torch.compiler.is_compiling() else _select_impl
     with torch.no_grad():
-        return Sel.select(qp, kp, cu_q, cu_k, scale, cfg.kernel_size, cfg.kernel_stride, ks2, st2, cfg.block_size,
-                          cfg.init_blocks, cfg.window_size, cfg.topk, dense_len, width)
+        return sel(qp, kp, cu_q, cu_k, scale, cfg.kernel_size, cfg.kernel_stride, ks2, st2, cfg.block_size,
+                   cfg.init_blocks, cfg.window_size, cfg.topk, dense_len, width)
 
 
 def _triton_sparse_attention(q, k, v, scale, cfg, cu_q, cu_k):

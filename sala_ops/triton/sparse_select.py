@@ -98,11 +98,13 @@ def _compress_kernel(K, C, tile_seq, tile_start, cu_k, c_off, nseq,
         for r in range(0, KS):
             acc += tl.load(base + r * stride_kt, mask=mask, other=0.0).to(tl.float32)
         acc = acc / KS
-        tl.store(C + (c0 + j.to(tl.int64))[:, None] * stride_ct + g * stride_ch + d[None, :], acc, mask=mask)
+        tl.store(C + (c0 + j.to(tl.int64))[:, None] * stride_ct + g * stride_ch + d[None, :], acc.to(C.dtype.element_ty),
+                 mask=mask)
 
 
-def compress(k: torch.Tensor, cu_k: torch.Tensor, kernel_size: int, kernel_stride: int):
-    """Mean-pooled keys of packed k [Tk, Hkv, D] -> (c [bound, Hkv, D] fp32, c_off int64 [N+1]).
+def compress(k: torch.Tensor, cu_k: torch.Tensor, kernel_size: int, kernel_stride: int, dtype=torch.float32):
+    """Mean-pooled keys of packed k [Tk, Hkv, D] -> (c [bound, Hkv, D] in `dtype` (fp32 sums),
+    c_off int64 [N+1]).
     Sequence n's windows are rows c_off[n] .. c_off[n+1]; rows past c_off[-1] are unused."""
     Tk, Hkv, D = k.shape
     nseq = cu_k.numel() - 1
@@ -111,7 +113,7 @@ def compress(k: torch.Tensor, cu_k: torch.Tensor, kernel_size: int, kernel_strid
     c_off = torch.zeros(nseq + 1, dtype=torch.int64, device=k.device)
     c_off[1:] = torch.cumsum(cnt, 0)
     bound = Tk // kernel_stride + 1
-    c = empty((bound, Hkv, D), torch.float32, k.device)
+    c = empty((bound, Hkv, D), dtype, k.device)
     BLOCK_J = 16 if _interpreted() else 32
     grid = bound // BLOCK_J + nseq + 1
     tseq, tstart = tile_map(cnt, BLOCK_J, grid)
@@ -256,8 +258,10 @@ def select(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Ten
     out = empty((Tq, Hkv, W), torch.int32, q.device)
     if Tq == 0:
         return out
-    c1, c1_off = compress(k, cu_k, kernel_size, kernel_stride)
-    c2, c2_off = compress(k, cu_k, lse_kernel_size, lse_kernel_stride)
+    # the scores are tl.dot(q, C^T) in q's dtype: storing C in that dtype halves the selection's
+    # traffic for bf16/fp16 and rounds exactly as a cast at load would (fp32 stays fp32)
+    c1, c1_off = compress(k, cu_k, kernel_size, kernel_stride, q.dtype)
+    c2, c2_off = compress(k, cu_k, lse_kernel_size, lse_kernel_stride, q.dtype)
     GP = _pow2(G)
     M = max(1, SELECT_CFG["rows"] // GP)  # rows = tokens x heads of the group, per program
     NB = _pow2(W, 16)
