@@ -111,6 +111,38 @@ def test_block_sparse_attention_fwd_bwd(T, short, heads, D, S, bs, seed):
         assert_close(a, b, TOL, f"d{name}")
 
 
+def _lowp_block_sparse(idx, bs):
+    """PyTorch's own low-precision computation of block-sparse attention (scores and P @ V in the
+    input dtype, softmax in fp32), for the DESIGN's 2x tolerance."""
+    def fn(xs):
+        q, k, v = xs
+        dt = q.dtype
+        allowed = ref.block_sparse_attention.__globals__["_causal_mask"](q.shape[1], k.shape[1], q.device)
+        nb = (k.shape[1] + bs - 1) // bs
+        chosen = torch.zeros(q.shape[1], k.shape[2], nb + 1, dtype=torch.bool)
+        chosen.scatter_(2, torch.where(idx[0].long() < 0, nb, idx[0].long()), True)
+        tb = torch.arange(k.shape[1]) // bs
+        allowed = chosen[:, :, tb].permute(1, 0, 2) & allowed[None]  # [Hkv, Tq, Tk]
+        G = q.shape[2] // k.shape[2]
+        s = torch.einsum("ihd,jhd->hij", q[0], k[0].repeat_interleave(G, 1)) * q.shape[-1] ** -0.5
+        s = s.float().masked_fill(~allowed.repeat_interleave(G, 0), float("-inf"))
+        p = torch.softmax(s, -1).to(dt)
+        return torch.einsum("hij,jhd->ihd", p, v[0].repeat_interleave(G, 1))[None]
+    return fn
+
+
+def test_block_sparse_attention_fp16():
+    """fp16 inputs (fp32 accumulation in the kernel): within 2x PyTorch's own fp16 error."""
+    T, H, Hkv, D, bs = 70, 4, 2, 32, 16
+    q, k, v = _qkv(21, 1, T, T, H, Hkv, D)
+    idx = _ref_fn(sala_ops.select_blocks, q, k, **SMALL, topk=4)
+    out = _tri(sala_ops.block_sparse_attention, q.half(), k.half(), v.half(), idx, block_size=bs)
+    assert out.dtype == torch.float16
+    exact = ref.block_sparse_attention(q.double(), k.double(), v.double(), idx, block_size=bs)
+    tol = 2 * rel_err(_lowp_block_sparse(idx.cpu(), bs)([x.cpu().half() for x in (q, k, v)]), exact)
+    assert_close(out, exact, max(tol, 1e-5))
+
+
 def test_block_sparse_attention_empty_rows_are_zero():
     """A query whose selected blocks are all in its future (or -1) attends to nothing: output 0."""
     q, k, v = _qkv(3, 1, 20, 20, 2, 1, 16, grad=True)
