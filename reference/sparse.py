@@ -24,8 +24,11 @@ Notation for one sequence and one KV head g (all hyperparameters are arguments; 
 6. Attention. Each query head of group g attends with ordinary softmax over the tokens of the
    selected blocks of g that are <= t (token-level causal mask in the query's own block).
 
-Below `dense_len` total keys (per sequence) the whole thing is plain causal softmax attention.
-With every block selected (k_sel >= number of blocks) the sparse path equals dense attention.
+Dense below `dense_len`, per query: a query that sees fewer than dense_len keys (t + 1 < dense_len)
+gets plain causal softmax attention; the others get selection + block-sparse attention. Decode sees
+the same rule (a decode query at cache length L sees L keys), so prefill + token-by-token decode
+equals one call over the whole sequence at every position; a sequence shorter than dense_len is
+dense throughout. With every block selected (k_sel >= number of blocks) sparse equals dense.
 """
 from __future__ import annotations
 
@@ -185,8 +188,8 @@ def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu
 def sparse_attention(q, k, v, scale=None, kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1,
                      window_size=2048, topk=64, dense_len=8192, lse_kernel_size=None, lse_kernel_stride=None,
                      cu_seqlens_q=None, cu_seqlens_k=None):
-    """The whole InfLLM-V2 layer op: dense causal attention for sequences with fewer than dense_len
-    keys, selection + block-sparse attention for the others."""
+    """The whole InfLLM-V2 layer op: dense causal attention for the queries that see fewer than
+    dense_len keys, selection + block-sparse attention for the others (module doc)."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     o = torch.zeros(B, Tq, H, v.shape[-1], dtype=q.dtype, device=q.device)
@@ -194,10 +197,12 @@ def sparse_attention(q, k, v, scale=None, kernel_size=32, kernel_stride=16, bloc
         qq, kk, vv = q[b:b + 1, qs:qe], k[b:b + 1, ks_:ke], v[b:b + 1, ks_:ke]
         if qe == qs:
             continue
-        if ke - ks_ < dense_len:
-            o[b, qs:qe] = dense_attention(qq, kk, vv, scale)[0]
-        else:
+        t = torch.arange(ke - ks_ - (qe - qs), ke - ks_, device=q.device)  # absolute query positions
+        dense_rows = (t + 1 < dense_len)[:, None, None]
+        out = dense_attention(qq, kk, vv, scale)[0]
+        if not bool(dense_rows.all()):
             idx = select_blocks(qq, kk, scale, kernel_size, kernel_stride, block_size, init_blocks, window_size,
                                 topk, lse_kernel_size, lse_kernel_stride)
-            o[b, qs:qe] = block_sparse_attention(qq, kk, vv, idx, block_size, scale)[0]
+            out = torch.where(dense_rows, out, block_sparse_attention(qq, kk, vv, idx, block_size, scale)[0])
+        o[b, qs:qe] = out
     return o

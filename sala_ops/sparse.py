@@ -2,15 +2,16 @@
 
 compress -> select (stage-1 scores with the C2 LSE approximation, summed over the GQA group,
 max-pooled onto blocks, forced init/local blocks, top-k) -> block-sparse softmax attention.
-Dense causal attention for sequences with fewer than `dense_len` keys. The naive math is in
-reference/sparse.py; the defaults are the 9B model's (spec section 2).
+Dense causal attention for the queries that see fewer than `dense_len` keys (per query, the same
+rule as decode). The naive math is in reference/sparse.py; the defaults are the 9B model's (spec
+section 2).
 
 Triton backend (sala_ops/triton/sparse_select.py, sparse_attn.py): inputs are packed to varlen
 form (a batch is N equal sequences), keys are compressed, blocks selected (no gradient), and the
 block-sparse kernel runs under an autograd.Function. The dense path below `dense_len` is the same
 block-sparse kernel with every causal block selected (one code path, varlen batches that mix
 short and long sequences in one launch, same backward); it is not as fast as FlashAttention for
-long dense sequences, but dense sequences are short (< dense_len) by definition.
+long dense sequences, but dense queries see fewer than dense_len keys by definition.
 """
 from __future__ import annotations
 
@@ -129,11 +130,13 @@ def _triton_sparse_attention(q, k, v, scale, cfg, cu_q, cu_k):
     tok_seq = A.token_seq(cu_q, qp.shape[0])
     bs = cfg.block_size
     varlen = B == 1 and cu_q.numel() > 2
-    if not varlen and Tk < cfg.dense_len:  # every sequence is dense: no selection at all
+    if not varlen and Tk < cfg.dense_len:  # every query is dense: no selection at all
         idx = A.dense_indices(cu_q, cu_k, tok_seq, bs, (Tk + bs - 1) // bs, Hkv)
     else:
+        # queries that see fewer than dense_len keys are dense (per-query rule, as in decode): leave
+        # room for all their causal blocks, up to ceil((dense_len - 1) / block_size)
         width = cfg.num_selected
-        if varlen and cfg.dense_len > 0:  # some sequences may be dense: room for all their blocks
+        if cfg.dense_len > 0:
             width = max(width, (min(cfg.dense_len - 1, Tk) + bs - 1) // bs)
         idx = _triton_select(qp, kp, cu_q, cu_k, scale, cfg, cfg.dense_len, width)
     o = _BlockSparseFn.apply(qp, kp, vp, idx, cu_q, cu_k, tok_seq, scale, bs)
@@ -239,7 +242,8 @@ def sparse_attention(q, k, v, scale=None, cu_seqlens=None, cu_seqlens_k=None, co
     cu_seqlens [N+1] (queries) and optionally cu_seqlens_k (keys, default = cu_seqlens), B = 1.
     Hyperparameters: a SparseConfig and/or keyword overrides (kernel_size, kernel_stride,
     block_size, init_blocks, window_size, topk, dense_len, lse_kernel_size, lse_kernel_stride).
-    Gradients flow to q, k, v through the attention; the block selection carries none.
+    A query that sees fewer than dense_len keys (position + 1 < dense_len) attends densely; the
+    others select blocks. Gradients flow to q, k, v through the attention; selection carries none.
     """
     op = "sparse_attention"
     cfg = _config(op, config, hyperparameters)

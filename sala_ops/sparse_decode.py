@@ -20,9 +20,9 @@ compressed keys C1 (mean over kernel_size keys every kernel_stride tokens, compl
 and C2 (lse_kernel_size / lse_kernel_stride) in fp32, one new key each time a window completes.
 A sequence with L cached keys (after the append) decodes with dense causal attention while
 L < dense_len and with selection + block-sparse attention from L >= dense_len on: exactly what
-`sparse_attention` gives the last query of an L-key sequence (reference/sparse.py), so prefill +
-decode one token at a time reproduces one sparse_attention call over the whole sequence wherever
-that call and the per-position rule agree (every position >= dense_len - 1).
+`sparse_attention` gives the query at position L - 1 (its per-query rule, reference/sparse.py), so
+prefill + decode one token at a time reproduces one sparse_attention call over the whole sequence
+at every position.
 
 Backends: CUDA tensors run the Triton kernels of sala_ops/triton/sparse_decode_kernels.py
 (flash-decoding split-K over the selected blocks); CPU tensors a PyTorch path that reads the same

@@ -251,3 +251,14 @@ def test_hype_policy_rope_on_lightning_none_on_sparse():
     ql, kl = R.hype_embed(q, k, pos, layer_type="lightning", q_norm_weight=w, k_norm_weight=w)
     assert_close(ql, R.apply_rope(R.rms_norm(q, w), pos), 1e-6, "norm then rope")
     assert R.HYPE_POLICY == {"lightning": "rope", "sparse": "none"}
+
+
+@given(T=st.integers(2, 70), dense_len=st.integers(0, 80), seed=st.integers(0, 2**16))
+def test_sparse_one_call_equals_every_prefix(T, dense_len, seed):
+    """The per-query dense_len rule: row t of one call over T tokens equals a call whose last query is
+    t over the t + 1 keys so far (what decode computes), whether t is below or above dense_len."""
+    q, k, v = seeded_randn(seed, 1, T, 2, 8), seeded_randn(seed + 1, 1, T, 1, 8), seeded_randn(seed + 2, 1, T, 1, 8)
+    full = R.sparse_attention(q, k, v, topk=2, dense_len=dense_len, **SMALL)
+    for t in range(T):
+        last = R.sparse_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], topk=2, dense_len=dense_len, **SMALL)
+        assert_close(last, full[:, t:t + 1], 1e-6, f"row {t}")

@@ -32,21 +32,20 @@ def _ref_kw(cfg):
 
 def _expected(q, k, v, cfg, positions):
     """Reference outputs [len(positions), H, D] and indices [len(positions), Hkv, k_sel] of one
-    sequence q [T, H, D], k/v [T, Hkv, D] at the given positions: one sparse_attention call over the
-    whole sequence for positions t with t + 1 >= dense_len, one dense_attention call below."""
+    sequence q [T, H, D], k/v [T, Hkv, D] at the given positions: ONE sparse_attention call over the
+    whole sequence (dense for the queries with t + 1 < dense_len, by the op's per-query rule); the
+    expected indices are the selection's for t + 1 >= dense_len and none below."""
     kw = _ref_kw(cfg)
     full = R.sparse_attention(q[None], k[None], v[None], **kw)[0]
-    dense = R.dense_attention(q[None], k[None], v[None])[0]
     sel_kw = {a: b for a, b in kw.items() if a != "dense_len"}
     idx = R.select_blocks(q[None], k[None], **sel_kw)[0]
     ksel = cfg["topk"] + cfg["window_size"] // cfg["block_size"]
     outs, idxs = [], []
     for t in positions:
+        outs.append(full[t])
         if t + 1 >= cfg["dense_len"]:
-            outs.append(full[t])
             idxs.append(idx[t])
         else:
-            outs.append(dense[t])
             idxs.append(torch.full((k.shape[1], ksel), -1, dtype=torch.int32))
     return torch.stack(outs), torch.stack(idxs)
 

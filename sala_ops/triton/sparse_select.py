@@ -155,13 +155,17 @@ def _select_kernel(Q, C1, C2, OUT, tile_seq, tile_start, cu_q, cu_k, c1_off, c2_
         qb_tok = t_tok // BS
         cols = tl.arange(0, NB)
         out_base = OUT + (q0 + tm)[:, None] * so_t + g * so_h
-        if Lk < DENSE_LEN:
-            # dense sequence: every causal block, as if all were selected
+        # dense below dense_len, per query: a query seeing fewer than DENSE_LEN keys gets every causal
+        # block (as if all were selected); the same rule as decode, so prefill and decode agree
+        dense_tok = t_tok + 1 < DENSE_LEN
+        t_first = Lk - Lq + m0
+        if t_first + 1 < DENSE_LEN:
             for c0 in range(0, W, NB):
                 c = c0 + cols
                 val = tl.where(c[None, :] <= qb_tok[:, None], c[None, :], -1)
-                tl.store(out_base + c[None, :], val.to(tl.int32), mask=tok_ok[:, None] & (c < W)[None, :])
-        else:
+                tl.store(out_base + c[None, :], val.to(tl.int32),
+                         mask=(tok_ok & dense_tok)[:, None] & (c < W)[None, :])
+        if Lk - Lq + tl.minimum(m0 + M, Lq) >= DENSE_LEN:  # the tile's last query is sparse
             r = tl.arange(0, ROWS)
             rm = r // GP
             rh = r % GP
@@ -226,7 +230,8 @@ def _select_kernel(Q, C1, C2, OUT, tile_seq, tile_start, cu_q, cu_k, c1_off, c2_
             blk = tl.where(cols[None, :] < nsel[:, None], blk, 1073741824)
             blk = tl.sort(blk, descending=False)
             blk = tl.where(blk == 1073741824, -1, blk)
-            tl.store(out_base + cols[None, :], blk.to(tl.int32), mask=tok_ok[:, None] & (cols < W)[None, :])
+            tl.store(out_base + cols[None, :], blk.to(tl.int32),
+                     mask=(tok_ok & ~dense_tok)[:, None] & (cols < W)[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -246,7 +251,8 @@ def select(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Ten
            block_size: int, init_blocks: int, window_size: int, topk: int, dense_len: int = 0,
            width: int | None = None) -> torch.Tensor:
     """Block indices int32 [Tq, Hkv, width] for packed q [Tq, H, D], k [Tk, Hkv, D].
-    Sequences with fewer than dense_len keys get every causal block (0..qb), as dense attention."""
+    Queries that see fewer than dense_len keys (t + 1 < dense_len) get every causal block (0..qb),
+    as dense attention; pass dense_len=0 for pure selection."""
     Tq, H, D = q.shape
     Tk, Hkv = k.shape[0], k.shape[1]
     G = H // Hkv
