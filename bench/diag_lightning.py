@@ -12,8 +12,8 @@ from sala_ops.triton import lightning_chunk as LC
 
 dtype = torch.float32 if (sys.argv[1:] or ["fp32"])[0] == "fp32" else torch.bfloat16
 prec = os.environ.get("SALA_LIGHTNING_F32_DOT", "default")
-cases = [(1, 1, 2, 1, 16, None), (3, 1, 2, 1, 8, None), (1, 100, 2, 2, 16, None), (1, 100, 2, 2, 32, (32, 16)),
-         (1, 300, 4, 2, 128, None), (1, 100, 2, 1, 12, (48, 16)), (1, 1000, 2, 2, 64, (256, 64))]
+cases = [(1, 1, 2, 1, 16, None), (3, 1, 2, 1, 8, None), (1, 100, 2, 2, 16, None), (1, 100, 2, 2, 32, (32, 64)),
+         (1, 300, 4, 2, 128, None), (1, 100, 2, 1, 12, (48, 64)), (1, 1000, 2, 2, 64, (256, 64))]
 for (B, T, H, Hkv, D, chunk) in cases:
     LC.CHUNK_OVERRIDE = chunk
     name = f"{str(dtype)[6:]} prec={prec} B={B} T={T} H={H}/{Hkv} D={D} chunk={chunk}"

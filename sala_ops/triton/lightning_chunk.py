@@ -84,9 +84,15 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
                         T, NSS, L, H, GK, GV, stride_k, stride_v, kv_mult, DK, DV,
                         BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
                         IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_v = tl.program_id(0)
-    h = tl.program_id(1)
-    c = tl.program_id(2)
+    # One flat program axis, decoded in the order the old (V-block, head, chunk) grid launched in:
+    # CUDA limits grid axes 1 and 2 to 65535 programs, and the chunk count can pass that (varlen:
+    # T // L + number of sequences; the interpreter does not enforce the limit).
+    pid = tl.program_id(0)
+    nvb = tl.cdiv(DV, BV)
+    i_v = pid % nvb
+    hc = pid // nvb
+    h = hc % H
+    c = hc // H
     a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
     s2 = tl.load(decay_ptr + h).to(tl.float32) * 1.4426950408889634
     hk = h // GK
@@ -121,15 +127,23 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
     tl.store(ds_ptr + base + offs_k[:, None] * DV + offs_v[None, :], acc, mask=mk[:, None] & mv[None, :])
 
 
+# Not autotuned, on purpose: it rewrites `ds` in place (dS_c -> S_start[c]), so an autotuner re-running
+# it to time configs would scan already-scanned states (wrong results) unless it restored `ds` first
+# (restore_value). The autotuned kernels below and above only write buffers they do not read.
 @triton.jit
 def _scan_kernel(ds_ptr, init_ptr, final_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr, seq_chunk_ptr,
                  T, NSS, L, H, DK, DV,
                  BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
                  HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.program_id(2)
+    # flat program axis (tile fastest, then head, then sequence): CUDA limits grid axes 1 and 2 to 65535
+    # and varlen calls can pack more sequences than that
+    pid0 = tl.program_id(0)
     nvb = tl.cdiv(DV, BV)
+    ntile = tl.cdiv(DK, BK) * nvb
+    pid = pid0 % ntile
+    hn = pid0 // ntile
+    h = hn % H
+    n = hn // H
     i_k = pid // nvb
     i_v = pid - i_k * nvb
     if IS_VARLEN:
@@ -180,9 +194,15 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
                       st_sk, st_sv, out_scale, kv_mult, DK, DV,
                       BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
                       IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_v = tl.program_id(0)
-    h = tl.program_id(1)
-    c = tl.program_id(2)
+    # One flat program axis, decoded in the order the old (V-block, head, chunk) grid launched in:
+    # CUDA limits grid axes 1 and 2 to 65535 programs, and the chunk count can pass that (varlen:
+    # T // L + number of sequences; the interpreter does not enforce the limit).
+    pid = tl.program_id(0)
+    nvb = tl.cdiv(DV, BV)
+    i_v = pid % nvb
+    hc = pid // nvb
+    h = hc % H
+    c = hc // H
     a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
     s2 = tl.load(decay_ptr + h).to(tl.float32) * 1.4426950408889634
     hq = h // GQ
@@ -270,6 +290,16 @@ class Chunks:
         self.B, self.T, self.varlen = B, T, cu_seqlens is not None
         self.N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         self.L, self.BT = chunk_len(B, T, H, DV, self.N)
+        BT = self.BT
+        if BT < 16 or BT & (BT - 1):
+            raise ValueError(f"lightning_chunk: block BT must be a power of two >= 16 (tl.dot, tl.arange), got {BT}")
+        if torch.device(device).type == "cuda" and not INTERPRET:
+            # compiled: BT is the M (and N/K) of the output kernel's q k^T, A v and q S products. Below 64
+            # they are too small for Hopper's wgmma (M a multiple of 64), and Triton then mixes mma.sync
+            # and wgmma products in one kernel (checked on the sm_90 TTGIR) -- the configuration of the
+            # illegal memory access seen with 16/32-wide tiles (see _pad). Any L works with any BT
+            # (a chunk shorter than BT is one partial block), so a smaller forced BT is only raised.
+            self.BT = max(BT, DEFAULT_BT)
         L = self.L
         if cu_seqlens is None:
             self.NSS = triton.cdiv(T, L)  # chunks per sequence
@@ -306,7 +336,7 @@ def local_states(kk, vv, GK, GV, H, decay, kv_mult, reverse, ch: Chunks):
     """Pass 1: per-chunk states from zero, fp32 [NS, H, DK, DV]."""
     DK, DV = kk.shape[-1], vv.shape[-1]
     ds = torch.empty(ch.NS, H, DK, DV, device=kk.device, dtype=torch.float32)
-    grid = lambda META: (triton.cdiv(DV, META["BV"]), H, ch.NS)  # noqa: E731
+    grid = lambda META: (triton.cdiv(DV, META["BV"]) * H * ch.NS,)  # noqa: E731  (flat: see the kernel)
     _local_state_kernel[grid](kk, vv, ds, decay, *ch.args(), H, GK, GV, kk.shape[-2] * DK, vv.shape[-2] * DV,
                               float(kv_mult), DK, DV, BK=_pad(DK), BT=ch.BT, REVERSE=reverse,
                               IS_VARLEN=ch.varlen, PREC=_dot_precision(kk.dtype))
@@ -319,7 +349,7 @@ def scan_states(ds, decay, init, want_final, reverse, ch: Chunks):
     final = torch.empty(ch.N, H, DK, DV, device=ds.device, dtype=torch.float32) if want_final else ds
     BK = min(_pad(DK), 32)
     BV = min(_pad(DV), 32)
-    grid = (triton.cdiv(DK, BK) * triton.cdiv(DV, BV), H, ch.N)
+    grid = (triton.cdiv(DK, BK) * triton.cdiv(DV, BV) * H * ch.N,)  # flat: see the kernel
     _scan_kernel[grid](ds, init if init is not None else ds, final, decay, ch.start, ch.end, ch.seq_chunk,
                        ch.seq_T, ch.NSS, ch.L, H, DK, DV, BK=BK, BV=BV, REVERSE=reverse, IS_VARLEN=ch.varlen,
                        HAS_INIT=init is not None, STORE_FINAL=want_final, num_warps=4)
@@ -335,7 +365,7 @@ def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out
         st_sk, st_sv = 1, DK
     else:
         st_sk, st_sv = DV, 1
-    grid = lambda META: (triton.cdiv(DV, META["BV"]), H, ch.NS)  # noqa: E731
+    grid = lambda META: (triton.cdiv(DV, META["BV"]) * H * ch.NS,)  # noqa: E731  (flat: see the kernel)
     _chunk_out_kernel[grid](qq, kk, vv, out, states, decay, *ch.args(), H, GQ, GK, GV,
                             qq.shape[-2] * DK, kk.shape[-2] * DK, vv.shape[-2] * DV, out.shape[-2] * DV,
                             st_sk, st_sv, float(out_scale), float(kv_mult), DK, DV,

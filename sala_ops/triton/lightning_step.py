@@ -17,9 +17,14 @@ import triton.language as tl
 def _lightning_step_kernel(q_ptr, k_ptr, v_ptr, s_in_ptr, s_out_ptr, o_ptr, decay_ptr, scale,
                            H, G, DK, DV, sq_b, sk_b, sv_b,
                            BK: tl.constexpr, BV: tl.constexpr):
-    i_v = tl.program_id(0)
-    h = tl.program_id(1)
-    bb = tl.program_id(2).to(tl.int64)
+    # flat program axis (V-block fastest, then head, then sequence): CUDA limits grid axes 1 and 2 to
+    # 65535, and a decode batch can pass that
+    pid = tl.program_id(0)
+    nvb = tl.cdiv(DV, BV)
+    i_v = pid % nvb
+    hb = pid // nvb
+    h = hb % H
+    bb = (hb // H).to(tl.int64)
     hk = h // G
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -45,12 +50,15 @@ def lightning_step(q, k, v, state, decay, scale, out_state=None):
     B, H, K = q.shape
     Hkv, V = k.shape[1], v.shape[-1]
     q, k, v = (x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous() for x in (q, k, v))
+    # the kernel reads decay[h] at decay_ptr + h: a strided (or expanded, stride 0) view would be read
+    # wrongly, and past its storage
+    decay = decay.contiguous()
     if out_state is None:
         out_state = torch.empty_like(state)
     o = torch.empty(B, H, V, device=q.device, dtype=q.dtype)
     BK = max(16, triton.next_power_of_2(K))
     BV = min(32, max(16, triton.next_power_of_2(V)))
-    grid = (triton.cdiv(V, BV), H, B)
+    grid = (triton.cdiv(V, BV) * H * B,)  # flat: see the kernel
     _lightning_step_kernel[grid](q, k, v, state, out_state, o, decay, float(scale), H, H // Hkv, K, V,
                                  q.stride(0), k.stride(0), v.stride(0), BK=BK, BV=BV, num_warps=4)
     return o, out_state
