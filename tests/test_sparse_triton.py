@@ -360,7 +360,8 @@ def _check_rows(q, k, v, out, idx, rows, cfg, scale, min_overlap=0.97):
 
 @pytest.mark.gpu
 def test_gpu_bf16_9b_config_fwd_bwd():
-    """9B config (dense_len 8192: T = 9216 runs the sparse path), 16/1 heads (group 16) so that the
+    """9B config (dense_len 8192: at T = 9216 the queries from 8191 on run the sparse path, the
+    earlier ones the dense path), 16/1 heads (group 16) so that the
     full fp32 reference with gradients fits; bf16 tolerances: 1e-2 output, 2e-2 gradients."""
     T, H, Hkv, D = 9216, 16, 1, 128
     q, k, v = _qkv(0, 1, T, T, H, Hkv, D, dtype=torch.bfloat16, grad=True)
@@ -372,7 +373,10 @@ def test_gpu_bf16_9b_config_fwd_bwd():
     _check_rows(q[0].detach(), k[0].detach(), v[0].detach(), out[0].detach(), idx[0], rows, cfg, scale)
     g = _grads(out, (q, k, v), 3)
     q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
-    exp = ref.block_sparse_attention(q32, k32, v32, idx, cfg.block_size)
+    # per-query dense_len rule: queries that see fewer than dense_len keys attend densely
+    dense_rows = (torch.arange(T, device=q.device) + 1 < cfg.dense_len)[None, :, None, None]
+    exp = torch.where(dense_rows, ref.dense_attention(q32, k32, v32),
+                      ref.block_sparse_attention(q32, k32, v32, idx, cfg.block_size))
     assert_close(out.float(), exp, 1e-2)
     eg = _grads(exp, (q32, k32, v32), 3)
     for a, b, name in zip(g, eg, "qkv"):
