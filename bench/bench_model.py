@@ -32,28 +32,31 @@ def _time(fn):
     return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30, out
 
 
-def bench_sala(Ts, chunk):
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = sala9b.MiniCPMSALA(sala9b.SalaConfig()).to(torch.bfloat16).eval()
+def _sweep(name, model, vocab, Ts, call):
+    """Time call(model, ids) at each T (the first, smallest T once more as warm-up), then free the model."""
     rows = []
     for i, T in enumerate([min(Ts)] + list(Ts)):
-        ids = torch.randint(0, 73448, (1, T), device="cuda")
+        ids = torch.randint(0, vocab, (1, T), device="cuda")
         try:
-            dt, peak, (logits, _) = _time(lambda: model.prefill(ids, min(chunk, T)))
-            row = dict(model="sala-9b", T=T, seconds=dt, peak_gib=peak, finite=bool(torch.isfinite(logits).all()))
+            with torch.no_grad():
+                dt, peak, logits = _time(lambda: call(model, ids, T))
+            row = dict(model=name, T=T, seconds=dt, peak_gib=peak, finite=bool(torch.isfinite(logits).all()))
         except torch.cuda.OutOfMemoryError:
-            row = dict(model="sala-9b", T=T, seconds=None, peak_gib=None, finite=None, note="OOM")
-        if i:  # the first pass is the warm-up (Triton compilation)
+            row = dict(model=name, T=T, seconds=None, peak_gib=None, finite=None, note="OOM")
+        if i:  # the first pass is the warm-up (Triton compilation, cuBLAS handles)
             rows.append(row)
             print(row, flush=True)
         del ids
         gc.collect()
         torch.cuda.empty_cache()
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return rows
+
+
+def bench_sala(Ts, chunk):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = sala9b.MiniCPMSALA(sala9b.SalaConfig()).to(torch.bfloat16).eval()
+    return _sweep("sala-9b", model, 73448, Ts, lambda m, ids, T: m.prefill(ids, min(chunk, T))[0])
 
 
 def bench_qwen3(Ts):
@@ -64,25 +67,8 @@ def bench_qwen3(Ts):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen3ForCausalLM(cfg).to(torch.bfloat16).eval()
-    rows = []
-    for i, T in enumerate([min(Ts)] + list(Ts)):
-        ids = torch.randint(0, 151936, (1, T), device="cuda")
-        try:
-            with torch.no_grad():
-                dt, peak, out = _time(lambda: model(ids, logits_to_keep=1, use_cache=False))
-            row = dict(model="qwen3-8b-geometry", T=T, seconds=dt, peak_gib=peak)
-        except torch.cuda.OutOfMemoryError:
-            row = dict(model="qwen3-8b-geometry", T=T, seconds=None, peak_gib=None, note="OOM")
-        if i:
-            rows.append(row)
-            print(row, flush=True)
-        del ids
-        gc.collect()
-        torch.cuda.empty_cache()
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return rows
+    return _sweep("qwen3-8b-geometry", model, 151936, Ts,
+                  lambda m, ids, T: m(ids, logits_to_keep=1, use_cache=False).logits)
 
 
 def main():
