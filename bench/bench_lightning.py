@@ -15,6 +15,7 @@ against the 4.2 TB/s copy ceiling. A numeric check (relative error of our output
 sure both do the same work.
 
     python bench/bench_lightning.py --out bench/results
+    python bench/bench_lightning.py --variants --out DIR     # forward variants only (bench/NOTES_lightning.md)
 """
 from __future__ import annotations
 
@@ -218,6 +219,61 @@ def sweep(rows):
             torch.cuda.empty_cache()
 
 
+def variants(rows, fla, names=("default", "walk2", "fused"), Ts=(32768, 131072), fused_ls=(512, 1024)):
+    """Forward variants (SALA_LIGHTNING_FWD, sala_ops/triton/lightning_fwd_variants.py) vs fla, bf16 and fp32
+    (fp32 at matmul precision "high": TF32 products like fla). Each variant is checked against the default
+    forward's output and final state; fused also runs with each sub-chunk length in `fused_ls`."""
+    runs = [(n, None) for n in names if n != "fused"] + [("fused", lf) for lf in fused_ls if "fused" in names]
+    decay = sala_ops.sala_decay_slopes(H).cuda()
+    scale = D ** -0.5
+    for dtype, prec in ((torch.bfloat16, "highest"), (torch.float32, "high")):
+        torch.set_float32_matmul_precision(prec)
+        for T in Ts:
+            q, k, v = _inputs(T, dtype, False)
+            base = dict(variants=True, T=T, dtype=str(dtype).split(".")[-1], precision=prec)
+            fla_ms = None
+            if fla is not None:
+                g_gamma = (-decay).contiguous()
+                with torch.no_grad():
+                    fla_ms = _bench(lambda: fla(q, k, v, g_gamma=g_gamma, scale=scale)[0])
+            os.environ.pop("SALA_LIGHTNING_FWD", None)
+            with torch.no_grad():
+                o0, f0 = sala_ops.lightning_attention(q, k, v, decay, scale=scale, output_final_state=True)
+            for name, lf in runs:
+                os.environ["SALA_LIGHTNING_FWD"] = name
+                if lf is not None:
+                    os.environ["SALA_LIGHTNING_FUSED_L"] = str(lf)
+                row = dict(base, variant=name + ("" if lf is None else f"/LF={lf}"), fla_gamma_ms=fla_ms)
+                try:
+                    with torch.no_grad():
+                        o1, f1 = sala_ops.lightning_attention(q, k, v, decay, scale=scale, output_final_state=True)
+                        row["rel_err_vs_default"] = _rel(o1, o0)
+                        row["final_rel_err_vs_default"] = _rel(f1, f0)
+                        del o1, f1
+                        row["ours_ms"] = _bench(lambda: sala_ops.lightning_attention(q, k, v, decay, scale=scale))
+                    if fla_ms is not None:
+                        row["speedup_vs_fla"] = fla_ms / row["ours_ms"]
+                    row["ours_TBps"] = 4 * T * H * D * (torch.finfo(dtype).bits // 8) / row["ours_ms"] / 1e9
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = repr(e)[:300]
+                finally:
+                    os.environ.pop("SALA_LIGHTNING_FWD", None)
+                    os.environ.pop("SALA_LIGHTNING_FUSED_L", None)
+                print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+                rows.append(row)
+            del q, k, v, o0, f0
+            torch.cuda.empty_cache()
+        torch.set_float32_matmul_precision("highest")
+    print()
+    print(f"{'variant':16} {'dtype':9} {'T':>7} {'ours ms':>9} {'fla ms':>9} {'x fla':>6} {'TB/s':>6} {'err vs default':>14}")
+    for r in rows:
+        if r.get("variants"):
+            print(f"{r['variant']:16} {r['dtype']:9} {r['T']:>7} {r.get('ours_ms', float('nan')):9.4f} "
+                  f"{(r['fla_gamma_ms'] or float('nan')):9.4f} {r.get('speedup_vs_fla', float('nan')):6.2f} "
+                  f"{r.get('ours_TBps', float('nan')):6.2f} {r.get('rel_err_vs_default', float('nan')):14.2e}"
+                  + (f"  ERROR {r['error'][:80]}" if "error" in r else ""))
+
+
 class _Rows(list):
     """Rows, saved to OUT/lightning.json after every append (a killed run keeps what it measured)."""
 
@@ -241,6 +297,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--variants", action="store_true",
+                    help="only time the forward variants (SALA_LIGHTNING_FWD) vs fla at 32K and 128K, bf16 and fp32")
     args = ap.parse_args()
     fla = fla_rec = None
     if not args.no_fla:
@@ -251,6 +309,9 @@ def main():
             print(f"fla not available: {e!r}")
     rows = _Rows(args.out)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.variants:
+        variants(rows, fla)
+        return
     if args.sweep_only:
         sweep(rows)
         return

@@ -416,3 +416,60 @@ def test_gpu_decode_step_cuda_graph():
     o64, _ = ref.lightning_step(q.double(), k.double(), v.double(), state.double(), decay)
     assert_close(o, o64, 2 * rel_err(o64.to(torch.bfloat16), o64) + 1e-5, "graph step output")
     assert_close(st_, s_ref, 1e-5, "graph step state")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# experimental forward variants (lightning_fwd_variants.py, SALA_LIGHTNING_FWD): same results as the reference,
+# including the chunk states they hand to the (unchanged) backward
+
+# (B, T, H, Hkv, K, V, chunking, fused sub-chunk length, has_init, varlen lens or None, strong decay)
+_VARIANT_CASES = [
+    (1, 70, 2, 1, 16, 24, (32, 16), 16, True, None, False),     # GQA, sub-chunks inside chunks, tail blocks
+    (2, 45, 2, 2, 12, 20, (48, 16), 16, False, None, True),     # batch, L not a multiple of LF, strong decay
+    (1, 1, 4, 2, 8, 8, (16, 16), 16, True, None, False),        # T = 1
+    (1, 79, 4, 2, 12, 20, (32, 16), 16, True, [5, 40, 1, 33], False),  # varlen (empty chunk slots), GQA
+    (1, 66, 2, 1, 32, 16, (64, 32), 32, True, None, False),     # BT = 32, one sub-chunk per chunk at the end
+]
+
+
+@pytest.mark.parametrize("name", ["walk2", "fused"])
+@pytest.mark.parametrize("case", range(len(_VARIANT_CASES)))
+def test_fwd_variants_match_reference(name, case, monkeypatch):
+    from sala_ops.triton import lightning_fwd_variants as FV
+    B, T, H, Hkv, K, V, chunk, lf, has_init, lens, strong = _VARIANT_CASES[case]
+    monkeypatch.setenv("SALA_LIGHTNING_FWD", name)
+    monkeypatch.setattr(FV, "FUSED_L", lf)
+    LC.CHUNK_OVERRIDE = chunk
+    cu = None
+    if lens is not None:
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV)
+    N = B if cu is None else len(lens)
+    q, k, v, decay, S0 = _inputs(B, T, H, Hkv, K, V, has_init, strong, 100 + case, N=N)
+    # every buffer the forward allocates starts as NaN: an output element a variant never writes fails
+    real_empty = torch.empty
+
+    def nan_empty(*a, **kw):
+        x = real_empty(*a, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    s0 = None if S0 is None else S0.clone().requires_grad_()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", nan_empty)
+        out = _lightning(*leaves, decay, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    do = seeded_randn(7, B, T, H, V, device=DEV)
+    dfin = seeded_randn(8, N, H, K, V, device=DEV)
+    o_ref, f_ref, g_ref = _ref_all(q, k, v, decay, None, S0, True, cu, do, dfin)
+    assert_close(out.output, o_ref, FP32_TOL, f"{name} output")
+    assert_close(out.final_state, f_ref, FP32_TOL, f"{name} final_state")
+    ins = leaves + ([s0] if s0 is not None else [])
+    grads = torch.autograd.grad([out.output, out.final_state], ins, [do, dfin])
+    for gname, g, r in zip(("dq", "dk", "dv", "d_initial_state"), grads, g_ref):
+        assert_close(g, r, FP32_TOL, f"{name} {gname} (backward from the variant's chunk states)")
+
+
+def test_fwd_variant_name_checked(monkeypatch):
+    monkeypatch.setenv("SALA_LIGHTNING_FWD", "nope")
+    q, k, v, decay, _ = _inputs(1, 4, 2, 2, 8, 8, False, False, 0)
+    with pytest.raises(ValueError, match="SALA_LIGHTNING_FWD"):
+        _lightning(q, k, v, decay)

@@ -387,11 +387,21 @@ def lightning_chunk_fwd(q, k, v, decay, scale, initial_state=None, output_final_
     Hkv, V = k.shape[2], v.shape[-1]
     G = H // Hkv
     ch = Chunks(B, T, H, V, cu_seqlens, q.device)
-    states = local_states(k, v, G, G, H, decay, 1.0, False, ch)
     init = None if initial_state is None else _c(initial_state)
+    # experimental forward variants (lightning_fwd_variants.py), selected with SALA_LIGHTNING_FWD
+    fwd_variant = os.environ.get("SALA_LIGHTNING_FWD", "default") or "default"
+    if fwd_variant != "default":
+        from . import lightning_fwd_variants as FV
+        FV.variant()  # validates the name
+        if fwd_variant == "fused":
+            return FV.fused_fwd(q, k, v, decay, scale, init, output_final_state, cu_seqlens, ch)
+    states = local_states(k, v, G, G, H, decay, 1.0, False, ch)
     final = scan_states(states, decay, init, output_final_state, False, ch)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    chunk_outputs(q, k, v, 1, G, G, H, o, states, False, decay, scale, 1.0, False, ch)
+    if fwd_variant == "walk2":
+        FV.walk2_outputs(q, k, v, G, H, o, states, decay, scale, ch)
+    else:
+        chunk_outputs(q, k, v, 1, G, G, H, o, states, False, decay, scale, 1.0, False, ch)
     return o, final, states
 
 
