@@ -13,6 +13,16 @@ memory (torch.cuda.max_memory_allocated minus the memory held before the call).
     python bench/bench_sparse.py [--seqlens 32768 65536 131072] [--out DIR] [--sweep]
 
 --sweep also times the attention kernels under a few launch configurations. Writes DIR/sparse.json.
+
+Tiled forward (sala_ops/triton/sparse_attn_tiled.py, K/V shared across tiles of consecutive tokens):
+every run adds `attn96_tiled_fwd_ms` (union build + kernels, TILED_CFG), `tiled_union_ms` (the union
+build alone) and the union statistics, next to `attn96_fwd_ms` (the one-token kernel), and checks
+that both forwards agree. --tiled-sweep times tq in {4, 8, 16} x hybrid thresholds x warps/stages
+(kernels alone, given the union) for random q and for q smoothed over --smooth tokens (neighbouring
+queries alike, as in a trained model; random q is the worst case for tile overlap) and prints the
+mean union size per tile. --tiled-only skips everything else (ours/SDPA/nsa end to end).
+
+    python bench/bench_sparse.py --seqlens 131072 32768 --tiled-only --tiled-sweep
 """
 from __future__ import annotations
 
@@ -87,19 +97,20 @@ def run_one(T, args, out_rows):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
             enable_gqa=True).backward(do.transpose(1, 2))
 
-    _try(r, "ours_fwd_ms", lambda: _bench(ours_fwd))
-    _try(r, "select_ms", lambda: _bench(select))
-    _try(r, "ours_fwdbwd_ms", lambda: _bench(ours_fb, grads))
-    _try(r, "ours_fwd_peak_gib", lambda: _peak(ours_fwd))
-    _try(r, "ours_fwdbwd_peak_gib", lambda: _peak(ours_fb))
-    for x in grads:
-        x.grad = None
-    _try(r, "sdpa_fwd_ms", lambda: _bench(sdpa_fwd))
-    _try(r, "sdpa_fwdbwd_ms", lambda: _bench(sdpa_fb, grads))
-    _try(r, "sdpa_fwd_peak_gib", lambda: _peak(sdpa_fwd))
-    _try(r, "sdpa_fwdbwd_peak_gib", lambda: _peak(sdpa_fb))
-    for x in grads:
-        x.grad = None
+    if not args.tiled_only:
+        _try(r, "ours_fwd_ms", lambda: _bench(ours_fwd))
+        _try(r, "select_ms", lambda: _bench(select))
+        _try(r, "ours_fwdbwd_ms", lambda: _bench(ours_fb, grads))
+        _try(r, "ours_fwd_peak_gib", lambda: _peak(ours_fwd))
+        _try(r, "ours_fwdbwd_peak_gib", lambda: _peak(ours_fb))
+        for x in grads:
+            x.grad = None
+        _try(r, "sdpa_fwd_ms", lambda: _bench(sdpa_fwd))
+        _try(r, "sdpa_fwdbwd_ms", lambda: _bench(sdpa_fb, grads))
+        _try(r, "sdpa_fwd_peak_gib", lambda: _peak(sdpa_fwd))
+        _try(r, "sdpa_fwdbwd_peak_gib", lambda: _peak(sdpa_fb))
+        for x in grads:
+            x.grad = None
 
     # attention alone, given our indices (to compare with nsa on equal terms and for --sweep)
     idx96 = select().reshape(T, Hkv, -1).contiguous()
@@ -112,8 +123,13 @@ def run_one(T, args, out_rows):
         return A.forward(qp, kp, vp, idx96, cu, cu, ts, scale, 64)
     _try(r, "attn96_fwd_ms", lambda: _bench(attn96))
     o96, lse96 = attn96()
-    _try(r, "attn96_bwd_ms", lambda: _bench(lambda: A.backward(do.reshape(T, H, D), qp, kp, vp, o96, lse96, idx96,
-                                                                 cu, cu, ts, scale, 64)))
+    if not args.tiled_only:
+        _try(r, "attn96_bwd_ms", lambda: _bench(lambda: A.backward(do.reshape(T, H, D), qp, kp, vp, o96, lse96, idx96,
+                                                                     cu, cu, ts, scale, 64)))
+    _try(r, "tiled", lambda: tiled_bench(T, qp, kp, vp, idx96, cu, ts, scale, o96, lse96, args))
+    if r.get("tiled"):
+        for key in ("attn96_tiled_fwd_ms", "tiled_union_ms"):
+            r[key] = r["tiled"].pop(key, None)
     if args.sweep:
         sweep = {}
         saved = dict(A.FWD_CFG)
@@ -135,6 +151,13 @@ def run_one(T, args, out_rows):
         S.SELECT_CFG.update(saved)
         r["sweep"] = sweep
         print(json.dumps(sweep, indent=1), flush=True)
+
+    if args.tiled_only:
+        out_rows.append(r)
+        print(json.dumps(r), flush=True)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+        return
 
     # fla parallel_nsa, 64 given blocks (top-32 + the 32-block window from our own selector)
     def nsa_setup():
@@ -170,6 +193,91 @@ def run_one(T, args, out_rows):
     torch.cuda.empty_cache()
 
 
+def _smooth(x, w):
+    """Moving sum over the last w tokens / sqrt(w) (dim 0): unit variance, neighbours share (w - d) / w
+    of their noise - a stand-in for the similar neighbouring queries of a trained model."""
+    if w <= 1:
+        return x
+    c = torch.cumsum(x.float(), 0)
+    c = torch.cat([torch.zeros_like(c[:1]), c])
+    i = torch.arange(x.shape[0], device=x.device)
+    lo = (i + 1 - w).clamp(min=0)
+    return ((c[i + 1] - c[lo]) / (i + 1 - lo).float().sqrt()[:, None, None]).to(x.dtype)
+
+
+def tiled_bench(T, qp, kp, vp, idx96, cu, ts, scale, o96, lse96, args):
+    """The tiled forward next to the one-token kernel (given indices); --tiled-sweep: its configurations."""
+    import sala_ops
+    from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
+    res = {"cfg": dict(TT.TILED_CFG)}
+    o, lse = TT.forward(qp, kp, vp, idx96, cu, cu, ts, scale, 64)
+    fin = torch.isfinite(lse96)
+    res["max_abs_diff_o_vs_onetoken"] = float((o.float() - o96.float()).abs().max())
+    res["max_abs_diff_lse_vs_onetoken"] = float((lse[fin] - lse96[fin]).abs().max())
+    res["lse_inf_pattern_equal"] = bool(torch.equal(torch.isinf(lse), torch.isinf(lse96)))
+    del o, lse
+    _try(res, "attn96_tiled_fwd_ms", lambda: _bench(lambda: TT.forward(qp, kp, vp, idx96, cu, cu, ts, scale, 64)))
+    _try(res, "tiled_union_ms", lambda: _bench(lambda: TT.tile_union(idx96, cu, TT.TILED_CFG["tq"],
+                                                                        TT.TILED_CFG["min_share"])))
+    res["union"] = TT.union_stats(TT.tile_union(idx96, cu, TT.TILED_CFG["tq"], TT.TILED_CFG["min_share"]))
+    print(f"T={T} tiled {res}", flush=True)
+    if not args.tiled_sweep:
+        return res
+    saved = dict(TT.TILED_CFG)
+    variants = [("random_q", idx96)]
+    if args.smooth > 1:
+        qs = _smooth(qp, args.smooth)
+        idx_s = sala_ops.select_blocks(qs[None], kp[None], config=sala_ops.SparseConfig())[0].contiguous()
+        variants.append((f"smooth{args.smooth}_q", idx_s))
+    shares = {4: (1, 2), 8: (1, 2, 3), 16: (1, 3, 5)}
+    launch = {4: ((4, 2), (4, 3), (8, 2)), 8: ((8, 2), (8, 3), (4, 2)), 16: ((16, 2), (8, 2), (16, 3))}
+    sweep = {}
+    for name, idx in variants:
+        qv = qp if name == "random_q" else qs
+        sw = sweep[name] = {"onetoken_ms": None}
+        _try(sw, "onetoken_ms", lambda: _bench(lambda: A.forward(qv, kp, vp, idx, cu, cu, ts, scale, 64)))
+        for tq in (4, 8, 16):
+            best = None
+            for ms in shares[tq]:
+                u = TT.tile_union(idx, cu, tq, ms)
+                key = f"tq{tq}_share{ms}"
+                sw[key] = TT.union_stats(u)
+                TT.TILED_CFG.update(num_warps=launch[tq][0][0], num_stages=launch[tq][0][1])
+                _try(sw[key], "union_ms", lambda: _bench(lambda: TT.tile_union(idx, cu, tq, ms)))
+                _try(sw[key], "kernels_ms", lambda: _bench(
+                    lambda: TT.forward(qv, kp, vp, idx, cu, cu, ts, scale, 64, tq=tq, min_share=ms, union=u)))
+                t = sw[key].get("kernels_ms")
+                if t is not None and (best is None or t < best[1]):
+                    best = (ms, t)
+                print(f"T={T} {name} {key}: {sw[key]}", flush=True)
+            if best is None:
+                continue
+            u = TT.tile_union(idx, cu, tq, best[0])
+            for w, st in launch[tq][1:]:
+                TT.TILED_CFG.update(num_warps=w, num_stages=st)
+                key = f"tq{tq}_share{best[0]}_w{w}_s{st}"
+                _try(sw, key, lambda: _bench(
+                    lambda: TT.forward(qv, kp, vp, idx, cu, cu, ts, scale, 64, tq=tq, min_share=best[0], union=u)))
+                print(f"T={T} {name} {key}: {sw.get(key)}", flush=True)
+            del u
+        TT.TILED_CFG.update(saved)
+        # best configuration: kernels + union build (the union build is the same for every launch config)
+        cands = []
+        for key, val in sw.items():
+            if isinstance(val, dict) and val.get("kernels_ms") is not None:
+                cands.append((val["kernels_ms"] + (val.get("union_ms") or 0), key, val["union_mean"]))
+            elif isinstance(val, float) and key != "onetoken_ms":
+                base = sw.get(key.rsplit("_w", 1)[0], {})
+                cands.append((val + (base.get("union_ms") or 0), key, base.get("union_mean")))
+        if cands:
+            t, key, um = min(cands)
+            sw["best"] = {"config": key, "ms_with_union": t, "union_mean": um, "onetoken_ms": sw.get("onetoken_ms")}
+            print(f"T={T} {name} BEST tiled {key}: {t:.2f} ms incl. union build (union {um:.0f} blocks/tile); "
+                  f"one-token kernel {_fmt(sw.get('onetoken_ms'))} ms", flush=True)
+    res["sweep"] = sweep
+    return res
+
+
 def _fmt(x, p=2):
     return "-" if x is None else f"{x:.{p}f}"
 
@@ -179,6 +287,9 @@ def main():
     ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 65536, 131072])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--tiled-sweep", action="store_true", help="sweep the tiled forward (tq, hybrid share, warps)")
+    ap.add_argument("--tiled-only", action="store_true", help="only the attention forwards given indices")
+    ap.add_argument("--smooth", type=int, default=64, help="--tiled-sweep: also q smoothed over this many tokens")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_sparse: needs a CUDA GPU")
@@ -188,12 +299,14 @@ def main():
     t0 = time.time()
     for T in args.seqlens:
         run_one(T, args, rows)
-    hdr = ("T", "ours fwd", "sdpa fwd", "x", "nsa64 fwd", "sel %", "ours f+b", "sdpa f+b", "x", "nsa64 f+b",
-           "mem ours GiB", "mem sdpa GiB")
+    hdr = ("T", "ours fwd", "sdpa fwd", "x", "nsa64 fwd", "sel %", "attn fwd", "tiled fwd", "union", "ours f+b",
+           "sdpa f+b", "x", "nsa64 f+b", "mem ours GiB", "mem sdpa GiB")
     print("\n" + " | ".join(f"{h:>10}" for h in hdr))
     for r in rows:
         vals = (str(r["T"]), _fmt(r.get("ours_fwd_ms")), _fmt(r.get("sdpa_fwd_ms")), _fmt(r.get("speedup_fwd_vs_sdpa")),
                 _fmt(r.get("nsa64_fwd_ms")), _fmt(None if r.get("select_share_of_fwd") is None else 100 * r["select_share_of_fwd"], 0),
+                _fmt(r.get("attn96_fwd_ms")), _fmt(r.get("attn96_tiled_fwd_ms")),
+                _fmt(((r.get("tiled") or {}).get("union") or {}).get("union_mean"), 0),
                 _fmt(r.get("ours_fwdbwd_ms")), _fmt(r.get("sdpa_fwdbwd_ms")), _fmt(r.get("speedup_fwdbwd_vs_sdpa")),
                 _fmt(r.get("nsa64_fwdbwd_ms")), _fmt(r.get("ours_fwdbwd_peak_gib")), _fmt(r.get("sdpa_fwdbwd_peak_gib")))
         print(" | ".join(f"{x:>10}" for x in vals))

@@ -15,6 +15,7 @@ long dense sequences, but dense queries see fewer than dense_len keys by definit
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,6 +71,9 @@ def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch
                    cu_k: torch.Tensor, tok_seq: torch.Tensor, scale: float,
                    block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, A = _kernels()
+    if os.environ.get("SALA_SPARSE_FWD", "") == "tiled":  # K/V shared across token tiles (until measured)
+        from .triton import sparse_attn_tiled
+        return sparse_attn_tiled.forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size)
     return A.forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size)
 
 

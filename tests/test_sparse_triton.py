@@ -238,6 +238,70 @@ def test_varlen_equals_separate(lens, short, idt, seed):
     assert_close(out, exp, TOL)
 
 
+def _tiled_case(seed, G, D, S=5, bs=16):
+    """Three packed sequences (the second with queries shorter than its keys), random user indices
+    sanitised to the kernels' form (-1 padding, rows with fewer blocks, a few rows with none), and
+    neighbouring tokens that share blocks (every row keeps its own block unless it is emptied)."""
+    from sala_ops.triton import sparse_attn as A
+    lens_k, lens_q = [70, 45, 33], [70, 20, 33]
+    Hkv = 2
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int64, device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int64, device=DEV)
+    Tq, Tk = sum(lens_q), sum(lens_k)
+    q, k, v = _qkv(seed, 1, Tq, Tk, G * Hkv, Hkv, D)
+    ts = A.token_seq(cu_q, Tq)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, 6, (Tq, Hkv, S), generator=g).to(torch.int32)
+    lq = (cu_q[1:] - cu_q[:-1])[ts.long()].cpu()
+    lk = (cu_k[1:] - cu_k[:-1])[ts.long()].cpu()
+    t = lk - lq + torch.arange(Tq) - cu_q[:-1][ts.long()].cpu()
+    idx[:, :, 0] = (t // bs)[:, None].to(torch.int32)
+    idx[::7, 1, :] = -1  # rows with no block at all: output 0, lse +inf
+    idx = A.sanitize_indices(idx.to(DEV), cu_q, cu_k, ts, bs)
+    return q[0], k[0], v[0], idx, cu_q, cu_k, ts, bs
+
+
+@pytest.mark.parametrize("G,D,tq,min_share", [(1, 16, 4, 1), (2, 32, 8, 2), (4, 16, 4, 3), (3, 16, 8, 1),
+                                              (4, 32, 16, 4)])
+def test_tiled_forward_matches_reference(G, D, tq, min_share):
+    """sparse_attn_tiled.forward (K/V shared across tq-token tiles; min_share > 1: hybrid with the
+    one-token kernel) == the reference, and its lse == the one-token kernel's (the backward reads it)."""
+    from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
+    q, k, v, idx, cu_q, cu_k, ts, bs = _tiled_case(31 + G + D, G, D)
+    scale = D ** -0.5
+    o, lse = TT.forward(q, k, v, idx, cu_q, cu_k, ts, scale, bs, tq=tq, min_share=min_share)
+    exp = ref.block_sparse_attention(q[None], k[None], v[None], idx[None], bs, scale, cu_q, cu_k)[0]
+    assert_close(o, exp, TOL)
+    o1, lse1 = A.forward(q, k, v, idx, cu_q, cu_k, ts, scale, bs)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse1)) and not torch.isnan(lse).any()
+    fin = torch.isfinite(lse1)
+    assert bool((lse[~fin] > 0).all()), "a row with no key has lse +inf"
+    assert (lse[fin] - lse1[fin]).abs().max() <= 1e-5 * lse1[fin].abs().max().clamp(min=1)
+    assert o[~fin].abs().max() == 0 if (~fin).any() else True
+    u = TT.tile_union(idx, cu_q, tq, min_share)
+    st = TT.union_stats(u)
+    assert st["union_mean"] <= tq * idx.shape[2] and 0 < st["fill"] <= 1
+
+
+def test_tiled_forward_dispatch_and_backward(monkeypatch):
+    """SALA_SPARSE_FWD=tiled routes block_sparse_attention's forward to the tiled kernel; the
+    existing backward (which reads its lse) gives the reference gradients."""
+    monkeypatch.setenv("SALA_SPARSE_FWD", "tiled")
+    from sala_ops.triton import sparse_attn_tiled as TT
+    monkeypatch.setitem(TT.TILED_CFG, "min_share", 2)
+    calls = []
+    orig = TT.forward
+    monkeypatch.setattr(TT, "forward", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    q, k, v = _qkv(8, 1, 40, 70, 4, 2, 16, grad=True)
+    idx = _ref_fn(sala_ops.select_blocks, q, k, **SMALL, topk=4)
+    out = _tri(sala_ops.block_sparse_attention, q, k, v, idx, block_size=16)
+    exp = ref.block_sparse_attention(q, k, v, idx, block_size=16)
+    assert calls, "the tiled forward was not used"
+    assert_close(out, exp, TOL)
+    for a, b, name in zip(_grads(out, (q, k, v), 8), _grads(exp, (q, k, v), 8), "qkv"):
+        assert_close(a, b, TOL, f"d{name}")
+
+
 def test_compress_keys_triton():
     k = seeded_randn(9, 2, 75, 3, 20, device=DEV)
     for ks, st_ in ((8, 4), (32, 16), (5, 5), (80, 16)):

@@ -1,0 +1,233 @@
+"""Block-sparse attention forward with K/V shared across a tile of consecutive query tokens
+(alternative to sparse_attn.forward; selected with SALA_SPARSE_FWD=tiled, see sala_ops/sparse.py).
+
+Same contract as sparse_attn.forward: packed q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv], int64
+cu_q / cu_k, idx int32 [Tq, Hkv, S] ascending, unique, each <= the query's own block, -1 padded
+(sanitize_indices). Returns o [Tq, H, Dv] (q.dtype) and lse [Tq, H] fp32 (log2 domain, +inf for a
+row with no key), so sparse_attn.backward works unchanged.
+
+Why: the per-token kernel re-reads each selected 64 x D block of K and V for every token (3 MB per
+token and KV head for the 9B config); it is L2-bandwidth bound and its MMAs have 16 rows. Here one
+program = (a tile of TQ consecutive tokens of one sequence, KV head g) x the G heads of the group,
+M = TQ x G rows (rows padded to 16 for tl.dot). It walks the tile's *union* of selected blocks once:
+each block's K/V is loaded once for all TQ tokens, S = Q K^T is one M x 64 MMA, and a row is masked
+out where its token did not select the block (plus the token-level causal mask).
+
+The union is built on the device by `tile_union` (torch ops, no host sync): per (tile, KV head) the
+TQ lists are concatenated as keys block * TQ + token, sorted, and cut into runs of equal block; each
+run becomes one int64 entry (block << 32) | bitmask-of-tokens-that-chose-it, ascending, -1 padded,
+with a count per (tile, head). The kernel reads entry s, tests bit `token` per row, and its loop is a
+plain `for s in range(count)` over a precomputed list, so Triton's pipeliner can prefetch K/V.
+
+Hybrid (min_share > 1): a union block chosen by fewer than min_share of the tile's tokens wastes most
+of its M rows. Such entries are left out of the tile list and go, per token, through the existing
+one-token kernel (sparse_attn._fwd_kernel) into an fp32 partial (o, lse); the tiled kernel then
+starts its online softmax from that partial (m = lse, l = 1, acc = o: exactly the state that the
+partial stands for) and writes the final o and lse. min_share = 1 is the pure tiled kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import sparse_attn as _A
+from . import sparse_select as _sel
+from .sparse_select import LOG2E, _interpreted, _pow2, _prec
+
+# Launch parameters (module level so that bench/bench_sparse.py --tiled-sweep can try others).
+# tq: tokens per tile (M = tq x G rows), min_share: hybrid threshold (1 = pure tiled).
+TILED_CFG = dict(tq=4, min_share=1, num_warps=4, num_stages=2)
+_INV = 1 << 62
+
+
+@triton.jit
+def _fwd_tiled_kernel(Q, K, V, O, LSE, OP, LSEP, UNI, UCNT, tile_seq, tile_start, cu_q, cu_k, nseq,
+                      sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sl_t, sop_t, sop_h, slp_t, su_t, su_h,
+                      qk_scale, D, DV, G, BS,
+                      TQ: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    nh = tl.num_programs(1)
+    n = tl.load(tile_seq + pid)
+    if n < nseq:
+        m0 = tl.load(tile_start + pid).to(tl.int64)
+        q0 = tl.load(cu_q + n).to(tl.int64)
+        Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
+        k0 = tl.load(cu_k + n).to(tl.int64)
+        Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+        r = tl.arange(0, ROWS)
+        rm = r // GP  # token of the row within the tile
+        rh = r % GP  # head of the row within the group
+        rtok = m0 + rm
+        rok = (rm < TQ) & (rtok < Lq) & (rh < G)
+        t_row = Lk - Lq + rtok
+        head = g * G + rh
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + (q0 + rtok)[:, None] * sq_t + head[:, None] * sq_h + d[None, :],
+                    mask=rok[:, None] & (d < D)[None, :], other=0.0)
+        if HAS_INIT:
+            # the partial softmax of the blocks done per token: (m, l, acc) = (lse, 1, o)
+            lse_p = tl.load(LSEP + (q0 + rtok) * slp_t + head, mask=rok, other=float("inf"))
+            has_p = lse_p < float("inf")
+            m_i = tl.where(has_p, lse_p, float("-inf"))
+            l_i = tl.where(has_p, 1.0, 0.0)
+            acc = tl.load(OP + (q0 + rtok)[:, None] * sop_t + head[:, None] * sop_h + dv[None, :],
+                          mask=(rok & has_p)[:, None] & (dv < DV)[None, :], other=0.0).to(tl.float32)
+        else:
+            m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([ROWS], dtype=tl.float32)
+            acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+        ub = UNI + pid * su_t + g * su_h
+        cnt = tl.load(UCNT + pid * nh + g)
+        nn = tl.arange(0, BLOCK_N)
+        rbit = rm.to(tl.int64)
+        for s in range(0, cnt):
+            e = tl.load(ub + s)
+            b = e >> 32
+            sel = (((e >> rbit) & 1) != 0) & rok  # the row's token selected block b (bits 0..31 of e)
+            kpos = b * BS + nn
+            kin = (nn < BS) & (kpos < Lk)
+            # token-level causality relative to the block start, in int32: key nn <= t - b*BS
+            rel = tl.minimum(tl.maximum(t_row - b * BS, -1), BLOCK_N).to(tl.int32)
+            rel = tl.where(sel, rel, -1)
+            kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
+                         mask=kin[:, None] & (d < D)[None, :], other=0.0)
+            vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
+                         mask=kin[:, None] & (dv < DV)[None, :], other=0.0)
+            sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
+            allowed = kin[None, :] & (nn[None, :] <= rel[:, None])
+            sc = tl.where(allowed, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+            m_i = m_new
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
+        tl.store(O + (q0 + rtok)[:, None] * so_t + head[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
+                 mask=rok[:, None] & (dv < DV)[None, :])
+        tl.store(LSE + (q0 + rtok) * sl_t + head, lse, mask=rok)
+
+
+def tile_union(idx, cu_q, tq, min_share=1):
+    """Per (tile of tq consecutive tokens of one sequence, KV head) the union of the tokens' selected
+    blocks. Device torch ops only, no host synchronisation.
+
+    Returns a dict:
+      uni    int64 [grid, Hkv, tq*S]: (block << 32) | bitmask of the tile's tokens that chose it,
+             ascending, -1 padded; only blocks chosen by >= min_share tokens;
+      ucnt   int32 [grid, Hkv]: number of entries in uni;
+      tseq, tstart: the tile map (sparse_select.tile_map; padding tiles have tseq = N);
+      resid  int32 [Tq, Hkv, S] or None (min_share <= 1): the blocks left out of uni, per token,
+             ascending, -1 padded (the one-token kernel's input);
+      union  int64 [grid, Hkv]: the full union size (statistics), tile_ok bool [grid].
+    """
+    assert 1 <= tq <= 32, "the token bitmask holds 32 tokens"
+    Tq, Hkv, S = idx.shape
+    dev = idx.device
+    nseq = cu_q.numel() - 1
+    lens_q = cu_q[1:] - cu_q[:-1]
+    grid = Tq // tq + nseq + 1
+    tseq, tstart = _sel.tile_map(lens_q, tq, grid)
+    ts = tseq.long().clamp(max=nseq - 1)
+    r = torch.arange(tq, device=dev)
+    loc = tstart.long()[:, None] + r[None, :]  # [grid, tq] position in the sequence
+    tvalid = (tseq.long()[:, None] < nseq) & (loc < lens_q[ts][:, None])
+    tok = (cu_q[ts][:, None] + loc).clamp(min=0, max=max(Tq - 1, 0))
+    x = idx[tok].permute(0, 2, 1, 3)  # [grid, Hkv, tq, S]
+    ok = tvalid[:, None, :, None] & (x >= 0)
+    key = torch.where(ok, x.long() * tq + r[None, None, :, None], _INV).reshape(grid, Hkv, tq * S)
+    sk, perm = torch.sort(key, dim=-1)
+    valid = sk != _INV
+    blk = torch.div(sk, tq, rounding_mode="floor")
+    rr = sk - blk * tq
+    first = torch.ones_like(valid)
+    first[..., 1:] = blk[..., 1:] != blk[..., :-1]
+    runid = torch.cumsum(first, -1) - 1
+    bits = torch.where(valid, torch.bitwise_left_shift(torch.ones_like(rr), rr), torch.zeros_like(rr))
+    ubits = torch.zeros_like(sk).scatter_add_(-1, runid, bits)
+    upop = torch.zeros_like(sk).scatter_add_(-1, runid, valid.long())
+    ublk = torch.full_like(sk, _INV).scatter_(-1, runid, torch.where(valid, blk, _INV))
+    urun = ublk != _INV
+    dense = urun & (upop >= min_share)
+    pos = torch.cumsum(dense, -1) - 1
+    L = tq * S
+    ent = torch.bitwise_left_shift(torch.where(dense, ublk, 0), 32) | ubits
+    uni = torch.full((grid, Hkv, L + 1), -1, dtype=torch.int64, device=dev)
+    uni.scatter_(-1, torch.where(dense, pos, L), ent)
+    uni = uni[..., :L].contiguous()
+    ucnt = dense.sum(-1).to(torch.int32).contiguous()
+    resid = None
+    if min_share > 1:
+        keep = valid & ~dense.gather(-1, runid)
+        keep = torch.zeros_like(keep).scatter_(-1, perm, keep).reshape(grid, Hkv, tq, S).permute(0, 2, 1, 3)
+        xr = torch.where(keep, x.permute(0, 2, 1, 3).long(), _INV)  # [grid, tq, Hkv, S]
+        res = torch.full((Tq, Hkv, S), _INV, dtype=torch.int64, device=dev)
+        res[tok[tvalid]] = xr[tvalid]
+        res = torch.sort(res, dim=-1).values
+        resid = torch.where(res == _INV, -1, res).to(torch.int32).contiguous()
+    return dict(uni=uni, ucnt=ucnt, tseq=tseq, tstart=tstart, resid=resid, union=urun.sum(-1),
+                nsel=valid.sum(-1), tq=tq, tile_ok=tvalid.any(1))
+
+
+def forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size, tq=None, min_share=None, union=None):
+    """o [Tq, H, Dv] (q.dtype), lse [Tq, H] fp32 (log2 domain): the same as sparse_attn.forward.
+    `union`: a precomputed tile_union(idx, cu_q, tq, min_share) (benchmarks time the kernels alone)."""
+    Tq, H, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[2]
+    G = H // Hkv
+    tq = TILED_CFG["tq"] if tq is None else tq
+    min_share = TILED_CFG["min_share"] if min_share is None else min_share
+    o = _sel.empty((Tq, H, DV), q.dtype, q.device)
+    lse = _sel.empty((Tq, H), torch.float32, q.device)
+    if Tq == 0:
+        return o, lse
+    u = tile_union(idx, cu_q, tq, min_share) if union is None else union
+    nseq = cu_q.numel() - 1
+    BD, BDV, BN = _pow2(D, 16), _pow2(DV, 16), _pow2(block_size, 16)
+    prec = _prec(q.dtype)
+    interp = _interpreted()
+    if u["resid"] is not None:
+        # blocks chosen by few tokens of their tile: the one-token kernel, into an fp32 partial
+        ri = u["resid"]
+        S = ri.shape[2]
+        op = _sel.empty((Tq, H, DV), torch.float32, q.device)
+        lsep = _sel.empty((Tq, H), torch.float32, q.device)
+        _A._fwd_kernel[(Tq, Hkv)](
+            q, k, v, op, lsep, ri, tok_seq, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), op.stride(0), op.stride(1),
+            lsep.stride(0), ri.stride(0), ri.stride(1),
+            scale * LOG2E, D, DV, G, block_size, S,
+            ROWS=_A._rows(G), BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, BLOCK_S=_pow2(S), PREC=prec,
+            num_warps=_A.FWD_CFG["num_warps"], num_stages=1 if interp else _A.FWD_CFG["num_stages"])
+        has_init = True
+    else:
+        op, lsep, has_init = o, lse, False  # unused
+    GP = _pow2(G)
+    rows = _pow2(tq * GP, 16)
+    uni, ucnt = u["uni"], u["ucnt"]
+    _fwd_tiled_kernel[(uni.shape[0], Hkv)](
+        q, k, v, o, lse, op, lsep, uni, ucnt, u["tseq"], u["tstart"], cu_q, cu_k, nseq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        lse.stride(0), op.stride(0), op.stride(1), lsep.stride(0), uni.stride(0), uni.stride(1),
+        scale * LOG2E, D, DV, G, block_size,
+        TQ=tq, GP=GP, ROWS=rows, BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, HAS_INIT=has_init, PREC=prec,
+        num_warps=4 if interp else TILED_CFG["num_warps"], num_stages=1 if interp else TILED_CFG["num_stages"])
+    return o, lse
+
+
+def union_stats(u):
+    """Host summary of a tile_union (synchronises): mean / max union size per (tile, KV head), mean
+    entries of the tiled list, and `fill` = selected (token, block) pairs / (union x tq): the share of
+    the tile's score rows that are not masked out (1 = every token of the tile chose every block)."""
+    ok = u["tile_ok"]
+    union = u["union"][ok].double()
+    return {"tiles": int(ok.sum()), "union_mean": float(union.mean()), "union_max": int(u["union"][ok].max()),
+            "tile_entries_mean": float(u["ucnt"][ok].double().mean()),
+            "fill": float(u["nsel"][ok].double().sum() / (union.sum() * u["tq"]).clamp(min=1))}
