@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Tuning sweeps prepared on the CPU and not yet measured, for one H200 call after bench/gpu.sh:
+#   bash bench/gpu_sweeps.sh
+# Each step is time-guarded; results go to $OUT (or bench/results). The variants are selected by
+# environment variables and stay off by default until a run here shows they win:
+#   SALA_LIGHTNING_FWD=walk2|fused   lightning forward (bench/NOTES_lightning.md)
+#   SALA_SPARSE_FWD=tiled            block-sparse forward sharing K/V across token tiles (bench/NOTES_sparse.md)
+set -uo pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+log="$OUT/sweeps_log.txt"
+: >"$log"
+step() {
+  local limit=$1 name=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name (limit ${limit}s)" | tee -a "$log"
+  timeout "$limit" "$@" >>"$log" 2>&1
+  echo "== $name: exit $? in $(( $(date +%s) - t0 )) s" | tee -a "$log"
+}
+# correctness of the variants, compiled (the fused lightning forward spins on flags: guard it)
+step 150 "lightning variants, property tests on cuda" python3 -m pytest -q -x tests/test_lightning_triton.py -k variant
+SALA_LIGHTNING_FWD=walk2 step 60 "walk2 gpu tests" python3 -m pytest -q -m gpu tests/test_lightning_triton.py -k real_heads
+SALA_LIGHTNING_FWD=fused step 60 "fused gpu tests" python3 -m pytest -q -m gpu tests/test_lightning_triton.py -k real_heads
+step 240 "lightning variants vs fla" python3 bench/bench_lightning.py --variants --out "$OUT"
+step 420 "sparse tiled sweep" python3 bench/bench_sparse.py --seqlens 131072 32768 --tiled-only --tiled-sweep --smooth 64 --out "$OUT"
+step 120 "sparse decode profile" python3 bench/bench_sparse_decode.py --quick --profile --out "$OUT"
+grep -E "^== |BEST|ratio|speedup" "$log" | tail -n 60
