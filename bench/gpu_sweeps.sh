@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tuning sweeps prepared on the CPU and not yet measured, for one H200 call after bench/gpu.sh:
-#   bash bench/gpu_sweeps.sh
+#   bash bench/gpu_sweeps.sh lightning     (~6 min)
+#   bash bench/gpu_sweeps.sh sparse        (~7 min)
 # Each step is time-guarded; results go to $OUT (or bench/results). The variants are selected by
 # environment variables and stay off by default until a run here shows they win:
 #   SALA_LIGHTNING_FWD=walk2|fused   lightning forward (bench/NOTES_lightning.md)
@@ -22,11 +23,15 @@ step() {
   timeout "$limit" "$@" >>"$log" 2>&1
   echo "== $name: exit $? in $(( $(date +%s) - t0 )) s" | tee -a "$log"
 }
+what=${1:-lightning}
+if [ "$what" = lightning ]; then
 # correctness of the variants, compiled (the fused lightning forward spins on flags: guard it)
-step 150 "lightning variants, property tests on cuda" python3 -m pytest -q -x tests/test_lightning_triton.py -k variant
+step 120 "lightning variants, property tests on cuda" python3 -m pytest -q -x tests/test_lightning_triton.py -k variant
 SALA_LIGHTNING_FWD=walk2 step 60 "walk2 gpu tests" python3 -m pytest -q -m gpu tests/test_lightning_triton.py -k real_heads
 SALA_LIGHTNING_FWD=fused step 60 "fused gpu tests" python3 -m pytest -q -m gpu tests/test_lightning_triton.py -k real_heads
-step 240 "lightning variants vs fla" python3 bench/bench_lightning.py --variants --out "$OUT"
-step 420 "sparse tiled sweep" python3 bench/bench_sparse.py --seqlens 131072 32768 --tiled-only --tiled-sweep --smooth 64 --out "$OUT"
-step 120 "sparse decode profile" python3 bench/bench_sparse_decode.py --quick --profile --out "$OUT"
+step 180 "lightning variants vs fla" python3 bench/bench_lightning.py --variants --out "$OUT"
+else
+step 300 "sparse tiled sweep" python3 bench/bench_sparse.py --seqlens 131072 32768 --tiled-only --tiled-sweep --smooth 64 --out "$OUT"
+step 100 "sparse decode profile" python3 bench/bench_sparse_decode.py --quick --profile --out "$OUT"
+fi
 grep -E "^== |BEST|ratio|speedup" "$log" | tail -n 60
