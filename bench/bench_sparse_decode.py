@@ -8,7 +8,11 @@ tried (the cache's [B, L, Hkv, D] viewed as [B, Hkv, L, D], or a contiguous [B, 
 is the baseline. Medians of triton.testing.do_bench, eager and CUDA-graph replay; the append
 (K/V row + compressed keys) is timed on its own.
 
-    python bench/bench_sparse_decode.py [--quick] [--out DIR] [--sweep] [--profile]
+    python bench/bench_sparse_decode.py [--quick] [--out DIR] [--sweep] [--profile] [--variant fast]
+
+--variant fast also times SALA_SPARSE_DECODE=fast (sala_ops/triton/sparse_decode_fast.py, 3 launches)
+on the same cache, side by side: fast_ms / fast_graph_ms, fast_ratio / fast_graph_ratio (SDPA / fast),
+fast_same_idx (its selected blocks equal the default path's), fast_max_diff (max |o_fast - o_default|).
 """
 from __future__ import annotations
 
@@ -93,7 +97,22 @@ def sdpa_fns(cache, q, L):
     return fns
 
 
-def run_case(B, L, chunk_target=None, graphs=True):
+def _with_variant(variant, fn):
+    """fn run with SALA_SPARSE_DECODE=variant (read at each call; graph capture records the kernels)."""
+    def call():
+        old = os.environ.get("SALA_SPARSE_DECODE")
+        os.environ["SALA_SPARSE_DECODE"] = variant
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("SALA_SPARSE_DECODE", None)
+            else:
+                os.environ["SALA_SPARSE_DECODE"] = old
+    return call
+
+
+def run_case(B, L, chunk_target=None, graphs=True, variant=None):
     cache = make_cache(B, L, chunk_target)
     q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
     row = dict(B=B, L=L)
@@ -103,6 +122,16 @@ def run_case(B, L, chunk_target=None, graphs=True):
     p = cache._ws[H]["p"]
     row["plan"] = {k: p[k] for k in ("S2", "CB", "NCH", "NSPLIT", "SPB")}
     row["ours_ms"] = bench(ours)
+    if variant:
+        fast = _with_variant(variant, lambda: sparse_decode(q, cache))
+        o_def, i_def = (x.clone() for x in sparse_decode(q, cache, return_indices=True))
+        o_fast, i_fast = _with_variant(variant, lambda: sparse_decode(q, cache, return_indices=True))()
+        sync()
+        row["fast_same_idx"] = bool(torch.equal(i_def, i_fast))
+        row["fast_max_diff"] = float((o_fast.float() - o_def.float()).abs().max())
+        pf = cache._ws[("fast", H)]["p"]
+        row["fast_plan"] = {k: pf[k] for k in ("S2", "CB", "NCH", "NSUB", "SW", "NSPLIT", "SPB")}
+        row["fast_ms"] = bench(fast)
     best = None
     for name, fn in sdpa_fns(cache, q, L).items():
         fn()
@@ -116,6 +145,11 @@ def run_case(B, L, chunk_target=None, graphs=True):
         row["ours_graph_ms"] = bench_graph(ours)
         row["sdpa_graph_ms"] = bench_graph(best[2])
         row["graph_ratio"] = row["sdpa_graph_ms"] / row["ours_graph_ms"]
+    if variant:
+        row["fast_ratio"] = row["sdpa_ms"] / row["fast_ms"]
+        if graphs:
+            row["fast_graph_ms"] = bench_graph(fast)
+            row["fast_graph_ratio"] = row["sdpa_graph_ms"] / row["fast_graph_ms"]
     # append one token (K/V row + compressed keys + lengths) at position L - 1 (capacity is L), lengths reset
     # each call; L - 1 = 2^k - 1 completes a C1 and a C2 window, the costliest append
     L0 = cache.lengths.clone() - 1
@@ -138,7 +172,9 @@ def run_case(B, L, chunk_target=None, graphs=True):
     return row
 
 
-def profile_case(B, L):
+def profile_case(B, L, variant=None):
+    if variant:
+        os.environ["SALA_SPARSE_DECODE"] = variant
     cache = make_cache(B, L)
     q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
     for _ in range(5):
@@ -149,13 +185,15 @@ def profile_case(B, L):
         for _ in range(20):
             sparse_decode(q, cache)
         torch.cuda.synchronize()
-    print(f"\nprofile B={B} L={L} (20 steps)")
+    print(f"\nprofile B={B} L={L} variant={variant or 'default'} (20 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
 def fmt_table(rows):
     cols = ["B", "L", "ours_ms", "sdpa_ms", "ratio", "ours_graph_ms", "sdpa_graph_ms", "graph_ratio", "append_ms",
             "append_graph_ms", "ours_TBps"]
+    if any("fast_ms" in r for r in rows):
+        cols += ["fast_ms", "fast_ratio", "fast_graph_ms", "fast_graph_ratio", "fast_same_idx"]
     out = [" | ".join(f"{c:>13}" for c in cols)]
     for r in rows:
         cells = []
@@ -173,6 +211,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also try selection chunk targets at 1M, B=1")
     ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table at 1M, B=1")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--variant", default=None, choices=["fast"],
+                    help="also time this SALA_SPARSE_DECODE variant side by side with the default")
     args = ap.parse_args()
     sizes = [32 * 1024, 128 * 1024, 1024 * 1024]
     batches = [1] if args.quick else [1, 8]
@@ -195,7 +235,7 @@ def main():
         for L in sizes:
             t0 = time.time()
             try:
-                r = run_case(B, L, graphs=not args.no_graphs)
+                r = run_case(B, L, graphs=not args.no_graphs, variant=args.variant)
                 rows.append(r)
                 print(f"B={B} L={L}: {json.dumps(r)} ({time.time() - t0:.1f}s)", flush=True)
             except Exception as e:  # keep going: report what ran
@@ -221,6 +261,9 @@ def main():
     if args.profile:
         try:
             profile_case(1, sizes[-1])
+            if args.variant:
+                profile_case(1, sizes[-1], args.variant)
+                profile_case(1, sizes[0], args.variant)
         except Exception:
             traceback.print_exc()
 

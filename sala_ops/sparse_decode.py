@@ -31,6 +31,7 @@ cache (SALA_OPS_BACKEND / use_backend to force one; CPU + TRITON_INTERPRET=1 run
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -340,6 +341,10 @@ def sparse_decode_step(q, k, v, cache: SparseLayerCache, scale=None):
 
 # ---------------------------------------------------------------------- backends
 def _decode_triton(q, cache: SparseLayerCache, scale):
+    if os.environ.get("SALA_SPARSE_DECODE", "") == "fast":  # 3-launch variant (bench/NOTES_sparse_decode.md)
+        from .triton import sparse_decode_fast as FAST
+        if FAST.supported(cache.config):
+            return FAST.decode(q.contiguous(), cache, scale)
     from .triton import sparse_decode_kernels as K
     cfg = cache.config
     B, H, D = q.shape

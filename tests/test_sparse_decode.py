@@ -296,3 +296,77 @@ def test_triton_fp16_within_twice_torch_error():
             tol = max(2 * rel_err(_lowp_attend(q[t], k[:L], v[:L], allowed, scale, torch.float16), exact), 1e-5)
             err = rel_err(o[0].cpu(), exact)
             assert err <= tol, f"position {t}: {err:.2e} > {tol:.2e}"
+
+
+# ---------------------------------------------------------------- fast variant (SALA_SPARSE_DECODE=fast)
+def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None):
+    from sala_ops.triton import sparse_decode_fast as FAST
+    monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+    monkeypatch.setattr(FAST, "SB_BLOCKS", sb)
+    monkeypatch.setattr(FAST, "CB_BLOCKS", cb)
+    monkeypatch.setattr(FAST, "SPB_BLOCKS", spb)
+    if programs is not None:
+        monkeypatch.setattr(FAST, "TARGET_PROGRAMS", programs)
+
+
+@pytest.mark.parametrize("topk,heads,prompts,steps,D,lse,knobs,expect", [
+    # G = 2, two sequences of different lengths cross dense_len = 64; one score range per row
+    (3, (4, 2), [40, 55], 30, 16, None, {}, dict(NCH=1)),
+    # G = 4, odd head dim, 2 sub-tiles per range (carry), 2 ranges (boundary dot), 2+ LSE splits,
+    # 6 attention splits merged in 3 chunks by the last split program
+    (4, (8, 2), [150], 12, 24, (16, 8), dict(sb=4, cb=8, spb=1, programs=4096), dict(NCH=2, NSUB=2, NSPLIT=6)),
+    # G = 1, 3 ranges of one sub-tile each, batch with different lengths (one still dense at first)
+    (2, (2, 2), [150, 60], 14, 32, (16, 8), dict(sb=4, cb=4, programs=4096), dict(NCH=3, NSUB=1)),
+])
+def test_fast_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, knobs, expect):
+    H, Hkv = heads
+    _fast_knobs(monkeypatch, **knobs)
+    cfg = dict(SMALL, topk=topk, dense_len=64)
+    if lse is not None:
+        cfg.update(lse_kernel_size=lse[0], lse_kernel_stride=lse[1])
+    cache, _ = _run("triton", cfg, prompts, steps, H, Hkv, D, device=DEV, seed=200 + topk)
+    p = cache._ws[("fast", H)]["p"]
+    for k, v in expect.items():
+        assert p[k] == v, f"plan {k} = {p[k]}, expected {v}: the case does not exercise what it should"
+    if lse is not None:
+        assert p["S2"] >= 2, "several LSE splits not exercised"
+
+
+def test_fast_nan_poisoned_workspace(monkeypatch):
+    """Every workspace entry read in a step is written in that step: NaN / garbage before each step
+    changes nothing (the self-resetting counters are the only state kept between steps)."""
+    _fast_knobs(monkeypatch, sb=4, cb=4, spb=2, programs=4096)
+    import sys
+    orig = sparse_decode
+    mod = sys.modules[__name__]
+
+    def poisoned(q, cache, *a, **kw):
+        ws = cache._ws.get(("fast", q.shape[-2]))
+        if ws is not None:
+            for name in ("m2", "l2", "bscore", "o_part", "m_part", "l_part"):
+                ws[name].fill_(float("nan"))
+            ws["sel"].fill_(12345)
+        return orig(q, cache, *a, **kw)
+    monkeypatch.setattr(mod, "sparse_decode", poisoned)
+    cfg = dict(SMALL, topk=3, dense_len=50, lse_kernel_size=16, lse_kernel_stride=8)
+    cache, _ = _run("triton", cfg, [20, 120, 45], 8, 4, 2, 16, device=DEV, seed=31)
+    ws = cache._ws[("fast", 4)]
+    assert int(ws["cnt_sel"].abs().sum()) == 0 and int(ws["cnt_att"].abs().sum()) == 0, "counters not reset"
+
+
+def test_fast_long_sequence_many_ranges(monkeypatch):
+    """A longer sequence (many score ranges, many LSE splits, many ties between neighbouring blocks):
+    blocks and outputs equal the reference's."""
+    _fast_knobs(monkeypatch, sb=8, cb=8, programs=4096)
+    cfg = dict(SMALL, topk=6, dense_len=64, lse_kernel_size=16, lse_kernel_stride=8)
+    cache, _ = _run("triton", cfg, [1500], 4, 8, 2, 16, device=DEV, seed=77)
+    p = cache._ws[("fast", 8)]["p"]
+    assert p["NCH"] >= 10 and p["S2"] >= 8, p
+
+
+@pytest.mark.gpu
+def test_gpu_fast_variant_9b_and_graph(monkeypatch):
+    """The fast variant on the 9B config: reference selection + 2x-bf16 error bound, graph replay == eager."""
+    monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+    test_gpu_9b_config_decode_crosses_dense_len()
+    test_gpu_cuda_graph_replay_equals_eager()

@@ -1,0 +1,351 @@
+"""Fast sparse decode (SALA_SPARSE_DECODE=fast): 3 launches instead of 5, many programs, no sort.
+
+Same cache, same results as sparse_decode_kernels (selection exactly the reference's, ties to the
+lower block index), a different schedule (bench/NOTES_sparse_decode.md has the design and the numbers):
+
+  1. _lse_partial_kernel (shared with the default path) with ~264 / (B Hkv) splits per (b, KV head):
+     per query head (max, sum exp) of q.C2 * scale over its C2 keys.
+  2. _score_select_kernel, grid (B, Hkv, NCH), ~528 programs at B = 1: each takes a contiguous
+     range of CB blocks, combines the LSE partials, and walks it in sub-tiles of SB blocks: one
+     tl.dot of the G query heads (M = BG rows) against the SB*R contiguous C1 windows that start
+     inside the sub-tile (R = block_size / kernel_stride), exp(s - lse) summed over the heads, the
+     [SB, R] reshape max-pooled; the E = (kernel_size - 1) // kernel_stride windows that start in
+     the previous block come from the previous block's row (a shift, exact), at the range's start
+     from one extra dot laid out exactly as the previous program's last sub-tile (so the shared
+     window has bit-identical P in both programs). Block scores go to a small fp32 scratch
+     [B, Hkv, NBMAX]. The last program of each (b, KV head) (atomic counter, self-resetting)
+     selects: a 31-step binary search for the n_sel-th largest score over the int32 bits of the
+     scores held in registers (forced blocks = +inf, future blocks excluded), then the blocks above
+     it plus the lowest-index ties, compacted ascending with a cumsum: no sort at all.
+  3. _attend_combine_kernel: flash-decoding split-K over the selected blocks (as _attend_kernel);
+     the last split program of each (b, KV head) (atomic counter) merges the NSPLIT partials.
+
+Requirements (else the default path runs): block_size % kernel_stride == 0, R a power of two,
+1 <= E <= R (the 9B config: R = 4, E = 1). Every buffer is preallocated (SparseLayerCache._ws),
+grids depend only on the capacity, counters reset themselves: CUDA-graph capturable, no host sync.
+All offsets that scale with the cache length are int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sparse_decode_kernels import _lse_partial_kernel
+
+TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
+SB_BLOCKS = None       # overrides (tests: small configs with several sub-tiles and ranges)
+CB_BLOCKS = None
+SPB_BLOCKS = None
+
+
+@triton.jit
+def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
+                         s_qb, s_qh, s_1b, s_1t, s_1h,
+                         scale, D, DENSE_LEN, NBMAX,
+                         G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
+                         INIT: tl.constexpr, WB: tl.constexpr, S2: tl.constexpr, S2P: tl.constexpr,
+                         R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
+                         KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr,
+                         BG: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    c = tl.program_id(2)
+    HKV = tl.num_programs(1)
+    NCH = tl.num_programs(2)
+    row = b * HKV + g
+    L = tl.load(lens + b)
+    t = L - 1
+    qb = t // BS
+    b0 = c * (NSUB * SB)
+    if (L >= DENSE_LEN) & (b0 <= qb):
+        n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
+        rg = tl.arange(0, BG)
+        gm = rg < G
+        d = tl.arange(0, BD)
+        dm = d < D
+        h = g * G + rg
+        # lse per query head from the C2 partials (0 when no C2 key is complete yet)
+        sp = tl.arange(0, S2P)
+        po = (b * (G * HKV) + h)[:, None] * S2 + sp[None, :]
+        pm = gm[:, None] & (sp[None, :] < S2)
+        mp = tl.load(m_in + po, mask=pm, other=float("-inf"))
+        lp = tl.load(l_in + po, mask=pm, other=0.0)
+        M = tl.max(mp, axis=1)
+        Ms = tl.where(M == float("-inf"), 0.0, M)
+        tot = tl.sum(lp * tl.exp(mp - Ms[:, None]), axis=1)
+        lse = tl.where(tot > 0, Ms + tl.log(tl.maximum(tot, 1e-38)), 0.0)
+        qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
+                     other=0.0).to(tl.float32)
+        base = c1 + b * s_1b + g * s_1h
+        wi = tl.arange(0, SB * R)
+        si = tl.arange(0, SB)
+        rr = tl.arange(0, R)
+        # windows b0*R - e (e = 1..E) start in block b0 - 1: one dot laid out as the previous
+        # program's last sub-tile (same shape, same column), only those rows loaded
+        j = (b0 - SB) * R + wi
+        jm = (j >= b0 * R - E) & (j >= 0) & (j < n1)
+        k1 = tl.load(base + j.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            sc = tl.dot(qt, tl.trans(k1), input_precision="ieee") * scale
+        else:
+            sc = tl.dot(qt, tl.trans(k1)) * scale
+        pj = tl.where(jm, tl.sum(tl.where(gm[:, None], tl.exp(sc - lse[:, None]), 0.0), axis=0), 0.0)
+        carry = tl.max(pj, axis=0)
+        nsub = tl.minimum(NSUB, (qb - b0) // SB + 1)
+        for s in range(0, nsub):
+            bb0 = b0 + s * SB
+            j = bb0 * R + wi
+            jm = j < n1
+            k1 = tl.load(base + j.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jm[:, None] & dm[None, :],
+                         other=0.0)
+            if IEEE:
+                sc = tl.dot(qt, tl.trans(k1), input_precision="ieee") * scale
+            else:
+                sc = tl.dot(qt, tl.trans(k1)) * scale
+            pj = tl.where(jm, tl.sum(tl.where(gm[:, None], tl.exp(sc - lse[:, None]), 0.0), axis=0), 0.0)
+            p2 = tl.reshape(pj, [SB, R])
+            score = tl.max(p2, axis=1)                                          # windows bR .. bR+R-1
+            tail = tl.max(tl.where(rr[None, :] >= R - E, p2, 0.0), axis=1)     # windows (b+1)R-E .. (b+1)R-1
+            prev = tl.sum(tl.where(si[:, None] - 1 == si[None, :], tail[None, :], 0.0), axis=1)  # tail[i - 1]
+            prev = tl.where(si == 0, carry, prev)
+            score = tl.maximum(score, prev)
+            carry = tl.max(tl.where(si == SB - 1, tail, 0.0), axis=0)
+            bb = bb0 + si
+            tl.store(bscore + row * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
+    # the last program of (b, g) selects (stores above are released by the acq_rel atomic)
+    tl.debug_barrier()
+    done = tl.atomic_add(counter + row, 1)
+    if done == NCH - 1:
+        tl.atomic_xchg(counter + row, 0)
+        ki = tl.arange(0, KSP)
+        if L >= DENSE_LEN:
+            n_sel = tl.minimum(qb + 1, KSEL)
+            bb = tl.arange(0, NBP)
+            valid = (bb <= qb) & (bb < NBMAX)
+            sc = tl.load(bscore + row * NBMAX + bb, mask=valid, other=0.0, cache_modifier=".cg")
+            forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
+            sc = tl.where(forced, float("inf"), sc)
+            bits = tl.where(valid, sc.to(tl.int32, bitcast=True), -1)
+            # largest S with #(bits >= S) >= n_sel; scores are >= 0 (or +inf), so int order = float order
+            lo = tl.zeros([], dtype=tl.int32)
+            hi = tl.full([], 2139095040, tl.int32)  # +inf
+            for _ in range(31):
+                mid = lo + (hi - lo + 1) // 2
+                cnt = tl.sum(tl.where(bits >= mid, 1, 0), axis=0)
+                ok = cnt >= n_sel
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+            gt = bits > lo
+            n_gt = tl.sum(gt.to(tl.int32), axis=0)
+            eq = bits == lo
+            rank = tl.cumsum(eq.to(tl.int32), axis=0)
+            chosen = gt | (eq & (rank <= n_sel - n_gt))
+            pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+            tl.store(sel + row * KSEL + pos, bb, mask=chosen)
+            tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
+        else:
+            tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
+
+
+@triton.jit
+def _attend_combine_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part, counter,
+                           s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
+                           scale, D, DENSE_LEN, NSLOT, SPB,
+                           G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr,
+                           SPC: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                           IEEE: tl.constexpr):
+    """_attend_kernel's split-K, then the last split program of (b, g) merges the partials."""
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    HKV = tl.num_programs(1)
+    L = tl.load(lens + b)
+    qb = (L - 1) // BS
+    dense = L < DENSE_LEN
+    rg = tl.arange(0, BG)
+    gm = rg < G
+    d = tl.arange(0, BD)
+    dm = d < D
+    h = g * G + rg
+    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+    m_i = tl.full([BG], float("-inf"), tl.float32)
+    l_i = tl.zeros([BG], dtype=tl.float32)
+    acc = tl.zeros([BG, BD], dtype=tl.float32)
+    n = tl.arange(0, BN)
+    kbase = kc + b * s_cb + g * s_ch
+    vbase = vc + b * s_cb + g * s_ch
+    for i in range(SPB):
+        slot = s * SPB + i
+        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1))
+        sv = tl.where((slot < KSEL) & (L >= DENSE_LEN), sv, -1)
+        blk = tl.where(dense, slot, sv)
+        live = (blk >= 0) & (blk <= qb) & (slot < NSLOT) & (L > 0)
+        if live:
+            pos = blk.to(tl.int64) * BS + n
+            pm = (n < BS) & (pos < L)
+            k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+            v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+            if IEEE:
+                sc = tl.dot(qt, tl.trans(k), input_precision="ieee") * scale
+            else:
+                sc = tl.dot(qt, tl.trans(k)) * scale
+            sc = tl.where(pm[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+    if NSPLIT == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o + b * s_ob + h[:, None] * s_oh + d[None, :], out.to(o.dtype.element_ty),
+                 mask=gm[:, None] & dm[None, :])
+    else:
+        r = (b * (G * HKV) + h) * NSPLIT + s
+        tl.store(o_part + r[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+        tl.store(m_part + r, m_i, mask=gm)
+        tl.store(l_part + r, l_i, mask=gm)
+        tl.debug_barrier()
+        done = tl.atomic_add(counter + b * HKV + g, 1)
+        if done == NSPLIT - 1:
+            tl.atomic_xchg(counter + b * HKV + g, 0)
+            # merge: [BG, SPC, BD] chunks of the split partials of the group's G heads
+            hb = (b * (G * HKV) + h) * NSPLIT
+            sc_ = tl.arange(0, SPC)
+            Mx = tl.full([BG], float("-inf"), tl.float32)
+            for s0 in range(0, NSPLIT, SPC):
+                mm = tl.load(m_part + hb[:, None] + s0 + sc_[None, :],
+                             mask=gm[:, None] & (s0 + sc_[None, :] < NSPLIT), other=float("-inf"),
+                             cache_modifier=".cg")
+                Mx = tl.maximum(Mx, tl.max(mm, axis=1))
+            Ms = tl.where(Mx == float("-inf"), 0.0, Mx)
+            den = tl.zeros([BG], dtype=tl.float32)
+            num = tl.zeros([BG, BD], dtype=tl.float32)
+            for s0 in range(0, NSPLIT, SPC):
+                smask = gm[:, None] & (s0 + sc_[None, :] < NSPLIT)
+                ro = hb[:, None] + s0 + sc_[None, :]
+                mm = tl.load(m_part + ro, mask=smask, other=float("-inf"), cache_modifier=".cg")
+                ll = tl.load(l_part + ro, mask=smask, other=0.0, cache_modifier=".cg")
+                w = tl.exp(mm - Ms[:, None])
+                den += tl.sum(ll * w, axis=1)
+                aa = tl.load(o_part + ro[:, :, None] * D + d[None, None, :],
+                             mask=smask[:, :, None] & dm[None, None, :], other=0.0, cache_modifier=".cg")
+                num += tl.sum(aa * w[:, :, None], axis=1)
+            out = num / tl.where(den > 0, den, 1.0)[:, None]
+            tl.store(o + b * s_ob + h[:, None] * s_oh + d[None, :], out.to(o.dtype.element_ty),
+                     mask=gm[:, None] & dm[None, :])
+
+
+# ---------------------------------------------------------------------- host side
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def supported(cfg) -> bool:
+    """The fast path's config requirements (the 9B config and the tests' small config meet them)."""
+    bs, ks, st = cfg.block_size, cfg.kernel_size, cfg.kernel_stride
+    if bs % st:
+        return False
+    R, E = bs // st, (ks - 1) // st
+    return R & (R - 1) == 0 and 1 <= E <= R
+
+
+def workspace(cache, H: int):
+    """Plan + preallocated buffers of the fast path for H query heads (cached on the cache)."""
+    key = ("fast", H)
+    ws = cache._ws.get(key)
+    if ws is not None:
+        return ws
+    cfg = cache.config
+    B, Hkv, D = cache.batch_size, cache.num_kv_heads, cache.head_dim
+    bs, st = cfg.block_size, cfg.kernel_stride
+    ksel = cfg.num_selected
+    G = H // Hkv
+    p = dict(G=G, BG=max(16, _pow2(G)), BD=max(16, _pow2(D)), BJ=64)
+    p["R"] = R = bs // st
+    p["E"] = (cfg.kernel_size - 1) // st
+    rows = B * Hkv
+    # LSE partials: ~TARGET/2 programs over all (b, KV head)
+    n2 = max(1, cache.n2_max)
+    tgt2 = max(1, (TARGET_PROGRAMS // 2) // rows)
+    p["BJ"] = min(64, max(16, _pow2(_cdiv(n2, tgt2))))
+    p["CH2"] = p["BJ"] * _cdiv(_cdiv(n2, tgt2), p["BJ"])
+    p["S2"] = _cdiv(n2, p["CH2"])
+    p["S2P"] = _pow2(p["S2"])
+    # score ranges of CB = NSUB * SB blocks, SB * R >= 64 windows per dot
+    nb = _cdiv(cache.max_len, bs)
+    p["NBMAX"] = nb
+    p["NBP"] = _pow2(nb)
+    p["SB"] = SB = max(_pow2(SB_BLOCKS), _cdiv(16, R)) if SB_BLOCKS else max(16, 64 // R)  # SB * R >= 16
+    tgt = max(1, TARGET_PROGRAMS // rows)
+    CB = max(SB, _pow2(_cdiv(nb, tgt)))
+    if CB_BLOCKS:
+        CB = max(SB, _pow2(CB_BLOCKS))
+    p["CB"] = CB
+    p["NSUB"] = CB // SB
+    p["NCH"] = _cdiv(nb, CB)
+    p["KSP"] = _pow2(ksel)
+    # sm_90 AOT (triton 3.6): 4 warps up to 4096 blocks (254 regs, no spill); 8 warps spill at both
+    # 32K and 1M; 16 warps at 1M: 124 regs, no spill (the select holds NBP int32 in registers)
+    p["SW"] = 4 if p["NBP"] <= 4096 else 16
+    # attention slots: the selected blocks, or every block of a sequence still below dense_len
+    p["NSLOT"] = NSLOT = max(ksel, _cdiv(cfg.dense_len, bs))
+    SPB = max(4, _cdiv(NSLOT * rows, 264))
+    p["SPB"] = SPB = min(SPB_BLOCKS or SPB, NSLOT)
+    p["NSPLIT"] = _cdiv(NSLOT, SPB)
+    p["SPC"] = 2  # sm_90 AOT: 8 warps, SPC 2 -> 228 regs, no spill (4 warps: 255 + 72 B stack)
+    p["BN"] = max(16, _pow2(bs))
+    assert p["NCH"] <= 65535 and p["S2"] <= 65535 and p["NSPLIT"] <= 65535 and Hkv <= 65535
+    dev, f32 = cache.device, torch.float32
+    ws = dict(p=p,
+              m2=torch.empty(B, H, p["S2"], dtype=f32, device=dev),
+              l2=torch.empty(B, H, p["S2"], dtype=f32, device=dev),
+              bscore=torch.empty(B, Hkv, nb, dtype=f32, device=dev),
+              sel=torch.full((B, Hkv, ksel), -1, dtype=torch.int32, device=dev),
+              cnt_sel=torch.zeros(rows, dtype=torch.int32, device=dev),
+              cnt_att=torch.zeros(rows, dtype=torch.int32, device=dev),
+              o_part=torch.empty(B, H, p["NSPLIT"], D, dtype=f32, device=dev),
+              m_part=torch.empty(B, H, p["NSPLIT"], dtype=f32, device=dev),
+              l_part=torch.empty(B, H, p["NSPLIT"], dtype=f32, device=dev))
+    cache._ws[key] = ws
+    return ws
+
+
+def decode(q, cache, scale):
+    """One decode step, 3 launches. q [B, H, D] contiguous. Returns (o, sel)."""
+    cfg = cache.config
+    B, H, D = q.shape
+    Hkv = cache.num_kv_heads
+    ws = workspace(cache, H)
+    p = ws["p"]
+    ks2, st2 = cfg.c2
+    o = torch.empty_like(q)
+    ieee = q.dtype == torch.float32
+    _lse_partial_kernel[(B, Hkv, p["S2"])](
+        q, cache.c2, cache.lengths, ws["m2"], ws["l2"], q.stride(0), q.stride(1), *cache.c2.stride()[:3],
+        scale, D, cfg.dense_len, p["CH2"],
+        G=p["G"], KS2=ks2, ST2=st2, S2=p["S2"], BG=p["BG"], BD=p["BD"], BJ=p["BJ"], IEEE=True, num_warps=4)
+    _score_select_kernel[(B, Hkv, p["NCH"])](
+        q, cache.c1, cache.lengths, ws["m2"], ws["l2"], ws["bscore"], ws["sel"], ws["cnt_sel"],
+        q.stride(0), q.stride(1), *cache.c1.stride()[:3], scale, D, cfg.dense_len, p["NBMAX"],
+        G=p["G"], KS=cfg.kernel_size, ST=cfg.kernel_stride, BS=cfg.block_size, INIT=cfg.init_blocks,
+        WB=cfg.window_size // cfg.block_size, S2=p["S2"], S2P=p["S2P"], R=p["R"], E=p["E"], SB=p["SB"],
+        NSUB=p["NSUB"], KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"], BG=p["BG"], BD=p["BD"],
+        IEEE=True, num_warps=p["SW"])
+    _attend_combine_kernel[(B, Hkv, p["NSPLIT"])](
+        q, cache.k, cache.v, cache.lengths, ws["sel"], o, ws["o_part"], ws["m_part"], ws["l_part"], ws["cnt_att"],
+        q.stride(0), q.stride(1), *cache.k.stride()[:3], o.stride(0), o.stride(1),
+        scale, D, cfg.dense_len, p["NSLOT"], p["SPB"],
+        G=p["G"], BS=cfg.block_size, KSEL=cfg.num_selected, NSPLIT=p["NSPLIT"], SPC=p["SPC"], BG=p["BG"],
+        BD=p["BD"], BN=p["BN"], IEEE=ieee, num_warps=8)
+    return o, ws["sel"]
