@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Tuning sweeps prepared on the CPU and not yet measured, for one H200 call after bench/gpu.sh:
 #   bash bench/gpu_sweeps.sh lightning     (~6 min)
-#   bash bench/gpu_sweeps.sh sparse        (~7 min)
+#   bash bench/gpu_sweeps.sh sparse        (~8 min)
 # Each step is time-guarded; results go to $OUT (or bench/results). The variants are selected by
 # environment variables and stay off by default until a run here shows they win:
 #   SALA_LIGHTNING_FWD=walk2|fused   lightning forward (bench/NOTES_lightning.md)
 #   SALA_SPARSE_FWD=tiled            block-sparse forward sharing K/V across token tiles (bench/NOTES_sparse.md)
+#   SALA_SPARSE_DECODE=fast          3-launch sparse decode step (bench/NOTES_sparse_decode.md)
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -32,6 +33,7 @@ SALA_LIGHTNING_FWD=fused step 60 "fused gpu tests" python3 -m pytest -q -m gpu t
 step 180 "lightning variants vs fla" python3 bench/bench_lightning.py --variants --out "$OUT"
 else
 step 300 "sparse tiled sweep" python3 bench/bench_sparse.py --seqlens 131072 32768 --tiled-only --tiled-sweep --smooth 64 --out "$OUT"
-step 100 "sparse decode profile" python3 bench/bench_sparse_decode.py --quick --profile --out "$OUT"
+step 60 "sparse decode gpu tests (both variants)" python3 -m pytest -q -m gpu tests/test_sparse_decode.py
+step 100 "sparse decode: default vs fast" python3 bench/bench_sparse_decode.py --quick --variant fast --profile --out "$OUT"
 fi
 grep -E "^== |BEST|ratio|speedup" "$log" | tail -n 60
