@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_decode_kernels import _lse_partial_kernel
+from .sparse_decode_kernels import _attend_split, _lse_partial_kernel
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
 SB_BLOCKS = None       # overrides (tests: small configs with several sub-tiles and ranges)
@@ -156,61 +156,17 @@ def _attend_combine_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part, coun
                            SPC: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
                            IEEE: tl.constexpr):
     """_attend_kernel's split-K, then the last split program of (b, g) merges the partials."""
-    b = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    s = tl.program_id(2)
-    HKV = tl.num_programs(1)
-    L = tl.load(lens + b)
-    qb = (L - 1) // BS
-    dense = L < DENSE_LEN
-    rg = tl.arange(0, BG)
-    gm = rg < G
-    d = tl.arange(0, BD)
-    dm = d < D
-    h = g * G + rg
-    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
-    m_i = tl.full([BG], float("-inf"), tl.float32)
-    l_i = tl.zeros([BG], dtype=tl.float32)
-    acc = tl.zeros([BG, BD], dtype=tl.float32)
-    n = tl.arange(0, BN)
-    kbase = kc + b * s_cb + g * s_ch
-    vbase = vc + b * s_cb + g * s_ch
-    for i in range(SPB):
-        slot = s * SPB + i
-        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1))
-        sv = tl.where((slot < KSEL) & (L >= DENSE_LEN), sv, -1)
-        blk = tl.where(dense, slot, sv)
-        live = (blk >= 0) & (blk <= qb) & (slot < NSLOT) & (L > 0)
-        if live:
-            pos = blk.to(tl.int64) * BS + n
-            pm = (n < BS) & (pos < L)
-            k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-            v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-            if IEEE:
-                sc = tl.dot(qt, tl.trans(k), input_precision="ieee") * scale
-            else:
-                sc = tl.dot(qt, tl.trans(k)) * scale
-            sc = tl.where(pm[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-    if NSPLIT == 1:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o + b * s_ob + h[:, None] * s_oh + d[None, :], out.to(o.dtype.element_ty),
-                 mask=gm[:, None] & dm[None, :])
-    else:
-        r = (b * (G * HKV) + h) * NSPLIT + s
-        tl.store(o_part + r[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
-        tl.store(m_part + r, m_i, mask=gm)
-        tl.store(l_part + r, l_i, mask=gm)
+    _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
+                  scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NSPLIT, BG, BD, BN, IEEE)
+    if NSPLIT > 1:
+        b = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        HKV = tl.num_programs(1)
+        rg = tl.arange(0, BG)
+        gm = rg < G
+        d = tl.arange(0, BD)
+        dm = d < D
+        h = g * G + rg
         tl.debug_barrier()
         done = tl.atomic_add(counter + b * HKV + g, 1)
         if done == NSPLIT - 1:

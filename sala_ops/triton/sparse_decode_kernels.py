@@ -236,14 +236,15 @@ def _topk_merge_kernel(cand, lens, sel, DENSE_LEN, NCH,
 
 
 @triton.jit
-def _attend_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
-                   s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
-                   scale, D, DENSE_LEN, NSLOT, SPB,
-                   G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr,
-                   BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+def _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
+                  s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
+                  scale, D, DENSE_LEN, NSLOT, SPB,
+                  G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr,
+                  BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     """Softmax attention of the G query heads of (b, g) over slots [s*SPB, s*SPB + SPB): slot i is
     block i below dense_len, else the i-th selected block. NSPLIT == 1 writes o; else the partial
-    (unnormalised acc, max, sum) into o_part [B, H, NSPLIT, D], m_part/l_part [B, H, NSPLIT]."""
+    (unnormalised acc, max, sum) into o_part [B, H, NSPLIT, D], m_part/l_part [B, H, NSPLIT].
+    Shared by _attend_kernel and the fast path's _attend_combine_kernel."""
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -299,6 +300,17 @@ def _attend_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
         tl.store(o_part + r[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
         tl.store(m_part + r, m_i, mask=gm)
         tl.store(l_part + r, l_i, mask=gm)
+
+
+@triton.jit
+def _attend_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
+                   s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
+                   scale, D, DENSE_LEN, NSLOT, SPB,
+                   G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr,
+                   BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    """Split-K attention over the selected blocks (see _attend_split); _combine_kernel merges."""
+    _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
+                  scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NSPLIT, BG, BD, BN, IEEE)
 
 
 @triton.jit
