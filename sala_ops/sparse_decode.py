@@ -39,7 +39,7 @@ import torch
 from . import _checks as C
 from ._dispatch import choose
 from .reference import sparse as ref
-from .sparse import SparseConfig, sparse_attention
+from .sparse import SparseConfig, _config, sparse_attention
 
 __all__ = ["SparseLayerCache", "sparse_prefill", "sparse_decode", "sparse_decode_step"]
 
@@ -56,16 +56,6 @@ def _n_windows(L: int, ks: int, st: int) -> int:
     return 0 if L < ks else (L - ks) // st + 1
 
 
-def _make_config(op, config, overrides) -> SparseConfig:
-    if config is not None and not isinstance(config, SparseConfig):
-        raise TypeError(f"sala_ops.{op}: config must be a SparseConfig or None, got {type(config).__name__}")
-    base = config or SparseConfig()
-    unknown = set(overrides) - set(SparseConfig.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"sala_ops.{op}: unknown sparse hyperparameters {sorted(unknown)}")
-    return SparseConfig(**{**base.__dict__, **overrides}).check(op)
-
-
 class SparseLayerCache:
     """Decode cache of one sparse layer for a batch of B sequences (lengths may differ).
 
@@ -78,7 +68,7 @@ class SparseLayerCache:
                  dtype: torch.dtype = torch.bfloat16, device=None, config: Optional[SparseConfig] = None,
                  **hyperparameters):
         op = "SparseLayerCache"
-        self.config = cfg = _make_config(op, config, hyperparameters)
+        self.config = cfg = _config(op, config, hyperparameters)
         for name, val in (("batch_size", batch_size), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
                           ("head_dim", head_dim)):
             C.positive_int(op, name, val)
