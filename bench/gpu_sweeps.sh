@@ -2,6 +2,7 @@
 # Tuning sweeps prepared on the CPU and not yet measured, for one H200 call after bench/gpu.sh:
 #   bash bench/gpu_sweeps.sh lightning     (~6 min)
 #   bash bench/gpu_sweeps.sh sparse        (~8 min)
+#   bash bench/gpu_sweeps.sh all           (~9.5 min: the decisive parts of both, tighter guards)
 # Each step is time-guarded; results go to $OUT (or bench/results). The variants are selected by
 # environment variables and stay off by default until a run here shows they win:
 #   SALA_LIGHTNING_FWD=walk2|fused   lightning forward (bench/NOTES_lightning.md)
@@ -25,7 +26,14 @@ step() {
   echo "== $name: exit $? in $(( $(date +%s) - t0 )) s" | tee -a "$log"
 }
 what=${1:-lightning}
-if [ "$what" = lightning ]; then
+if [ "$what" = all ]; then
+CUDA_LAUNCH_BLOCKING=1 step 40 "lightning small fp32 cases (illegal-access check)" python3 bench/diag_lightning.py fp32
+step 150 "lightning variants vs fla" python3 bench/bench_lightning.py --variants --out "$OUT"
+step 50 "sparse decode gpu tests (both variants)" python3 -m pytest -q -m gpu tests/test_sparse_decode.py
+step 80 "sparse decode: default vs fast" python3 bench/bench_sparse_decode.py --quick --variant fast --out "$OUT"
+step 170 "sparse tiled sweep 128K" python3 bench/bench_sparse.py --seqlens 131072 --tiled-only --tiled-sweep --smooth 64 --out "$OUT"
+step 60 "lightning variants, property tests on cuda" python3 -m pytest -q -x tests/test_lightning_triton.py -k variant
+elif [ "$what" = lightning ]; then
 # correctness of the variants, compiled (the fused lightning forward spins on flags: guard it)
 step 120 "lightning variants, property tests on cuda" python3 -m pytest -q -x tests/test_lightning_triton.py -k variant
 SALA_LIGHTNING_FWD=walk2 step 60 "walk2 gpu tests" python3 -m pytest -q -m gpu tests/test_lightning_triton.py -k real_heads
