@@ -54,6 +54,9 @@ def _select_impl(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: tor
                  block_size: int, init_blocks: int, window_size: int, topk: int, dense_len: int,
                  width: int) -> torch.Tensor:
     Sel, _ = _kernels()
+    if os.environ.get("SALA_SPARSE_SELECT", "") == "fast":  # contiguous C1 tiles + binary-search top-k (until measured)
+        from .triton import sparse_select_fast
+        Sel = sparse_select_fast
     return Sel.select(q, k, cu_q, cu_k, scale, kernel_size, kernel_stride, lse_kernel_size, lse_kernel_stride,
                       block_size, init_blocks, window_size, topk, dense_len, width)
 
