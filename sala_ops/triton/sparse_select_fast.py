@@ -25,8 +25,9 @@ tokens of one sequence, KV head g), taken round-robin from a list sorted by decr
 Tiles whose last query has qb + 1 <= k_sel select every causal block and skip steps 1-3.
 
 Limits (else sparse_select.select runs): block_size % kernel_stride == 0, R a power of two,
-E <= R, and NBP = pow2(ceil(Tk_total / block_size)) <= FAST_CFG["nbp_max"] (8192: 512K keys at
-block 64; the [TSEL, NBP] search is held in registers, TSEL = sel_elems // NBP rows at a time).
+E <= R, and NBP = pow2(ceil(Tk_total / block_size)) <= FAST_CFG["nbp_max"] (4096: 256K keys at
+block 64; the [TSEL, NBP] search is held in registers, TSEL = sel_elems // NBP rows at a time; sm_90
+with triton 3.6 spills at NBP 8192 with 8 warps and caps 16 warps at 128 registers, spilling more).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from . import sparse_select as S
 # tq: query tokens per item (raised to 16 // GP so the MMA has >= 16 rows); sb: blocks per C1 sub-tile
 # (raised so SB * R >= 16); sel_elems: [TSEL, NBP] elements the top-k holds at once; nbp_max: above it
 # the default kernel runs; programs_per_sm: persistent grid = that x number of SMs.
-FAST_CFG = dict(tq=4, sb=16, sel_elems=8192, nbp_max=8192, num_warps=8, num_stages=2, programs_per_sm=2)
+FAST_CFG = dict(tq=4, sb=16, sel_elems=8192, nbp_max=4096, num_warps=8, num_stages=2, programs_per_sm=2,
+                 ch=256)
 INTERPRET_PROGRAMS = 3  # small persistent grid under the interpreter: several items per program
 
 
@@ -50,7 +52,7 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                         qk_scale, D, G, KS1, ST1, KS2, ST2, BS, INIT, WB, KSEL, W, DENSE_LEN,
                         TQ: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr,
                         SB: tl.constexpr, R: tl.constexpr, E: tl.constexpr, NBP: tl.constexpr,
-                        TSEL: tl.constexpr, WP: tl.constexpr, BN2: tl.constexpr, PREC: tl.constexpr):
+                        TSEL: tl.constexpr, CH: tl.constexpr, WP: tl.constexpr, BN2: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     scr = SCR + pid.to(tl.int64) * (TQ * NBP)
@@ -66,6 +68,7 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
     bb = tl.arange(0, NBP)
     ts = tl.arange(0, TSEL)
     wc = tl.arange(0, WP)
+    ch = tl.arange(0, CH)
     for it in range(pid, n_items, nprog):
         tile = tl.load(order + it // HKV)
         g = it % HKV
@@ -158,14 +161,27 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                         ok = cnt >= n_sel
                         lo = tl.where(ok, mid, lo)
                         hi = tl.where(ok, hi, mid - 1)
-                    gt = bits > lo[:, None]
-                    n_gt = tl.sum(gt.to(tl.int32), axis=1)
-                    eq = bits == lo[:, None]
-                    rank = tl.cumsum(eq.to(tl.int32), axis=1)
-                    chosen = gt | (eq & (rank <= (n_sel - n_gt)[:, None]))
-                    pos = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-                    tl.store(ob + pos, (bb[None, :] + tl.zeros([TSEL, NBP], tl.int32)).to(tl.int32),
-                             mask=chosen & sp_ok[:, None])
+                    n_gt = tl.sum((bits > lo[:, None]).to(tl.int32), axis=1)
+                    n_eq = n_sel - n_gt  # how many of the blocks scoring exactly S, lowest index first
+                    # compaction in chunks of CH blocks reloaded from the scratch (few registers)
+                    eq_run = tl.zeros([TSEL], dtype=tl.int32)
+                    out_run = tl.zeros([TSEL], dtype=tl.int32)
+                    for c0 in range(0, qb_last + 1, CH):
+                        cb = c0 + ch
+                        scc = tl.load(scr + (r0 + ts)[:, None] * NBP + cb[None, :], mask=(cb < walk_end)[None, :],
+                                      other=0.0, cache_modifier=".cg")
+                        vc = cb[None, :] <= qb_tok[:, None]
+                        fc = (cb[None, :] < INIT) | ((cb[None, :] + WB >= qb_tok[:, None]) & vc)
+                        scc = tl.where(fc, float("inf"), scc)
+                        bc = tl.where(vc, scc.to(tl.int32, bitcast=True), -1)
+                        eq = bc == lo[:, None]
+                        rank = eq_run[:, None] + tl.cumsum(eq.to(tl.int32), axis=1)
+                        chosen = (bc > lo[:, None]) | (eq & (rank <= n_eq[:, None]))
+                        pos = out_run[:, None] + tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+                        tl.store(ob + pos, (cb[None, :] + tl.zeros([TSEL, CH], tl.int32)).to(tl.int32),
+                                 mask=chosen & sp_ok[:, None])
+                        eq_run += tl.sum(eq.to(tl.int32), axis=1)
+                        out_run += tl.sum(chosen.to(tl.int32), axis=1)
                     tl.store(ob + wc[None, :], tl.full([TSEL, WP], -1, tl.int32),
                              mask=sp_ok[:, None] & (wc[None, :] >= n_sel[:, None]) & (wc < W)[None, :])
             tl.debug_barrier()
@@ -237,7 +253,7 @@ def select(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Ten
         q.stride(0), q.stride(1), c1.stride(0), c1.stride(1), c2.stride(0), c2.stride(1), out.stride(0), out.stride(1),
         scale * S.LOG2E, D, G, kernel_size, kernel_stride, lse_kernel_size, lse_kernel_stride, block_size,
         init_blocks, wb, k_sel, W, dense_len,
-        TQ=TQ, GP=GP, ROWS=TQ * GP, BD=S._pow2(D, 16), SB=SB, R=R, E=E, NBP=nbp, TSEL=TSEL, WP=S._pow2(W),
+        TQ=TQ, GP=GP, ROWS=TQ * GP, BD=S._pow2(D, 16), SB=SB, R=R, E=E, NBP=nbp, TSEL=TSEL, CH=min(nbp, 16 if interp else FAST_CFG["ch"]), WP=S._pow2(W),
         BN2=16 if interp else 64, PREC=S._prec(q.dtype),
         num_warps=4 if interp else FAST_CFG["num_warps"], num_stages=FAST_CFG["num_stages"])
     return out
