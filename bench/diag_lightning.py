@@ -1,6 +1,7 @@
 """GPU diagnostics for the lightning kernels: small fp32/bf16 cases, one synchronised call each, so an
 illegal memory access names its case. Usage: python bench/diag_lightning.py [fp32|bf16]
 (SALA_LIGHTNING_F32_DOT picks the fp32 tensor-core precision)."""
+import faulthandler
 import os
 import sys
 
@@ -14,6 +15,8 @@ dtype = torch.float32 if (sys.argv[1:] or ["fp32"])[0] == "fp32" else torch.bflo
 prec = os.environ.get("SALA_LIGHTNING_F32_DOT", "default")
 cases = [(1, 1, 2, 1, 16, None), (3, 1, 2, 1, 8, None), (1, 100, 2, 2, 16, None), (1, 100, 2, 2, 32, (32, 64)),
          (1, 300, 4, 2, 128, None), (1, 100, 2, 1, 12, (48, 64)), (1, 1000, 2, 2, 64, (256, 64))]
+# A hang (seen on the H200 in fp32) prints the Python stack of the launch it is stuck in, then exits.
+faulthandler.dump_traceback_later(int(os.environ.get("DIAG_TIMEOUT", "20")), exit=True)
 for (B, T, H, Hkv, D, chunk) in cases:
     LC.CHUNK_OVERRIDE = chunk
     name = f"{str(dtype)[6:]} prec={prec} B={B} T={T} H={H}/{Hkv} D={D} chunk={chunk}"
@@ -26,6 +29,7 @@ for (B, T, H, Hkv, D, chunk) in cases:
     out = sala_ops.lightning_attention(*leaves, decay, initial_state=S0, output_final_state=True)
     torch.cuda.synchronize()
     print("  fwd done", flush=True)
+    print("  bwd start", flush=True)
     grads = torch.autograd.grad(out.output.float().sum(), leaves)
     torch.cuda.synchronize()
     ref = R.lightning_parallel(q.double(), k.double(), v.double(), decay, None, S0.double(), True)
