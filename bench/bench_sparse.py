@@ -23,6 +23,13 @@ queries alike, as in a trained model; random q is the worst case for tile overla
 mean union size per tile. --tiled-only skips everything else (ours/SDPA/nsa end to end).
 
     python bench/bench_sparse.py --seqlens 131072 32768 --tiled-only --tiled-sweep
+
+Fast selection (sala_ops/triton/sparse_select_fast.py, SALA_SPARSE_SELECT=fast): every full run adds
+`select_fast_ms` next to `select_ms` and the fraction of (token, KV head) rows whose indices differ
+from the default kernel's (`select_fast_mismatch_rows`); --select-only times just the two selections
+(with --sweep: the fast kernel's tq / sb / warps / stages / programs-per-SM).
+
+    python bench/bench_sparse.py --seqlens 131072 32768 65536 --select-only --sweep
 """
 from __future__ import annotations
 
@@ -97,9 +104,32 @@ def run_one(T, args, out_rows):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
             enable_gqa=True).backward(do.transpose(1, 2))
 
+    def select_fast():  # SALA_SPARSE_SELECT=fast is read per call
+        saved = os.environ.get("SALA_SPARSE_SELECT")
+        os.environ["SALA_SPARSE_SELECT"] = "fast"
+        try:
+            return sala_ops.select_blocks(q, k, config=cfg)
+        finally:
+            if saved is None:
+                os.environ.pop("SALA_SPARSE_SELECT", None)
+            else:
+                os.environ["SALA_SPARSE_SELECT"] = saved
+
+    if args.select_only:
+        _try(r, "fast_select", lambda: fast_select_bench(T, select, select_fast, args))
+        r.update(r.pop("fast_select", None) or {})
+        out_rows.append(r)
+        print(json.dumps(r), flush=True)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+        return
     if not args.tiled_only:
         _try(r, "ours_fwd_ms", lambda: _bench(ours_fwd))
         _try(r, "select_ms", lambda: _bench(select))
+        _try(r, "fast_select", lambda: fast_select_bench(T, select, select_fast, args, time_default=False))
+        r.update(r.pop("fast_select", None) or {})
+        if r.get("select_ms") and r.get("select_fast_ms"):
+            r["select_fast_speedup"] = r["select_ms"] / r["select_fast_ms"]
         _try(r, "ours_fwdbwd_ms", lambda: _bench(ours_fb, grads))
         _try(r, "ours_fwd_peak_gib", lambda: _peak(ours_fwd))
         _try(r, "ours_fwdbwd_peak_gib", lambda: _peak(ours_fb))
@@ -191,6 +221,48 @@ def run_one(T, args, out_rows):
     print(json.dumps(r), flush=True)
     del q, k, v, do
     torch.cuda.empty_cache()
+
+
+def fast_select_bench(T, select, select_fast, args, time_default=True):
+    """The fast selection (sala_ops/triton/sparse_select_fast.py) next to the default kernel: time, and
+    the fraction of (token, KV head) rows / index entries where the two differ (bf16: near-ties may
+    reorder if the two kernels' dot products round differently; the fp32 interpreter tests are exact)."""
+    from sala_ops.triton import sparse_select_fast as F
+    res = {}
+    nbp = 1 << max(0, -(-T // 64) - 1).bit_length()
+    res["select_fast_fallback"] = nbp > F.FAST_CFG["nbp_max"]  # True: the default kernel ran instead
+    res["select_fast_cfg"] = dict(F.FAST_CFG)
+    if time_default:
+        _try(res, "select_ms", lambda: _bench(select))
+    a, b = select(), select_fast()
+    rows = (a != b).any(-1)
+    res["select_fast_mismatch_rows"] = float(rows.float().mean())
+    res["select_fast_mismatch_entries"] = float((a != b).float().mean())
+    # blocks chosen by one and not the other, per row, where they differ (set difference / 96)
+    if bool(rows.any()):
+        ar, br = a[rows].long(), b[rows].long()
+        nb = int(max(ar.max(), br.max())) + 2
+        ma = torch.zeros(ar.shape[0], nb, device=ar.device).scatter_(1, ar + 1, 1.0)[:, 1:]
+        mb = torch.zeros(br.shape[0], nb, device=br.device).scatter_(1, br + 1, 1.0)[:, 1:]
+        res["select_fast_set_diff_in_mismatched_rows"] = float((ma != mb).float().sum(1).mean() / 2)
+    del a, b
+    _try(res, "select_fast_ms", lambda: _bench(select_fast))
+    if res.get("select_ms") is not None and res.get("select_fast_ms"):
+        res["select_fast_speedup"] = res["select_ms"] / res["select_fast_ms"]
+    print(f"T={T} fast select {res}", flush=True)
+    if args.sweep and not res["select_fast_fallback"]:
+        saved = dict(F.FAST_CFG)
+        sweep = {}
+        for tq, sb, w, st, pps in ((4, 16, 8, 2, 1), (4, 16, 8, 3, 2), (4, 32, 8, 2, 2), (8, 16, 8, 2, 2),
+                                  (4, 16, 4, 2, 2), (4, 16, 8, 2, 4)):
+            F.FAST_CFG.update(tq=tq, sb=sb, num_warps=w, num_stages=st, programs_per_sm=pps)
+            key = f"fast_tq{tq}_sb{sb}_w{w}_s{st}_pps{pps}"
+            _try(sweep, key, lambda: _bench(select_fast))
+            print(f"T={T} {key}: {_fmt(sweep.get(key))} ms", flush=True)
+        F.FAST_CFG.clear()
+        F.FAST_CFG.update(saved)
+        res["select_fast_sweep"] = sweep
+    return res
 
 
 def _smooth(x, w):
@@ -290,6 +362,9 @@ def main():
     ap.add_argument("--tiled-sweep", action="store_true", help="sweep the tiled forward (tq, hybrid share, warps)")
     ap.add_argument("--tiled-only", action="store_true", help="only the attention forwards given indices")
     ap.add_argument("--smooth", type=int, default=64, help="--tiled-sweep: also q smoothed over this many tokens")
+    ap.add_argument("--select-only", action="store_true",
+                    help="only the selection: default vs fast (SALA_SPARSE_SELECT=fast) kernel, time and agreement; "
+                         "with --sweep also the fast kernel's launch configurations")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_sparse: needs a CUDA GPU")
@@ -299,13 +374,13 @@ def main():
     t0 = time.time()
     for T in args.seqlens:
         run_one(T, args, rows)
-    hdr = ("T", "ours fwd", "sdpa fwd", "x", "nsa64 fwd", "sel %", "attn fwd", "tiled fwd", "union", "ours f+b",
+    hdr = ("T", "ours fwd", "sdpa fwd", "x", "nsa64 fwd", "sel %", "select", "sel fast", "attn fwd", "tiled fwd", "union", "ours f+b",
            "sdpa f+b", "x", "nsa64 f+b", "mem ours GiB", "mem sdpa GiB")
     print("\n" + " | ".join(f"{h:>10}" for h in hdr))
     for r in rows:
         vals = (str(r["T"]), _fmt(r.get("ours_fwd_ms")), _fmt(r.get("sdpa_fwd_ms")), _fmt(r.get("speedup_fwd_vs_sdpa")),
                 _fmt(r.get("nsa64_fwd_ms")), _fmt(None if r.get("select_share_of_fwd") is None else 100 * r["select_share_of_fwd"], 0),
-                _fmt(r.get("attn96_fwd_ms")), _fmt(r.get("attn96_tiled_fwd_ms")),
+                _fmt(r.get("select_ms")), _fmt(r.get("select_fast_ms")), _fmt(r.get("attn96_fwd_ms")), _fmt(r.get("attn96_tiled_fwd_ms")),
                 _fmt(((r.get("tiled") or {}).get("union") or {}).get("union_mean"), 0),
                 _fmt(r.get("ours_fwdbwd_ms")), _fmt(r.get("sdpa_fwdbwd_ms")), _fmt(r.get("speedup_fwdbwd_vs_sdpa")),
                 _fmt(r.get("nsa64_fwdbwd_ms")), _fmt(r.get("ours_fwdbwd_peak_gib")), _fmt(r.get("sdpa_fwdbwd_peak_gib")))

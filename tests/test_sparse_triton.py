@@ -14,7 +14,9 @@ the same bf16 inputs; selection is compared by overlap because bf16 scores reord
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -88,6 +90,128 @@ def test_select_long_prefix_many_tiles():
     q, k, _ = _qkv(7, 1, 40, 300, 4, 1, 16)
     cfg = dict(SMALL, topk=8)
     assert torch.equal(_tri(sala_ops.select_blocks, q, k, **cfg).cpu(), _ref_fn(sala_ops.select_blocks, q, k, **cfg).cpu())
+
+
+# ------------------------------------------------------------------------------------------------
+# fast selection (sala_ops/triton/sparse_select_fast.py, SALA_SPARSE_SELECT=fast)
+
+
+@contextlib.contextmanager
+def _fast_only(**cfg):
+    """Route selection to the fast kernel (SALA_SPARSE_SELECT=fast) with FAST_CFG overrides; fail if
+    it falls back to the default kernel."""
+    from sala_ops.triton import sparse_select_fast as TF
+    saved_env, saved_cfg, saved_sel = os.environ.get("SALA_SPARSE_SELECT"), dict(TF.FAST_CFG), TS.select
+
+    def no_fallback(*a, **kw):
+        raise AssertionError("the fast selection fell back to the default kernel")
+    os.environ["SALA_SPARSE_SELECT"] = "fast"
+    TF.FAST_CFG.update(cfg)
+    TS.select = no_fallback
+    try:
+        yield TF
+    finally:
+        TS.select = saved_sel
+        TF.FAST_CFG.clear()
+        TF.FAST_CFG.update(saved_cfg)
+        if saved_env is None:
+            os.environ.pop("SALA_SPARSE_SELECT", None)
+        else:
+            os.environ["SALA_SPARSE_SELECT"] = saved_env
+
+
+@pytest.fixture
+def fast_select():
+    with _fast_only() as TF:
+        yield TF
+
+
+def _packed(seed, lens_q, lens_k, H, Hkv, D, dtype=torch.float32):
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int64, device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int64, device=DEV)
+    q, k, _ = _qkv(seed, 1, sum(lens_q), sum(lens_k), H, Hkv, D, dtype=dtype)
+    return q, k, cu_q, cu_k
+
+
+@settings(max_examples=4)
+@given(lens=st.lists(st.integers(1, 150), min_size=1, max_size=3), short=st.lists(st.integers(0, 60), min_size=3, max_size=3),
+       G=st.sampled_from([1, 2, 4]), Hkv=st.integers(1, 2), D=st.sampled_from([16, 32]), topk=st.integers(4, 6),
+       init=st.integers(1, 2), sb=st.sampled_from([4, 16]), seed=st.integers(0, 2 ** 16))
+def test_select_fast_matches_reference(lens, short, G, Hkv, D, topk, init, sb, seed):
+    """fp32: the fast kernel == the reference exactly; varlen, queries shorter than keys, G in {1, 2, 4},
+    sub-tiles of 4 blocks (carry across sub-tiles) or 16."""
+    lq = [max(1, L - s) for L, s in zip(lens, short)]
+    q, k, cu_q, cu_k = _packed(seed, lq, lens, G * Hkv, Hkv, D)
+    cfg = dict(SMALL, topk=topk, init_blocks=init)
+    kw = dict(cu_seqlens=cu_q, cu_seqlens_k=cu_k) if len(lens) > 1 else {}  # one sequence: plain [1, T] form
+    with _fast_only(sb=sb):
+        out = _tri(sala_ops.select_blocks, q, k, **kw, **cfg)
+    exp = _ref_fn(sala_ops.select_blocks, q, k, **kw, **cfg)
+    assert out.dtype == torch.int32 and torch.equal(out.cpu(), exp.cpu())
+
+
+@pytest.mark.parametrize("period", [0, 32])
+def test_select_fast_ties(fast_select, period):
+    """Repeated keys (all equal, or periodic over 2 blocks): many exactly equal block scores, the lower
+    block index must win as in the reference. Small integers, so every dot product is exact (the
+    interpreter's BLAS rounds identical columns differently by position; tensor cores do not)."""
+    T, H, Hkv, D = 200, 4, 2, 16
+    g = torch.Generator().manual_seed(13)
+    q = torch.randint(-2, 3, (1, T, H, D), generator=g).float().to(DEV)
+    base = torch.randint(-2, 3, (1, max(period, 1), Hkv, D), generator=g).float()
+    k = base.repeat(1, T // max(period, 1) + 1, 1, 1)[:, :T].contiguous().to(DEV)
+    cfg = dict(SMALL, topk=5)
+    out = _tri(sala_ops.select_blocks, q, k, **cfg)
+    exp = _ref_fn(sala_ops.select_blocks, q, k, **cfg)
+    assert torch.equal(out.cpu(), exp.cpu())
+
+
+@pytest.mark.parametrize("dense_len", [0, 50, 51, 99, 150])
+def test_select_fast_dense_len(fast_select, dense_len):
+    """Per-query dense rule (t + 1 < dense_len: every causal block, width > k_sel) at tile edges, two
+    packed sequences (the second continuing a key prefix): reference selection + the rule."""
+    lq, lk, H, Hkv, D, bs = [100, 30], [100, 90], 4, 1, 16, 16
+    q, k, cu_q, cu_k = _packed(17, lq, lk, H, Hkv, D)
+    cfg = sala_ops.SparseConfig(**SMALL, topk=4, dense_len=dense_len)
+    ks2, st2 = cfg.c2
+    W = max(cfg.num_selected, (min(dense_len - 1, max(lk)) + bs - 1) // bs) if dense_len > 0 else cfg.num_selected
+    out = fast_select.select(q[0], k[0], cu_q, cu_k, D ** -0.5, cfg.kernel_size, cfg.kernel_stride, ks2, st2, bs,
+                             cfg.init_blocks, cfg.window_size, cfg.topk, dense_len, W)
+    sel = ref.select_blocks(q, k, D ** -0.5, cfg.kernel_size, cfg.kernel_stride, bs, cfg.init_blocks,
+                            cfg.window_size, cfg.topk, ks2, st2, cu_q, cu_k)[0]
+    exp = torch.full((sum(lq), Hkv, W), -1, dtype=torch.int32)
+    exp[:, :, :sel.shape[-1]] = sel.cpu()
+    t = torch.cat([torch.arange(b - a, b) for a, b in zip(lq, lk)])
+    c = torch.arange(W)
+    dense = torch.where(c[None] <= (t // bs)[:, None], c[None], -1).to(torch.int32)
+    rows = t + 1 < dense_len
+    exp[rows] = dense[rows][:, None, :].expand(-1, Hkv, -1)
+    assert torch.equal(out.cpu(), exp)
+
+
+def test_select_fast_bf16_equals_default():
+    """bf16 (scores in bf16 dots, fp32 accumulation): the fast kernel == the default kernel."""
+    from sala_ops.triton import sparse_select_fast as TF
+    q, k, cu_q, cu_k = _packed(19, [100, 20], [130, 60], 8, 2, 32, dtype=torch.bfloat16)
+    args = (q[0], k[0], cu_q, cu_k, 32 ** -0.5, 8, 4, 32, 16, 16, 1, 32, 6, 60, 10)
+    assert torch.equal(TF.select(*args).cpu(), TS.select(*args).cpu())
+
+
+def test_select_fast_fallback(monkeypatch):
+    """Outside its limits (block_size not a multiple of kernel_stride; more blocks than nbp_max) the
+    fast path runs the default kernel: same result as the reference."""
+    from sala_ops.triton import sparse_select_fast as TF
+    monkeypatch.setenv("SALA_SPARSE_SELECT", "fast")
+    calls = []
+    orig = TS.select
+    monkeypatch.setattr(TS, "select", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    q, k, _ = _qkv(23, 1, 60, 60, 2, 1, 16)
+    cfg = dict(SMALL, kernel_stride=3, topk=4)
+    assert torch.equal(_tri(sala_ops.select_blocks, q, k, **cfg).cpu(), _ref_fn(sala_ops.select_blocks, q, k, **cfg).cpu())
+    monkeypatch.setitem(TF.FAST_CFG, "nbp_max", 2)
+    cfg = dict(SMALL, topk=4)
+    assert torch.equal(_tri(sala_ops.select_blocks, q, k, **cfg).cpu(), _ref_fn(sala_ops.select_blocks, q, k, **cfg).cpu())
+    assert len(calls) == 2
 
 
 @settings(max_examples=5)
