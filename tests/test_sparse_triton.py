@@ -150,6 +150,16 @@ def test_select_fast_matches_reference(lens, short, G, Hkv, D, topk, init, sb, s
     assert out.dtype == torch.int32 and torch.equal(out.cpu(), exp.cpu())
 
 
+def test_select_fast_long_prefix_subtiles():
+    """T = 300 keys (19 blocks), 40 queries: sub-tiles of 4 blocks (carries across 4 sub-tiles), the
+    top-k one row at a time (TSEL = 1), compaction over two 16-block chunks."""
+    q, k, _ = _qkv(7, 1, 40, 300, 4, 1, 16)
+    cfg = dict(SMALL, topk=8)
+    with _fast_only(sb=4, sel_elems=32):
+        out = _tri(sala_ops.select_blocks, q, k, **cfg)
+    assert torch.equal(out.cpu(), _ref_fn(sala_ops.select_blocks, q, k, **cfg).cpu())
+
+
 @pytest.mark.parametrize("period", [0, 32])
 def test_select_fast_ties(fast_select, period):
     """Repeated keys (all equal, or periodic over 2 blocks): many exactly equal block scores, the lower
