@@ -102,7 +102,7 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
         row["ours_ms"] = _bench(ours, gtn)
         if fla is not None:
             row["fla_gamma_ms"] = _bench(peer_gamma, gtn)
-            if not grad:
+            if not grad and os.environ.get("BENCH_FLA_PER_TOKEN_G") == "1":  # off: minutes of fla autotuning
                 row["fla_g_ms"] = _bench(peer, gtn)
             row["fla_ms"] = min(row["fla_gamma_ms"], row.get("fla_g_ms", float("inf")))
             row["speedup"] = row["fla_ms"] / row["ours_ms"]

@@ -8,11 +8,12 @@ tried (the cache's [B, L, Hkv, D] viewed as [B, Hkv, L, D], or a contiguous [B, 
 is the baseline. Medians of triton.testing.do_bench, eager and CUDA-graph replay; the append
 (K/V row + compressed keys) is timed on its own.
 
-    python bench/bench_sparse_decode.py [--quick] [--out DIR] [--sweep] [--profile] [--variant fast]
+    python bench/bench_sparse_decode.py [--quick] [--out DIR] [--sweep] [--profile] [--variant sort]
 
---variant fast also times SALA_SPARSE_DECODE=fast (sala_ops/triton/sparse_decode_fast.py, 3 launches)
-on the same cache, side by side: fast_ms / fast_graph_ms, fast_ratio / fast_graph_ratio (SDPA / fast),
-fast_same_idx (its selected blocks equal the default path's), fast_max_diff (max |o_fast - o_default|).
+"ours" is the default path (SALA_SPARSE_DECODE unset: the 3-launch kernel, sparse_decode_fast.py).
+--variant sort|fast also times that path on the same cache, side by side: alt_ms / alt_graph_ms,
+alt_ratio / alt_graph_ratio (SDPA / alt), alt_same_idx (its selected blocks equal the default's),
+alt_max_diff (max |o_alt - o_default|).
 """
 from __future__ import annotations
 
@@ -119,19 +120,18 @@ def run_case(B, L, chunk_target=None, graphs=True, variant=None):
     ours = lambda: sparse_decode(q, cache)  # noqa: E731
     ours()
     sync()
-    p = cache._ws[H]["p"]
-    row["plan"] = {k: p[k] for k in ("S2", "CB", "NCH", "NSPLIT", "SPB")}
+    ws = cache._ws.get(("fast", H)) or cache._ws[H]
+    row["plan"] = {k: v for k, v in ws["p"].items() if isinstance(v, int)}
     row["ours_ms"] = bench(ours)
     if variant:
         fast = _with_variant(variant, lambda: sparse_decode(q, cache))
         o_def, i_def = (x.clone() for x in sparse_decode(q, cache, return_indices=True))
         o_fast, i_fast = _with_variant(variant, lambda: sparse_decode(q, cache, return_indices=True))()
         sync()
-        row["fast_same_idx"] = bool(torch.equal(i_def, i_fast))
-        row["fast_max_diff"] = float((o_fast.float() - o_def.float()).abs().max())
-        pf = cache._ws[("fast", H)]["p"]
-        row["fast_plan"] = {k: pf[k] for k in ("S2", "CB", "NCH", "NSUB", "SW", "NSPLIT", "SPB")}
-        row["fast_ms"] = bench(fast)
+        row["alt_same_idx"] = bool(torch.equal(i_def, i_fast))
+        row["alt_max_diff"] = float((o_fast.float() - o_def.float()).abs().max())
+        row["alt"] = variant
+        row["alt_ms"] = bench(fast)
     best = None
     for name, fn in sdpa_fns(cache, q, L).items():
         fn()
@@ -146,10 +146,10 @@ def run_case(B, L, chunk_target=None, graphs=True, variant=None):
         row["sdpa_graph_ms"] = bench_graph(best[2])
         row["graph_ratio"] = row["sdpa_graph_ms"] / row["ours_graph_ms"]
     if variant:
-        row["fast_ratio"] = row["sdpa_ms"] / row["fast_ms"]
+        row["alt_ratio"] = row["sdpa_ms"] / row["alt_ms"]
         if graphs:
-            row["fast_graph_ms"] = bench_graph(fast)
-            row["fast_graph_ratio"] = row["sdpa_graph_ms"] / row["fast_graph_ms"]
+            row["alt_graph_ms"] = bench_graph(fast)
+            row["alt_graph_ratio"] = row["sdpa_graph_ms"] / row["alt_graph_ms"]
     # append one token (K/V row + compressed keys + lengths) at position L - 1 (capacity is L), lengths reset
     # each call; L - 1 = 2^k - 1 completes a C1 and a C2 window, the costliest append
     L0 = cache.lengths.clone() - 1
@@ -192,8 +192,8 @@ def profile_case(B, L, variant=None):
 def fmt_table(rows):
     cols = ["B", "L", "ours_ms", "sdpa_ms", "ratio", "ours_graph_ms", "sdpa_graph_ms", "graph_ratio", "append_ms",
             "append_graph_ms", "ours_TBps"]
-    if any("fast_ms" in r for r in rows):
-        cols += ["fast_ms", "fast_ratio", "fast_graph_ms", "fast_graph_ratio", "fast_same_idx"]
+    if any("alt_ms" in r for r in rows):
+        cols += ["alt_ms", "alt_ratio", "alt_graph_ms", "alt_graph_ratio", "alt_same_idx"]
     out = [" | ".join(f"{c:>13}" for c in cols)]
     for r in rows:
         cells = []
@@ -211,7 +211,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also try selection chunk targets at 1M, B=1")
     ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table at 1M, B=1")
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--variant", default=None, choices=["fast"],
+    ap.add_argument("--variant", default=None, choices=["fast", "sort"],
                     help="also time this SALA_SPARSE_DECODE variant side by side with the default")
     args = ap.parse_args()
     sizes = [32 * 1024, 128 * 1024, 1024 * 1024]

@@ -3,6 +3,8 @@
 #   bash bench/gpu_sweeps.sh lightning     (~6 min)
 #   bash bench/gpu_sweeps.sh sparse        (~8 min)
 #   bash bench/gpu_sweeps.sh all           (~9.5 min: the decisive parts of both, tighter guards)
+#   bash bench/gpu_sweeps.sh adopt         (~9 min: fast selection + tiled forward through the GPU tests and
+#                                           the full sparse bench; lightning bench with the pruned fp32 configs)
 # Each step is time-guarded; results go to $OUT (or bench/results). The variants are selected by
 # environment variables and stay off by default until a run here shows they win:
 #   SALA_LIGHTNING_FWD=walk2|fused   lightning forward (bench/NOTES_lightning.md)
@@ -33,6 +35,11 @@ step 50 "sparse decode gpu tests (both variants)" python3 -m pytest -q -m gpu te
 step 80 "sparse decode: default vs fast" python3 bench/bench_sparse_decode.py --quick --variant fast --out "$OUT"
 step 170 "sparse tiled sweep 128K" python3 bench/bench_sparse.py --seqlens 131072 --tiled-only --tiled-sweep --smooth 64 --out "$OUT"
 step 60 "lightning variants, property tests on cuda" python3 -m pytest -q -x tests/test_lightning_triton.py -k variant
+elif [ "$what" = adopt ]; then
+step 100 "sparse selection: default vs fast" python3 bench/bench_sparse.py --seqlens 131072 32768 --select-only --out "$OUT/select"
+SALA_SPARSE_SELECT=fast SALA_SPARSE_FWD=tiled step 130 "sparse gpu tests, fast select + tiled fwd" python3 -m pytest -q -m gpu tests/test_sparse_triton.py -p no:cacheprovider -rfE
+SALA_SPARSE_SELECT=fast SALA_SPARSE_FWD=tiled step 170 "bench_sparse, fast select + tiled fwd" python3 bench/bench_sparse.py --seqlens 32768 131072 65536 --out "$OUT"
+step 150 "bench_lightning" python3 bench/bench_lightning.py --out "$OUT"
 elif [ "$what" = lightning ]; then
 # correctness of the variants, compiled (the fused lightning forward spins on flags: guard it)
 step 120 "lightning variants, property tests on cuda" python3 -m pytest -q -x tests/test_lightning_triton.py -k variant

@@ -331,7 +331,9 @@ def sparse_decode_step(q, k, v, cache: SparseLayerCache, scale=None):
 
 # ---------------------------------------------------------------------- backends
 def _decode_triton(q, cache: SparseLayerCache, scale):
-    if os.environ.get("SALA_SPARSE_DECODE", "") == "fast":  # 3-launch variant (bench/NOTES_sparse_decode.md)
+    # Default: the 3-launch kernel (sparse_decode_fast.py), 1.4-2x faster than the 5-launch "sort" path on the
+    # H200 (bench/NOTES_sparse_decode.md); SALA_SPARSE_DECODE=sort selects the latter (kept: it has no config limits).
+    if os.environ.get("SALA_SPARSE_DECODE", "fast") != "sort":
         from .triton import sparse_decode_fast as FAST
         if FAST.supported(cache.config):
             return FAST.decode(q.contiguous(), cache, scale)

@@ -26,6 +26,15 @@ SPARSE_KEYS = ("kernel_size", "kernel_stride", "block_size", "init_blocks", "win
                "lse_kernel_size", "lse_kernel_stride")
 
 
+@pytest.fixture(autouse=True)
+def _sort_path_unless_fast(request, monkeypatch):
+    """The default decode path is the 3-launch kernel (sparse_decode_fast.py), tested by the test_fast_*
+    and test_gpu_fast_* cases (which set SALA_SPARSE_DECODE=fast themselves) and by tests/test_layers.py;
+    every other test here runs the 5-launch "sort" path, so both stay covered."""
+    if "fast" not in request.node.name:
+        monkeypatch.setenv("SALA_SPARSE_DECODE", "sort")
+
+
 def _ref_kw(cfg):
     return {k: v for k, v in cfg.items() if k in SPARSE_KEYS}
 

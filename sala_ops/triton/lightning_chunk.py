@@ -63,6 +63,16 @@ def _configs(bvs, warps, stages):
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in bvs for w in warps for s in stages]
 
 
+def _prune_wide(configs, named_args, **kwargs):
+    """fp32 operands: only BV <= 64 and 2 stages. Why: on the H200 (triton 3.6) each fp32/TF32 config
+    takes seconds to compile, and the wide ones (twice the shared memory of bf16) never win; the
+    full list made the first fp32 call spend minutes in the autotuner (bench/results, 2026-11-30)."""
+    if named_args["k_ptr"].element_size() < 4:
+        return configs
+    kept = [c for c in configs if c.kwargs["BV"] <= 64 and c.num_stages <= 2]
+    return kept or configs[:1]
+
+
 @triton.jit
 def _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN: tl.constexpr):
     """Token range [a, b) (flat token index over batch x seq) of chunk c."""
@@ -78,7 +88,8 @@ def _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN: tl.co
     return a, b
 
 
-@triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"])
+@triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"],
+                 prune_configs_by={"early_config_prune": _prune_wide})
 @triton.jit
 def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
                         T, NSS, L, H, GK, GV, stride_k, stride_v, kv_mult, DK, DV,
@@ -187,7 +198,7 @@ def _scan_kernel(ds_ptr, init_ptr, final_ptr, decay_ptr, chunk_start_ptr, chunk_
 
 
 @triton.autotune(configs=_configs([64, 32], [4, 8], [2, 3]) + ([] if _PINNED else _configs([128], [8], [2, 3])),
-                 key=["DK", "DV", "BT", "REVERSE"])
+                 key=["DK", "DV", "BT", "REVERSE"], prune_configs_by={"early_config_prune": _prune_wide})
 @triton.jit
 def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
                       T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,
