@@ -299,6 +299,9 @@ def main():
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--variants", action="store_true",
                     help="only time the forward variants (SALA_LIGHTNING_FWD) vs fla at 32K and 128K, bf16 and fp32")
+    ap.add_argument("--cases", default=None,
+                    help="only these chunked cases, no decode/breakdown: DTYPE:MODE:PRECISION,... "
+                         "e.g. bfloat16:fwd+bwd:highest,float32:fwd:high")
     args = ap.parse_args()
     fla = fla_rec = None
     if not args.no_fla:
@@ -315,9 +318,18 @@ def main():
     if args.sweep_only:
         sweep(rows)
         return
+    Ts = [int(t) for t in args.T.split(",")]
+    if args.cases:
+        for case in args.cases.split(","):
+            dt, mode, prec = case.split(":")
+            dtype = getattr(torch, dt)
+            for T in Ts:
+                peer = fla if prec != "highest" or dtype != torch.float32 else None
+                run_chunk(T, dtype, mode, peer, prec, rows, check=(dtype == torch.float32 and mode == "fwd"))
+        _table(rows)
+        return
     run_step(fla_rec, rows)
     breakdown(rows)
-    Ts = [int(t) for t in args.T.split(",")]
     for dtype, precisions in ((torch.bfloat16, ["highest"]), (torch.float32, ["high", "highest"])):
         for mode in ("fwd", "fwd+bwd"):
             for T in Ts:
@@ -328,7 +340,10 @@ def main():
                     run_chunk(T, dtype, mode, peer, prec, rows)
     if args.sweep:
         sweep(rows)
-    # table
+    _table(rows)
+
+
+def _table(rows):
     print()
     hdr = f"{'op':8} {'dtype':9} {'prec':8} {'T':>7} {'ours ms':>9} {'fla ms':>9} {'ratio':>6} {'TB/s':>6} {'%ceil':>6} {'rel err':>9}"
     print(hdr)

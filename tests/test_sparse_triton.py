@@ -306,6 +306,23 @@ def test_sparse_attention_fwd_bwd(T, short, heads, D, topk, dense_len, seed):
         assert_close(a, b, TOL, f"d{name}")
 
 
+@pytest.mark.parametrize("select,fwd", [("online", "onetoken"), ("fast", "onetoken"), ("online", "tiled")])
+def test_older_kernels_still_match_reference(monkeypatch, select, fwd):
+    """The defaults are the fast selection and the tiled forward; the older kernels stay selectable
+    (SALA_SPARSE_SELECT=online, SALA_SPARSE_FWD=onetoken) and must still equal the reference, alone and
+    mixed with the new ones. Varlen with a short query piece continuing a key prefix, group of 2."""
+    monkeypatch.setenv("SALA_SPARSE_SELECT", select)
+    monkeypatch.setenv("SALA_SPARSE_FWD", fwd)
+    q, k, v = _qkv(29, 1, 40, 150, 4, 2, 16, grad=True)
+    cfg = dict(SMALL, topk=5, dense_len=64)
+    out = _tri(sala_ops.sparse_attention, q, k, v, **cfg)
+    exp = _ref_fn(sala_ops.sparse_attention, q, k, v, **cfg)
+    assert_close(out, exp, TOL)
+    for a, b, name in zip(_grads(out, (q, k, v), 3), _grads(exp, (q, k, v), 3), "qkv"):
+        assert_close(a, b, TOL, f"d{name}")
+    assert torch.equal(_tri(sala_ops.select_blocks, q, k, **cfg).cpu(), _ref_fn(sala_ops.select_blocks, q, k, **cfg).cpu())
+
+
 def test_sparse_attention_batch_and_odd_dims():
     """B = 2, group of 3, head dim 24 (padded tile), block size 16, scale given."""
     q, k, v = _qkv(11, 2, 70, 70, 3, 1, 24, grad=True)
