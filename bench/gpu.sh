@@ -5,13 +5,7 @@
 # benchmarks (most decisive first, each under a time guard so one slow step cannot eat the lease),
 # and prints a short table last. Logs and JSON go to $OUT (device tool) or bench/results.
 set -uo pipefail
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source bench/gpu_env.sh
 log="$OUT/gpu_log.txt"
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -19,15 +13,6 @@ log="$OUT/gpu_log.txt"
   python3 -c "import fla; print('fla', fla.__version__)" 2>/dev/null || echo "fla not installed: peer columns will be empty"
 } 2>&1 | tee "$log"
 
-step() {  # step SECONDS NAME COMMAND...: run with a time guard, log everything, report the exit code
-  local limit=$1 name=$2; shift 2
-  local t0=$(date +%s)
-  echo "== $name (limit ${limit}s)" | tee -a "$log"
-  timeout "$limit" "$@" >>"$log" 2>&1
-  local rc=$?
-  echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$log"
-  return $rc
-}
 
 step "${T_TESTS:-240}" "gpu tests" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE
 tests_rc=$?

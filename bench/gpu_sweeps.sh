@@ -11,22 +11,9 @@
 #   SALA_SPARSE_FWD=tiled            block-sparse forward sharing K/V across token tiles (bench/NOTES_sparse.md)
 #   SALA_SPARSE_DECODE=fast          3-launch sparse decode step (bench/NOTES_sparse_decode.md)
 set -uo pipefail
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source bench/gpu_env.sh
 log="$OUT/sweeps_log.txt"
 : >"$log"
-step() {
-  local limit=$1 name=$2; shift 2
-  local t0=$(date +%s)
-  echo "== $name (limit ${limit}s)" | tee -a "$log"
-  timeout "$limit" "$@" >>"$log" 2>&1
-  echo "== $name: exit $? in $(( $(date +%s) - t0 )) s" | tee -a "$log"
-}
 what=${1:-lightning}
 if [ "$what" = all ]; then
 CUDA_LAUNCH_BLOCKING=1 step 40 "lightning small fp32 cases (illegal-access check)" python3 bench/diag_lightning.py fp32
