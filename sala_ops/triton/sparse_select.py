@@ -78,6 +78,29 @@ def compressed_count(lens: torch.Tensor, kernel_size: int, kernel_stride: int) -
 
 
 @triton.jit
+def c2_lse(q, C2, c20, n2v, sc2_t, sc2_h, g, d, dm, t_row, qk_scale,
+           ROWS: tl.constexpr, BN2: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, PREC: tl.constexpr):
+    """Stage-1 LSE of each row (a query token x head) over the C2 keys 0 .. n2v-1 of its sequence that it
+    can see (key window end <= t_row + 1), online, log2 domain; 0 for a row that sees none (the
+    reference's fallback). Shared by the online (sparse_select) and fast (sparse_select_fast) kernels."""
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    for j0 in range(0, n2v, BN2):
+        j = j0 + tl.arange(0, BN2)
+        jv = j < n2v
+        c = tl.load(C2 + (c20 + j)[:, None] * sc2_t + g * sc2_h + d[None, :],
+                    mask=jv[:, None] & dm[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(c.to(q.dtype)), input_precision=PREC) * qk_scale
+        vis = jv[None, :] & ((ST2 * j + KS2)[None, :] <= (t_row + 1)[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    return tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+
+
+@triton.jit
 def _compress_kernel(K, C, tile_seq, tile_start, cu_k, c_off, nseq,
                      stride_kt, stride_kh, stride_ct, stride_ch, D, KS, ST,
                      BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -182,21 +205,7 @@ def _select_kernel(Q, C1, C2, OUT, tile_seq, tile_start, cu_q, cu_k, c1_off, c2_
             n2 = tl.load(c2_off + n + 1).to(tl.int64) - c20
             n2v = tl.where(t_max + 1 >= KS2, (t_max + 1 - KS2) // ST2 + 1, 0)
             n2v = tl.minimum(n2v, n2)
-            m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([ROWS], dtype=tl.float32)
-            for j0 in range(0, n2v, BN2):
-                j = j0 + tl.arange(0, BN2)
-                jv = j < n2v
-                c = tl.load(C2 + (c20 + j)[:, None] * sc2_t + g * sc2_h + d[None, :],
-                            mask=jv[:, None] & dm[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(c.to(q.dtype)), input_precision=PREC) * qk_scale
-                vis = jv[None, :] & ((ST2 * j + KS2)[None, :] <= (t_row + 1)[:, None])
-                s = tl.where(vis, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-                m_i = m_new
-            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+            lse = c2_lse(q, C2, c20, n2v, sc2_t, sc2_h, g, d, dm, t_row, qk_scale, ROWS, BN2, KS2, ST2, PREC)
             # ---- block scores + online top-k
             c10 = tl.load(c1_off + n).to(tl.int64)
             n1 = tl.load(c1_off + n + 1).to(tl.int64) - c10
