@@ -187,6 +187,24 @@ def profile_case(B, L, variant=None):
         torch.cuda.synchronize()
     print(f"\nprofile B={B} L={L} variant={variant or 'default'} (20 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    if (variant or os.environ.get("SALA_SPARSE_DECODE", "fast")) != "sort":
+        # where the 3-launch step's score pass goes: without the select tail, and with TF32 score dots
+        from sala_ops.triton import sparse_decode_fast as FAST
+        for skip, ieee in ((True, True), (False, False), (True, False)):
+            FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT_IEEE = skip, ieee
+            try:
+                for _ in range(3):
+                    sparse_decode(q, cache)
+                sync()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        sparse_decode(q, cache)
+                    torch.cuda.synchronize()
+                us = {e.key: e.device_time_total / e.count for e in prof.key_averages() if e.count}
+                print(f"profile B={B} L={L} skip_select={skip} score_dot={'ieee' if ieee else 'tf32'}: "
+                      + ", ".join(f"{k} {v:.1f} us" for k, v in us.items() if k.startswith("_")))
+            finally:
+                FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT_IEEE = False, True
 
 
 def fmt_table(rows):

@@ -27,9 +27,18 @@ All offsets that scale with the cache length are int64.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# Scores against the fp32 C1 keys in exact fp32 (the reference's tie behaviour) unless
+# SALA_SPARSE_DECODE_SCORE_DOT=tf32 (read at import; a profiling knob: the H200 run 2 profile put 271 us
+# of the 1M step in the score pass and its cause is not known yet).
+SCORE_DOT_IEEE = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "ieee") != "tf32"
+# Profiling only: skip the select tail (the step's outputs are then meaningless).
+PROFILE_SKIP_SELECT = False
 
 from .sparse_decode_kernels import _attend_split, _lse_partial_kernel
 
@@ -47,7 +56,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
                          INIT: tl.constexpr, WB: tl.constexpr, S2: tl.constexpr, S2P: tl.constexpr,
                          R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
                          KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr,
-                         BG: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
+                         BG: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr = True):
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     c = tl.program_id(2)
@@ -114,6 +123,13 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
             bb = bb0 + si
             tl.store(bscore + row * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
     # the last program of (b, g) selects (stores above are released by the acq_rel atomic)
+    if SELECT:  # False only for profiling the score pass alone (PROFILE_SKIP_SELECT)
+        _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP)
+
+
+@triton.jit
+def _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX,
+                 INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr):
     tl.debug_barrier()
     done = tl.atomic_add(counter + row, 1)
     if done == NCH - 1:
@@ -297,7 +313,7 @@ def decode(q, cache, scale):
         G=p["G"], KS=cfg.kernel_size, ST=cfg.kernel_stride, BS=cfg.block_size, INIT=cfg.init_blocks,
         WB=cfg.window_size // cfg.block_size, S2=p["S2"], S2P=p["S2P"], R=p["R"], E=p["E"], SB=p["SB"],
         NSUB=p["NSUB"], KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"], BG=p["BG"], BD=p["BD"],
-        IEEE=True, num_warps=p["SW"])
+        IEEE=SCORE_DOT_IEEE, SELECT=not PROFILE_SKIP_SELECT, num_warps=p["SW"])
     _attend_combine_kernel[(B, Hkv, p["NSPLIT"])](
         q, cache.k, cache.v, cache.lengths, ws["sel"], o, ws["o_part"], ws["m_part"], ws["l_part"], ws["cnt_att"],
         q.stride(0), q.stride(1), *cache.k.stride()[:3], o.stride(0), o.stride(1),
