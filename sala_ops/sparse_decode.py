@@ -30,6 +30,7 @@ cache (SALA_OPS_BACKEND / use_backend to force one; CPU + TRITON_INTERPRET=1 run
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Optional
@@ -116,6 +117,48 @@ class SparseLayerCache:
         ks2, st2 = self.config.c2
         return (self.c1[row, :_n_windows(L, self.config.kernel_size, self.config.kernel_stride)],
                 self.c2[row, :_n_windows(L, ks2, st2)])
+
+    # ------------------------------------------------------------------ reallocation, rows, roll-back
+    # The HF-style cache (sala_ops.cache) grows, reorders and crops through these. Each returns or leaves
+    # buffers other than the ones a captured CUDA graph holds (except truncate): capture after the last one.
+    def resized(self, max_len: int, keep: Optional[int] = None) -> "SparseLayerCache":
+        """A new cache of capacity `max_len` holding this one's contents: K/V of the first `keep` positions
+        (default: the whole old capacity; it must cover every length), their compressed keys, lengths,
+        overflow flags. Same layout, batch, dtype, device and config; the workspace is rebuilt lazily."""
+        keep = self.max_len if keep is None else keep
+        if not keep <= min(max_len, self.max_len):
+            raise ValueError(f"sala_ops.SparseLayerCache.resized: cannot keep {keep} positions in max_len={max_len} "
+                             f"(old max_len {self.max_len})")
+        new = SparseLayerCache(self.batch_size, max_len, self.num_kv_heads, self.head_dim, dtype=self.dtype,
+                               device=self.device, config=self.config)
+        new.chunk_target = self.chunk_target
+        new.k[:, :keep] = self.k[:, :keep]
+        new.v[:, :keep] = self.v[:, :keep]
+        cfg = self.config
+        for src, dst, (ks, st) in ((self.c1, new.c1, (cfg.kernel_size, cfg.kernel_stride)), (self.c2, new.c2, cfg.c2)):
+            n = _n_windows(keep, ks, st)
+            dst[:, :n] = src[:, :n]
+        new.lengths.copy_(self.lengths)
+        new.overflow.copy_(self.overflow)
+        return new
+
+    def map_rows(self, fn) -> "SparseLayerCache":
+        """A new cache whose batch rows are `fn(x)` of this one's for every per-sequence buffer (x has the
+        batch first; fn = index_select / repeat_interleave / boolean or integer indexing along dim 0)."""
+        new = copy.copy(self)
+        new.k, new.v, new.c1, new.c2, new.lengths, new.overflow = (
+            fn(x).contiguous() for x in (self.k, self.v, self.c1, self.c2, self.lengths, self.overflow))
+        new.batch_size = new.k.shape[0]
+        new._ws = {}  # sized by the batch
+        return new
+
+    def truncate(self, length: int):
+        """Roll every sequence back to at most `length` tokens (in place, keeps the buffers). The compressed
+        keys of the kept complete windows are the prefix's own; a window that was complete only past
+        `length` is recomputed from the new keys when appends complete it again."""
+        C.positive_int("SparseLayerCache.truncate", "length", length, minimum=0)
+        self.lengths.clamp_(max=length)
+        self.overflow.zero_()
 
     # ------------------------------------------------------------------ appends
     def _check_kv(self, op, k, v, ndim):
