@@ -2,19 +2,39 @@
 
 One entry per decoder layer, chosen by the layer's mixer type:
 
-    SparseCacheLayer     sparse (InfLLM-V2) layers: the full K/V ("sparse compute, dense storage"),
-                         [B, T, Hkv, D] in sala_ops' layout, grown by doubling; plus a reserved place
-                         for the incrementally maintained compressed keys (C1 every kernel_stride
-                         tokens, C2 every 4 * kernel_stride; spec section 2, issue 5).
+    SparseCacheLayer     sparse (InfLLM-V2) layers: a `sala_ops.sparse_decode.SparseLayerCache` ("sparse
+                         compute, dense storage"): K/V [B, capacity, Hkv, D] in the model dtype, the
+                         compressed keys C1 (kernel_size / kernel_stride) and C2 (lse windows) in fp32,
+                         appended as windows complete, and device-side lengths.
     LightningCacheLayer  lightning layers: the fp32 recurrent state [B, H, K, V], independent of length.
 
-`get_seq_length()` is the number of tokens every layer has seen. It subclasses
-`transformers.cache_utils.Cache` so `generate()` and the mask helpers accept it; everything the
-models and `generate()` ask of a cache is implemented here rather than inherited, because the base
-class's internals moved between transformers 5.x releases.
+Sparse layers (SparseMixer with a cache -> SparseCacheLayer.attend):
+- prefill, T > 1 new tokens (empty cache or a later chunk): `sparse_prefill` appends K/V and the
+  completed compressed windows, then runs `sparse_attention` of the new queries over every cached key,
+  bottom-right aligned: exactly the one-pass result;
+- decode, one new token per sequence: `sparse_decode_step` (append_token + sparse_decode: selection
+  from the cached C1/C2, block-sparse attention over the selected blocks; dense below dense_len keys).
+  O(selected blocks + compressed keys) per token instead of recompressing the whole prefix, and the
+  Triton kernels on CUDA (a PyTorch path on CPU); same result as sparse_attention at that position.
+- capacity: transformers' caches have no declared maximum, so the SparseLayerCache is reallocated
+  when full, at max(needed, 2 x capacity) (K/V, C1/C2, lengths copied; amortised O(1) per token).
+  The first allocation is max(prompt, max_length) tokens (max_length default 16):
+  `SalaCache(config, max_length=N)` preallocates N tokens per sequence, so nothing is reallocated up
+  to N (what CUDA-graph capture of the decode step needs: a reallocation changes the buffers; it
+  also avoids the copy and the old + new peak for long contexts).
 
-Not supported (clear errors): cropping (assisted/speculative decoding rolls the cache back, which a
-recurrent state cannot do), offloading, static/compiled caches. Beam search works (`reorder_cache`).
+`get_seq_length()` is the number of tokens every layer has seen (a host int: reading it never syncs).
+It subclasses `transformers.cache_utils.Cache` so `generate()` and the mask helpers accept it;
+everything the models and `generate()` ask of a cache is implemented here rather than inherited,
+because the base class's internals moved between transformers 5.x releases.
+
+Beam search and friends: reorder_cache / batch_select_indices / batch_repeat_interleave map the rows
+of every buffer (K/V, C1/C2, lengths; the lightning states). crop: supported when every layer is
+sparse (the SparseLayerCache rolls its lengths back; the compressed keys of the kept prefix are its
+own, later windows are recomputed from the new keys as they complete); a cache with lightning layers
+cannot be rolled back (a recurrent state does not keep past tokens), so assisted/speculative decoding
+is refused with a clear error. Not supported: offloading, static/compiled caches. Padding: none; the
+mixers ignore attention masks and the converted model refuses padded ones (sala_ops.convert).
 """
 from __future__ import annotations
 
@@ -24,80 +44,126 @@ import torch
 from transformers.cache_utils import Cache
 
 from .layers import MIXER_LIGHTNING, MIXER_SPARSE, MIXER_TYPES
+from .sparse import SparseConfig
+from .sparse_decode import SparseLayerCache, sparse_decode_step, sparse_prefill
 
 
 class SparseCacheLayer:
-    """K/V of one sparse layer, [B, T, Hkv, D] (sala_ops layout), stored in buffers that double in
-    length when full so appending one decode token is amortised O(1) copies."""
+    """One sparse layer's decode cache: a `sala_ops.sparse_decode.SparseLayerCache` (K/V [B, capacity, Hkv, D]
+    in the model dtype, compressed keys C1/C2 in fp32 built as windows complete, device-side lengths),
+    created by the first call with the layer's SparseConfig and reallocated (doubling) when full.
+
+    attend(q, k, v, config): T > 1 new tokens -> `sparse_prefill` (appends, then sparse_attention of the
+    new queries over every cached key, bottom-right aligned: the exact one-pass semantics, also for a
+    later chunk); T == 1 -> `sparse_decode_step` (append_token + the one-token decode kernel)."""
 
     mixer_type = MIXER_SPARSE
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
     supports_early_init = False
+    min_capacity = 16  # first allocation without a max_length: max(tokens, this)
 
-    def __init__(self):
-        self._k: Optional[torch.Tensor] = None
-        self._v: Optional[torch.Tensor] = None
-        self.seq_len = 0
-        # Incremental compressed keys (issue 5). `sparse_attention` recomputes them from the full key cache
-        # on every call, so nothing lives here yet. The decode path of issue 5 (sala_ops/sparse_decode.py,
-        # a preallocated cache with C1/C2 appended per token + a one-token kernel) can take this entry's
-        # place; until it does, an incremental compressor keeps
-        #   compressed_k1  [B, N1, Hkv, D] fp32: mean keys over (kernel_size, kernel_stride) windows
-        #   compressed_k2  [B, N2, Hkv, D] fp32: the same over (4 kernel_size, 4 kernel_stride), for the LSE
-        # appending a window whenever seq_len crosses a stride boundary (update() is the place).
-        self.compressed_k1: Optional[torch.Tensor] = None
-        self.compressed_k2: Optional[torch.Tensor] = None
+    def __init__(self, max_length: Optional[int] = None):
+        self.max_length = max_length  # preallocated capacity (tokens per sequence); growth past it reallocates
+        self.cache: Optional[SparseLayerCache] = None
+        self.seq_len = 0  # host copy of the (common) length of every sequence: no device sync to read it
 
     @property
     def is_initialized(self) -> bool:
-        return self._k is not None
+        return self.cache is not None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.cache is None else self.cache.max_len
 
     @property
     def keys(self) -> Optional[torch.Tensor]:
-        return None if self._k is None else self._k[:, : self.seq_len]
+        """Cached keys [B, seq_len, Hkv, D] (a view of the SparseLayerCache's buffer)."""
+        return None if self.cache is None else self.cache.k[:, : self.seq_len]
 
     @property
     def values(self) -> Optional[torch.Tensor]:
-        return None if self._v is None else self._v[:, : self.seq_len]
+        return None if self.cache is None else self.cache.v[:, : self.seq_len]
+
+    def _compressed(self, which: int) -> Optional[torch.Tensor]:
+        if self.cache is None:
+            return None
+        cfg = self.cache.config
+        ks, st = (cfg.kernel_size, cfg.kernel_stride) if which == 1 else cfg.c2
+        n = 0 if self.seq_len < ks else (self.seq_len - ks) // st + 1
+        return (self.cache.c1 if which == 1 else self.cache.c2)[:, :n]
+
+    @property
+    def compressed_k1(self) -> Optional[torch.Tensor]:
+        """C1 [B, N1, Hkv, D] fp32: mean keys over the complete (kernel_size, kernel_stride) windows."""
+        return self._compressed(1)
+
+    @property
+    def compressed_k2(self) -> Optional[torch.Tensor]:
+        """C2 [B, N2, Hkv, D] fp32: the same over the (lse_kernel_size, lse_kernel_stride) windows."""
+        return self._compressed(2)
 
     @property
     def batch_size(self) -> int:
-        return -1 if self._k is None else self._k.shape[0]
+        return -1 if self.cache is None else self.cache.batch_size
 
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v [B, T, Hkv, D]; return all cached keys and values [B, seq_len, Hkv, D]."""
-        B, T = k.shape[:2]
-        if self._k is None:
-            cap = max(T, 16)
-            self._k = k.new_empty(B, cap, *k.shape[2:])
-            self._v = v.new_empty(B, cap, *v.shape[2:])
-        elif self._k.shape[0] != B or self._k.shape[2:] != k.shape[2:] or self._v.shape[2:] != v.shape[2:]:
+    def _reserve(self, k: torch.Tensor, v: torch.Tensor, config: SparseConfig, need: int):
+        """Make room for `need` tokens per sequence: create the SparseLayerCache, or check the new K/V
+        continue it and reallocate it at max(need, 2 x capacity) when it is full."""
+        B, _, Hkv, D = k.shape
+        c = self.cache
+        if c is None:
+            cap = max(need, self.max_length or self.min_capacity)
+            self.cache = SparseLayerCache(B, cap, Hkv, D, dtype=k.dtype, device=k.device, config=config)
+            return
+        if c.batch_size != B or (c.num_kv_heads, c.head_dim) != (Hkv, D) or v.shape != k.shape:
             raise ValueError(f"sala_ops.SalaCache: new keys {tuple(k.shape)} do not continue the cached "
                              f"{tuple(self.keys.shape)} (batch, heads and head dim must match)")
-        need = self.seq_len + T
-        if need > self._k.shape[1]:
-            cap = max(need, 2 * self._k.shape[1])
-            nk = self._k.new_empty(B, cap, *self._k.shape[2:])
-            nv = self._v.new_empty(B, cap, *self._v.shape[2:])
-            nk[:, : self.seq_len] = self._k[:, : self.seq_len]
-            nv[:, : self.seq_len] = self._v[:, : self.seq_len]
-            self._k, self._v = nk, nv
-        self._k[:, self.seq_len: need] = k
-        self._v[:, self.seq_len: need] = v
-        self.seq_len = need
+        if k.dtype != c.dtype or k.device != c.device:
+            raise TypeError(f"sala_ops.SalaCache: new keys ({k.dtype}, {k.device}) do not continue the cached "
+                            f"({c.dtype}, {c.device}); reset the cache after moving or casting the model")
+        if config != c.config:
+            raise ValueError(f"sala_ops.SalaCache: the layer's sparse config {config} differs from the one the "
+                             f"cache was built with ({c.config})")
+        if need > c.max_len:
+            self.cache = c.resized(max(need, 2 * c.max_len), keep=self.seq_len)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SparseConfig, scale=None):
+        """Append k, v [B, T, Hkv, D] and return the InfLLM-V2 attention [B, T, H, D] of q [B, T, H, D]
+        (bottom-right aligned over every cached key): prefill for T > 1, the decode kernel for T == 1."""
+        T = k.shape[1]
+        self._reserve(k, v, config, self.seq_len + T)
+        if T == 1:
+            o = sparse_decode_step(q, k, v, self.cache, scale)  # [B, 1, H, D] in, [B, 1, H, D] out
+        else:
+            o = sparse_prefill(q, k, v, self.cache, scale)
+        self.seq_len += T
+        return o
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, config: Optional[SparseConfig] = None):
+        """Append k, v [B, T, Hkv, D] without attending (compressed keys included); return all cached keys
+        and values [B, seq_len, Hkv, D]."""
+        T = k.shape[1]
+        self._reserve(k, v, config if config is not None or self.cache is None else self.cache.config,
+                      self.seq_len + T)
+        self.cache.append(k, v)
+        self.seq_len += T
         return self.keys, self.values
 
+    def crop(self, length: int):
+        """Keep the first `length` tokens (compressed keys of the kept windows stay; see SparseLayerCache.truncate)."""
+        if self.cache is not None and length < self.seq_len:
+            self.cache.truncate(length)
+            self.seq_len = length
+
     def _map(self, fn):
-        if self._k is not None:
-            self._k, self._v = fn(self.keys), fn(self.values)
-        for name in ("compressed_k1", "compressed_k2"):
-            if getattr(self, name) is not None:
-                setattr(self, name, fn(getattr(self, name)))
+        """Batch reshuffles (beam search): fn maps every per-sequence buffer along dim 0."""
+        if self.cache is not None:
+            self.cache = self.cache.map_rows(fn)
 
     def reset(self):
-        self.__init__()
+        self.__init__(self.max_length)
 
 
 class LightningCacheLayer:
@@ -141,12 +207,17 @@ _LAYER_CLASSES = {MIXER_SPARSE: SparseCacheLayer, MIXER_LIGHTNING: LightningCach
 
 class SalaCache(Cache):
     """Hybrid cache for a SALA model: `SalaCache(config)` (a config with `mixer_types`) or
-    `SalaCache(mixer_types=[...])`. Pass it as the model's cache (`cache=` / `past_key_values=`), or let
-    a converted model create it (it does whenever use_cache is on and no SalaCache is given)."""
+    `SalaCache(mixer_types=[...])`; `max_length=N` preallocates the sparse layers' K/V and compressed keys
+    for N tokens per sequence (they grow by reallocation past it). Pass it as the model's cache (`cache=` /
+    `past_key_values=`), or let a converted model create it (it does whenever use_cache is on and no
+    SalaCache is given)."""
 
     is_compileable = False
 
-    def __init__(self, config=None, mixer_types=None):
+    def __init__(self, config=None, mixer_types=None, max_length: Optional[int] = None):
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ValueError(f"sala_ops.SalaCache: max_length must be a positive int or None, got {max_length!r}")
         if (config is None) == (mixer_types is None):
             raise ValueError("sala_ops.SalaCache: pass exactly one of config (with `mixer_types`) or mixer_types")
         if config is not None:
@@ -157,7 +228,7 @@ class SalaCache(Cache):
         bad = [m for m in mixer_types if m not in MIXER_TYPES]
         if bad:
             raise ValueError(f"sala_ops.SalaCache: mixer_types must be drawn from {MIXER_TYPES}, got {bad}")
-        layers = [_LAYER_CLASSES[m]() for m in mixer_types]
+        layers = [SparseCacheLayer(max_length) if m == MIXER_SPARSE else LightningCacheLayer() for m in mixer_types]
         try:
             super().__init__(layers=layers)
         except TypeError:  # an older Cache signature: set what the base class would
@@ -167,6 +238,7 @@ class SalaCache(Cache):
         self.mixer_types = list(mixer_types)
         self.layer_class_to_replicate = None
         self.offloading = False
+        self.max_length = max_length
 
     # -- what the SALA mixers use ---------------------------------------------------------------
     def layer(self, layer_idx: int, mixer_type: str):
@@ -226,7 +298,8 @@ class SalaCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        """Only without lightning layers: a recurrent state cannot be rolled back."""
+        return all(layer.is_croppable for layer in self.layers)
 
     @property
     def batch_size(self) -> int:
@@ -250,9 +323,21 @@ class SalaCache(Cache):
             layer._map(lambda x: x[indices])
 
     def crop(self, max_length: int):
-        raise NotImplementedError("sala_ops.SalaCache: cannot crop (roll back) a cache with lightning layers: their "
-                                  "recurrent state does not keep past tokens. Assisted/speculative decoding is not "
-                                  "supported; use plain greedy/sampling/beam search.")
+        """Roll the cache back as transformers' caches do: max_length <= 0 drops -max_length tokens (so
+        crop(0) is a no-op; dropping more than are cached empties it), a positive value keeps the first
+        max_length tokens (the older releases' absolute form). Sparse layers only: K/V and the compressed
+        keys of the kept prefix stay, later windows are rebuilt as tokens are appended again."""
+        if not self.is_croppable:
+            raise NotImplementedError("sala_ops.SalaCache: cannot crop (roll back) a cache with lightning layers: "
+                                      "their recurrent state does not keep past tokens. Assisted/speculative "
+                                      "decoding is not supported; use plain greedy/sampling/beam search.")
+        seq = self.get_seq_length()
+        if max_length <= 0:
+            max_length = seq - abs(max_length)
+        if seq <= max_length:
+            return
+        for layer in self.layers:
+            layer.crop(max(0, max_length))
 
     def early_initialization(self, *args, **kwargs):
         return None  # entries are created by the first forward

@@ -10,9 +10,12 @@ Both take the normed layer input u [B, T, hidden] and return (output [B, T, hidd
 calling convention of Hugging Face attention modules, so they drop into a decoder layer's
 `self_attn` slot. Parameter names are those of the released 9B checkpoint (spec section 5).
 
-Prefill and training run the chunked ops over the whole input; with a `SalaCache` (sala_ops.cache)
-the sparse layer appends its K/V to the cache and attends with the new queries bottom-right
-aligned over every cached key (decode = one query over the full cache), and the lightning layer
+Prefill and training run the chunked ops over the whole input. With a `SalaCache` (sala_ops.cache)
+the sparse layer works on the layer's `SparseLayerCache` (sala_ops.sparse_decode): a chunk of T > 1
+tokens goes through `sparse_prefill` (K/V and compressed keys appended, then sparse_attention of the
+new queries bottom-right aligned over every cached key, as one pass would), one token per sequence
+through `sparse_decode_step` (selection from the incrementally kept compressed keys + attention over
+the selected blocks: the decode kernel on CUDA, no recompression of the prefix); the lightning layer
 continues from the cached fp32 state (`lightning_attention_step` for one token,
 `lightning_attention(initial_state=...)` for a chunk).
 
@@ -145,8 +148,10 @@ class SparseMixer(nn.Module):
             raise ValueError(f"sala_ops.{op}: packed sequences (cu_seqlens) cannot be combined with a cache")
         q, k, v = self.qkv(u)
         if layer_cache is not None:
-            k, v = layer_cache.update(k, v)  # all cached keys [B, Tk, Hkv, D]; q is bottom-right aligned
-        attn = sparse_attention(q, k, v, cu_seqlens=cu, config=self.sparse_config)
+            # prefill: sparse_attention over every cached key (q bottom-right aligned); decode: sparse_decode
+            attn = layer_cache.attend(q, k, v, self.sparse_config)
+        else:
+            attn = sparse_attention(q, k, v, cu_seqlens=cu, config=self.sparse_config)
         gate = torch.sigmoid(self.o_gate(u))
         out = self.o_proj(attn.reshape(B, T, -1) * gate)
         return out, None

@@ -182,6 +182,61 @@ def test_greedy_generate_with_cache_equals_recompute(family, prompt_len):
     assert isinstance(cache, SalaCache) and cache.get_seq_length() == prompt_len
 
 
+def _cache_kwarg(model, cache):
+    """generate()'s name for a user cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    import inspect
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def test_generate_decodes_through_sparse_decode_and_grows(monkeypatch):
+    """generate() with a user SalaCache preallocated below the final length: the prompt goes through
+    sparse_prefill, every later token through sparse_decode_step (one query over the SparseLayerCache);
+    the cache is reallocated during decode; tokens equal recomputation, and the incrementally built
+    compressed keys equal compress_keys over the cached K/V from scratch."""
+    import sala_ops.cache as cache_mod
+    from sala_ops.sparse import compress_keys
+    calls = {"sparse_decode_step": [], "sparse_prefill": []}
+    for name, seen in calls.items():
+        real = getattr(cache_mod, name)
+        monkeypatch.setattr(cache_mod, name, lambda *a, _real=real, _seen=seen, **k: _seen.append(a[0].shape) or _real(*a, **k))
+    model = convert_to_sala(tiny("qwen2"), sparse_config=SMALL)
+    sparse = sala_layers(model, MIXER_SPARSE)
+    prompt, n = ids(2, 18, seed=5), 8
+    cache = SalaCache(model.config, max_length=20)
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0, **_cache_kwarg(model, cache))
+    assert torch.equal(out, _greedy_by_recompute(model, prompt, n))
+    assert len(calls["sparse_prefill"]) == len(sparse)
+    assert len(calls["sparse_decode_step"]) == (n - 1) * len(sparse)
+    assert all(shape[:2] == (2, 1) for shape in calls["sparse_decode_step"])
+    assert cache.get_seq_length() == 18 + n - 1  # the last token is never fed back
+    for i in sparse:
+        entry = cache.layers[i]
+        assert entry.capacity == 40  # 20 -> doubled at token 21
+        cfg = entry.cache.config
+        assert_close(entry.compressed_k1, compress_keys(entry.keys, cfg.kernel_size, cfg.kernel_stride), 1e-6)
+        assert_close(entry.compressed_k2, compress_keys(entry.keys, *cfg.c2), 1e-6)
+        assert entry.compressed_k1.shape[1] == (entry.keys.shape[1] - cfg.kernel_size) // cfg.kernel_stride + 1
+
+
+def test_beam_search_with_cache_equals_without(monkeypatch):
+    """Beam search reorders the cache every step (reorder_cache on the SparseLayerCache rows and the
+    lightning states); it must pick the same beams as beam search recomputing every step."""
+    reorders = []
+    real = SalaCache.reorder_cache
+    monkeypatch.setattr(SalaCache, "reorder_cache", lambda self, idx: reorders.append(idx) or real(self, idx))
+    model = convert_to_sala(tiny("llama"), sparse_config=SMALL)
+    prompt = ids(1, 17, seed=9)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+              num_beams=3, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kw)
+        recomputed = model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+    assert reorders and all(idx.shape == (3,) for idx in reorders)
+
+
 def test_padded_batches_are_refused():
     model = convert_to_sala(tiny("llama"), sparse_config=SMALL)
     x = ids(2, 6)

@@ -221,8 +221,12 @@ def test_cache_errors_are_clear():
         m(u, cache=cache)
     with pytest.raises(ValueError, match="mixer_types"):
         SalaCache(mixer_types=["attention"])
+    mixed = SalaCache(mixer_types=[MIXER_SPARSE, MIXER_LIGHTNING])
+    assert not mixed.is_croppable and cache.is_croppable
     with pytest.raises(NotImplementedError, match="crop"):
-        cache.crop(2)
+        mixed.crop(2)
+    with pytest.raises(ValueError, match="max_length"):
+        SalaCache(mixer_types=[MIXER_SPARSE], max_length=0)
 
 
 def test_cache_reorder_and_repeat():
@@ -236,3 +240,113 @@ def test_cache_reorder_and_repeat():
     assert cache.layers[0].keys.shape[0] == 4 and cache.batch_size == 4
     cache.reset()
     assert cache.get_seq_length() == 0 and not cache.is_initialized
+
+
+# ------------------------------------------------- sparse layers on the incremental decode path (SparseLayerCache)
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+def _assert_compressed_from_scratch(entry):
+    """The SparseLayerCache's incrementally built C1/C2 == compress_keys over the cached keys from scratch."""
+    from sala_ops.sparse import compress_keys
+    cfg = entry.cache.config
+    keys = entry.keys
+    assert_close(entry.compressed_k1, compress_keys(keys, cfg.kernel_size, cfg.kernel_stride), 1e-6, what="C1")
+    assert_close(entry.compressed_k2, compress_keys(keys, *cfg.c2), 1e-6, what="C2")
+    assert entry.compressed_k1.shape[1] == (keys.shape[1] - cfg.kernel_size) // cfg.kernel_stride + 1
+    for b in range(keys.shape[0]):  # the decode kernels read the per-row views at the device-side length
+        c1, _ = entry.cache.compressed_keys(b)
+        assert torch.equal(c1, entry.compressed_k1[b])
+
+
+def test_sparse_cache_decode_uses_sparse_decode_and_grows(monkeypatch):
+    """Decode steps go through sparse_decode_step (one query, cached C1/C2), the prompt through
+    sparse_prefill; a capacity of 4 reallocates (4 -> 8 -> 16 -> 32 -> 64) without changing any output."""
+    import sala_ops.cache as cache_mod
+    decode = _spy(monkeypatch, cache_mod, "sparse_decode_step")
+    prefill = _spy(monkeypatch, cache_mod, "sparse_prefill")
+    m, u = sparse_mixer(), _u(2, 36)
+    full, _ = m(u)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE], max_length=4)
+    entry = cache.layers[0]
+    outs = [m(u[:, :3], cache=cache)[0]]
+    assert entry.capacity == 4
+    caps = set()
+    for t in range(3, 36):
+        outs.append(m(u[:, t:t + 1], cache=cache)[0])
+        caps.add(entry.capacity)
+    assert caps == {4, 8, 16, 32, 64}
+    assert len(prefill) == 1 and len(decode) == 33 and all(s[1] == 1 for s in decode)
+    assert cache.get_seq_length() == 36 and entry.keys.shape == (2, 36, HKV, D)
+    assert entry.cache.lengths.tolist() == [36, 36]
+    assert_close(torch.cat(outs, 1), full, 1e-5)
+    q, k, v = m.qkv(u)
+    assert_close(entry.keys, k, 1e-6)
+    assert_close(entry.values, v, 1e-6)
+    _assert_compressed_from_scratch(entry)
+
+
+def test_sparse_cache_chunked_prefill_after_decode():
+    """A prefill chunk on a non-empty cache (after decode steps, across a reallocation) continues it."""
+    m, u = sparse_mixer(), _u(1, 44)
+    full, _ = m(u)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE], max_length=20)
+    outs = [m(u[:, :17], cache=cache)[0]]
+    outs += [m(u[:, t:t + 1], cache=cache)[0] for t in (17, 18, 19)]
+    outs.append(m(u[:, 20:41], cache=cache)[0])  # 21 tokens: 20 + 21 > 2 x 20, reallocated to 41
+    assert cache.layers[0].capacity == 41
+    outs += [m(u[:, t:t + 1], cache=cache)[0] for t in (41, 42, 43)]
+    assert_close(torch.cat(outs, 1), full, 1e-5)
+    _assert_compressed_from_scratch(cache.layers[0])
+
+
+def test_sparse_cache_reorder_select_repeat_then_decode():
+    """Beam-search reshuffles of a filled cache, then decode: each row equals one full pass of the
+    sequence it now holds."""
+    m, u = sparse_mixer(), _u(3, 34, seed=2)
+    full, _ = m(u)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE])
+    m(u[:, :20], cache=cache)
+    m(u[:, 20:21], cache=cache)
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    rows = [2, 0, 1]
+    m(u[rows, 21:22], cache=cache)
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    rows = [rows[0], rows[2]]
+    cache.batch_repeat_interleave(2)
+    rows = [r for r in rows for _ in range(2)]
+    assert cache.batch_size == 4 and cache.layers[0].cache.lengths.tolist() == [22] * 4
+    for t in range(22, 34):
+        out = m(u[rows, t:t + 1], cache=cache)[0]
+        assert_close(out, full[rows, t:t + 1], 1e-5, what=f"step {t}")
+    _assert_compressed_from_scratch(cache.layers[0])
+
+
+def test_sparse_cache_crop_then_decode():
+    """crop rolls the sparse cache back (HF semantics, negative = drop that many); decoding other tokens
+    from there equals a full pass over the kept prefix + the new tokens; C1/C2 stay exact."""
+    m, u, w = sparse_mixer(), _u(2, 40, seed=3), _u(2, 40, seed=4)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE])
+    m(u[:, :25], cache=cache)
+    for t in range(25, 31):
+        m(u[:, t:t + 1], cache=cache)
+    cache.crop(31)  # no-op (absolute form, as older transformers releases call it)
+    cache.crop(0)  # no-op (relative form: nothing to drop)
+    assert cache.get_seq_length() == 31
+    cache.crop(-8)  # -> 23 tokens: inside a compression window and a block
+    assert cache.get_seq_length() == 23 and cache.layers[0].cache.lengths.tolist() == [23, 23]
+    _assert_compressed_from_scratch(cache.layers[0])
+    x = torch.cat([u[:, :23], w[:, 23:36]], 1)
+    full, _ = m(x)
+    outs = [m(x[:, t:t + 1], cache=cache)[0] for t in range(23, 30)]
+    outs.append(m(x[:, 30:36], cache=cache)[0])
+    assert_close(torch.cat(outs, 1), full[:, 23:36], 1e-5)
+    _assert_compressed_from_scratch(cache.layers[0])
+    cache.crop(-100)  # more than cached: empty
+    assert cache.get_seq_length() == 0 and cache.layers[0].cache.lengths.tolist() == [0, 0]
+    assert_close(m(x[:, :18], cache=cache)[0], full[:, :18], 1e-5)
