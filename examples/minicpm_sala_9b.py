@@ -13,8 +13,11 @@ sala_ops.LightningMixer (q/k RMSNorm + RoPE, decay, o_norm, z gate). Parameter n
 released checkpoint's (spec section 5), so its safetensors load with strict name checks.
 
 Long prefill runs in chunks through a sala_ops.SalaCache: lightning layers carry their fp32 state,
-sparse layers keep the full K/V and attend with each chunk's queries over every cached key
-(bottom-right aligned), so activations stay O(chunk) while the context grows to 1M tokens.
+sparse layers keep the full K/V (+ compressed keys) in a SparseLayerCache and attend with each chunk's
+queries over every cached key (bottom-right aligned), so activations stay O(chunk) while the context
+grows to 1M tokens. Each generated token then takes the sparse decode path (sparse_decode_step on the
+cached compressed keys, no recompression of the prefix). The cache is preallocated to prompt + new
+tokens (SalaCache(max_length=...)), so nothing is reallocated during prefill or decode.
 """
 from __future__ import annotations
 
@@ -129,8 +132,8 @@ class MiniCPMSALA(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def new_cache(self) -> SalaCache:
-        return SalaCache(mixer_types=self.cfg.mixer_types)
+    def new_cache(self, max_length: int | None = None) -> SalaCache:
+        return SalaCache(mixer_types=self.cfg.mixer_types, max_length=max_length)
 
     def forward(self, input_ids, cache=None, logits_to_keep: int = 1):
         x = self.model.embed_tokens(input_ids) * self.cfg.scale_emb
@@ -143,7 +146,7 @@ class MiniCPMSALA(nn.Module):
     @torch.no_grad()
     def prefill(self, input_ids, chunk: int, cache=None):
         """Chunked prefill through the cache; returns (last-token logits, cache)."""
-        cache = cache if cache is not None else self.new_cache()
+        cache = cache if cache is not None else self.new_cache(max_length=input_ids.shape[1])
         logits = None
         for s in range(0, input_ids.shape[1], chunk):
             logits = self(input_ids[:, s:s + chunk], cache)
@@ -151,7 +154,7 @@ class MiniCPMSALA(nn.Module):
 
     @torch.no_grad()
     def generate_greedy(self, input_ids, new_tokens: int, chunk: int = 65536):
-        logits, cache = self.prefill(input_ids, chunk)
+        logits, cache = self.prefill(input_ids, chunk, self.new_cache(max_length=input_ids.shape[1] + new_tokens))
         out = []
         for _ in range(new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
