@@ -350,3 +350,23 @@ def test_sparse_cache_crop_then_decode():
     cache.crop(-100)  # more than cached: empty
     assert cache.get_seq_length() == 0 and cache.layers[0].cache.lengths.tolist() == [0, 0]
     assert_close(m(x[:, :18], cache=cache)[0], full[:, :18], 1e-5)
+
+
+def test_sparse_cache_triton_kernels_grow_and_reorder():
+    """The CUDA path (Triton decode kernels, default 3-launch kernel; interpreter on CPU): a reallocation
+    and a row reorder rebuild the kernels' workspace; every step equals the reference full pass."""
+    from sala_ops import use_backend
+    m, u = sparse_mixer(), _u(2, 24, seed=5)
+    full, _ = m(u)
+    cache = SalaCache(mixer_types=[MIXER_SPARSE], max_length=18)
+    rows = [0, 1]
+    with use_backend("triton"):
+        assert_close(m(u[:, :17], cache=cache)[0], full[:, :17], 1e-5, what="prefill")
+        for t in range(17, 24):
+            if t == 20:
+                cache.reorder_cache(torch.tensor([1, 0]))
+                rows = [1, 0]
+            out = m(u[rows, t:t + 1], cache=cache)[0]
+            assert_close(out, full[rows, t:t + 1], 1e-5, what=f"step {t}")
+    assert cache.layers[0].capacity == 36
+    _assert_compressed_from_scratch(cache.layers[0])
