@@ -277,9 +277,10 @@ def test_sparse_cache_decode_uses_sparse_decode_and_grows(monkeypatch):
     outs = [m(u[:, :3], cache=cache)[0]]
     assert entry.capacity == 4
     caps = set()
-    for t in range(3, 36):
-        outs.append(m(u[:, t:t + 1], cache=cache)[0])
-        caps.add(entry.capacity)
+    with torch.no_grad():  # as in generate(); under autograd a step takes the differentiable path (below)
+        for t in range(3, 36):
+            outs.append(m(u[:, t:t + 1], cache=cache)[0])
+            caps.add(entry.capacity)
     assert caps == {4, 8, 16, 32, 64}
     assert len(prefill) == 1 and len(decode) == 33 and all(s[1] == 1 for s in decode)
     assert cache.get_seq_length() == 36 and entry.keys.shape == (2, 36, HKV, D)
@@ -289,6 +290,28 @@ def test_sparse_cache_decode_uses_sparse_decode_and_grows(monkeypatch):
     assert_close(entry.keys, k, 1e-6)
     assert_close(entry.values, v, 1e-6)
     _assert_compressed_from_scratch(entry)
+
+
+def test_sparse_cache_step_under_autograd_keeps_gradients(monkeypatch):
+    """The decode kernels have no backward: with autograd on, a one-token step through the cache takes
+    the differentiable prefill path, and its parameter gradients equal those of the full pass."""
+    import sala_ops.cache as cache_mod
+    decode = _spy(monkeypatch, cache_mod, "sparse_decode_step")
+    m, u = sparse_mixer(), _u(1, 20)
+    full, _ = m(u)
+    # q_proj: only the last query feeds the last output in both passes, so the gradients must agree
+    # (k_proj would differ: the cached keys were made under no_grad)
+    g_full = torch.autograd.grad(full[:, -1].sum(), [m.q_proj.weight])
+    cache = SalaCache(mixer_types=[MIXER_SPARSE])
+    with torch.no_grad():
+        m(u[:, :19], cache=cache)
+    last, _ = m(u[:, 19:], cache=cache)
+    assert not decode and last.requires_grad
+    assert_close(last, full[:, -1:], 1e-5)
+    g_step = torch.autograd.grad(last.sum(), [m.q_proj.weight], retain_graph=True)
+    assert_close(g_step[0], g_full[0], 1e-4)
+    gk = torch.autograd.grad(last.sum(), [m.k_proj.weight])[0]  # through the new token's key
+    assert torch.isfinite(gk).all() and gk.abs().sum() > 0
 
 
 def test_sparse_cache_chunked_prefill_after_decode():
