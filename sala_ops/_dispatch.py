@@ -21,6 +21,23 @@ _log = logging.getLogger("sala_ops")
 _forced: list[str] = []
 _announced: set[tuple[str, str]] = set()
 
+# os.environ.get costs ~0.6-0.8 us (key encoding through the Mapping layers), a lot on the decode hot
+# path; on POSIX os.environ keeps its contents in `_data` (encoded keys), which every os.environ
+# update (monkeypatch.setenv included) writes through, so reading it directly gives the same answer.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey("SALA_OPS_BACKEND") if _ENV_DATA is not None else None
+    _ENV_DECODE = os.environ.decodevalue
+except AttributeError:  # pragma: no cover - not CPython's os._Environ
+    _ENV_DATA = None
+
+
+def _backend_env():
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        return None if raw is None else _ENV_DECODE(raw)
+    return os.environ.get("SALA_OPS_BACKEND")
+
 
 def _validate(name: str, where: str) -> str:
     if name not in BACKENDS:
@@ -42,7 +59,7 @@ def backend_for(tensor: torch.Tensor) -> str:
     """The backend an op called on `tensor` will use."""
     if _forced:
         return _forced[-1]
-    env = os.environ.get("SALA_OPS_BACKEND")
+    env = _backend_env()
     if env:
         return _validate(env, "SALA_OPS_BACKEND")
     return "triton" if tensor.is_cuda else "reference"
