@@ -87,14 +87,42 @@ def lightning_attention(q, k, v, decay, scale=None, initial_state=None, output_f
     return LightningOutput(o, final)
 
 
-def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
-    """Decode step: one new token per sequence. q [B, H, K] (or [B, 1, H, K]), k/v [B, Hkv, *],
-    state [B, H, K, V] fp32. Returns (o like q but with V, new_state); with inplace=True the new
-    state is written into `state` and returned."""
-    op = "lightning_attention_step"
-    squeeze = False
+class _StepEntry:
+    """What the checks of a validated lightning_attention_step call signature derived (see _step_signature)."""
+    __slots__ = ("scale", "squeeze", "o_shape", "o_like_q", "state_contig", "decay_ready", "plan")
+
+    def __init__(self, q, v, state, decay, scale, squeeze):
+        self.scale, self.squeeze = scale, squeeze
+        B, H = q.shape[0], q.shape[-2]
+        self.o_shape = (B, 1, H, v.shape[-1]) if squeeze else (B, H, v.shape[-1])
+        # the kernel writes o contiguous: empty_like(q) is that (and cheaper than new_empty) for a contiguous q
+        self.o_like_q = tuple(q.shape) == self.o_shape and q.is_contiguous()
+        self.state_contig = state.is_contiguous()
+        # the kernel reads decay[h] at decay_ptr + h, in fp32
+        self.decay_ready = decay.dtype == torch.float32 and decay.is_contiguous()
+        self.plan = None  # the triton launch plan, made on the first triton call
+
+
+# Call signatures (everything the argument checks look at) that passed every check once, so a call
+# with the same signature skips them. Bounded: cleared when full.
+_step_sigs: dict = {}
+_STEP_SIGS_MAX = 256
+
+
+def _step_signature(q, k, v, state, decay, scale, inplace):
+    """Types, shapes (so ndim), strides (so contiguity), dtypes and devices of the five tensors, plus scale
+    (value and type) and inplace. Raises AttributeError for a non-tensor (the checks then explain)."""
+    return (type(q), q.shape, q.stride(), q.dtype, q.device, type(k), k.shape, k.stride(), k.dtype, k.device,
+            type(v), v.shape, v.stride(), v.dtype, v.device,
+            type(state), state.shape, state.stride(), state.dtype, state.device,
+            type(decay), decay.shape, decay.stride(), decay.dtype, decay.device, scale, type(scale), inplace)
+
+
+def _check_step(op, q, k, v, state, decay, scale):
+    """All argument checks of lightning_attention_step; returns (scale, squeeze)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         C.tensor(op, name, x, ndim=(3, 4))
+    squeeze = False
     if q.dim() == 4:
         if q.shape[1] != 1 or k.dim() != 4 or v.dim() != 4 or k.shape[1] != 1 or v.shape[1] != 1:
             raise ValueError(f"sala_ops.{op}: 4-D q, k, v must have sequence length 1, got "
@@ -111,24 +139,81 @@ def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
     C.gqa(op, H, k.shape[1])
     _check_decay(op, decay, H, q.device)
     _check_state(op, "state", state, B, H, K, v.shape[-1], q.device)
-    scale = C.scale_arg(op, scale, K)
-    backend = choose(op, q)
-    if backend == "triton":
-        if torch.compiler.is_compiling():
-            if inplace:
-                o = torch.ops.sala_ops.lightning_step_inplace(q, k, v, state, decay, scale)
-                new_state = state
-            else:
-                o, new_state = torch.ops.sala_ops.lightning_step(q, k, v, state, decay, scale)
+    return C.scale_arg(op, scale, K), squeeze
+
+
+def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
+    """Decode step: one new token per sequence. q [B, H, K] (or [B, 1, H, K]), k/v [B, Hkv, *],
+    state [B, H, K, V] fp32. Returns (o like q but with V, new_state); with inplace=True the new
+    state is written into `state` and returned.
+
+    Host cost: a call whose signature (types, shapes, strides, dtypes, devices of the tensors, scale,
+    inplace) matches one that passed every check before skips the checks and reuses the launch
+    constants (bench/bench_host_overhead.py)."""
+    op = "lightning_attention_step"
+    if torch.compiler.is_compiling():
+        return _step_compiled(op, q, k, v, state, decay, scale, inplace)
+    try:
+        sig = _step_signature(q, k, v, state, decay, scale, inplace)
+        e = _step_sigs.get(sig)
+    except Exception:  # a non-tensor, an unhashable argument, a tensor without strides: the checks say what is wrong
+        sig = e = None
+    if e is None:
+        scale_, squeeze = _check_step(op, q, k, v, state, decay, scale)
+        e = _StepEntry(q, v, state, decay, scale_, squeeze)
+        if sig is not None:
+            if len(_step_sigs) >= _STEP_SIGS_MAX:
+                _step_sigs.clear()
+            _step_sigs[sig] = e
+    if choose(op, q) == "triton":
+        LS = _LS or _import_step()
+        p = e.plan
+        if p is None:
+            p = e.plan = LS.plan(q, k, v)
+        if not e.decay_ready:
+            decay = decay.float().contiguous()
+        o = torch.empty_like(q) if e.o_like_q else q.new_empty(e.o_shape)
+        if inplace and e.state_contig:
+            LS.launch(p, q, k, v, state, state, o, decay, e.scale)
+            return o, state
+        s_in = state if e.state_contig else state.contiguous()
+        new_state = torch.empty_like(s_in)
+        LS.launch(p, q, k, v, s_in, new_state, o, decay, e.scale)
+        if inplace:
+            state.copy_(new_state)
+            new_state = state
+        return o, new_state
+    if e.squeeze:
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    o, new_state = ref.lightning_step(q, k, v, state, decay, e.scale)
+    if inplace:
+        state.copy_(new_state)
+        new_state = state
+    return (o[:, None] if e.squeeze else o), new_state
+
+
+_LS = None
+
+
+def _import_step():
+    """sala_ops.triton.lightning_step, imported on first use (importing triton is not free)."""
+    global _LS
+    from .triton import lightning_step
+    _LS = lightning_step
+    return lightning_step
+
+
+def _step_compiled(op, q, k, v, state, decay, scale, inplace):
+    """lightning_attention_step under torch.compile: full checks, the custom ops (traceable)."""
+    scale, squeeze = _check_step(op, q, k, v, state, decay, scale)
+    if squeeze:
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    if choose(op, q) == "triton":
+        if inplace:
+            o = torch.ops.sala_ops.lightning_step_inplace(q, k, v, state, decay, scale)
+            new_state = state
         else:
-            from .triton.lightning_step import lightning_step as _step
-            if inplace and state.is_contiguous():
-                o, new_state = _step(q, k, v, state, decay.float(), scale, out_state=state)
-            else:
-                o, new_state = _step(q, k, v, state.contiguous(), decay.float(), scale)
-                if inplace:
-                    state.copy_(new_state)
-                    new_state = state
+            o, new_state = torch.ops.sala_ops.lightning_step(q, k, v, state, decay, scale)
         return (o[:, None] if squeeze else o), new_state
     o, new_state = ref.lightning_step(q, k, v, state, decay, scale)
     if inplace:

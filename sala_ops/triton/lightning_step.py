@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch as _launch
+
 
 @triton.jit
 def _lightning_step_kernel(q_ptr, k_ptr, v_ptr, s_in_ptr, s_out_ptr, o_ptr, decay_ptr, scale,
@@ -43,22 +45,64 @@ def _lightning_step_kernel(q_ptr, k_ptr, v_ptr, s_in_ptr, s_out_ptr, o_ptr, deca
     tl.store(o_ptr + bb * H * DV + h * DV + offs_v, o.to(o_ptr.dtype.element_ty), mask=mv)
 
 
+class StepPlan:
+    """Launch constants of one decode-step call shape (B, H, Hkv, K, V, q/k/v layout): everything
+    lightning_step derives from the tensors' metadata, computed once per shape (see plan())."""
+    __slots__ = ("B", "H", "K", "V", "fix_q", "fix_k", "fix_v", "sq", "sk", "sv", "G", "grid", "constexprs")
+
+    def __init__(self, q, k, v):
+        B, H, K = q.shape[0], q.shape[-2], q.shape[-1]
+        Hkv, V = k.shape[-2], v.shape[-1]
+        self.B, self.H, self.K, self.V = B, H, K, V
+        # the kernel reads rows [H, D] at x_ptr + b * stride(0) + h * D + d: the last two dims must be dense
+        self.fix_q, self.fix_k, self.fix_v = (not (x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]) for x in (q, k, v))
+        self.sq, self.sk, self.sv = ((x.contiguous() if fix else x).stride(0)
+                                     for x, fix in ((q, self.fix_q), (k, self.fix_k), (v, self.fix_v)))
+        self.G = H // Hkv
+        BK = max(16, triton.next_power_of_2(K))
+        BV = min(32, max(16, triton.next_power_of_2(V)))
+        self.grid = (triton.cdiv(V, BV) * H * B,)  # flat: see the kernel
+        self.constexprs = dict(BK=BK, BV=BV, num_warps=4)
+
+
+_plans: dict = {}
+
+
+def plan(q, k, v) -> StepPlan:
+    """The StepPlan of (q, k, v) ([B, H, K] / [B, Hkv, K] / [B, Hkv, V], or [B, 1, ...]), cached by
+    shape and strides (the only things it depends on)."""
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride())
+    p = _plans.get(key)
+    if p is None:
+        if len(_plans) >= 256:
+            _plans.clear()
+        p = _plans[key] = StepPlan(q, k, v)
+    return p
+
+
+def launch(p: StepPlan, q, k, v, state, out_state, o, decay, scale):
+    """One step with plan `p`: state (fp32, contiguous) -> out_state (may be state), o [B, H, V]
+    contiguous (or [B, 1, H, V]); decay fp32 contiguous [H]; scale a float."""
+    if p.fix_q:
+        q = q.contiguous()
+    if p.fix_k:
+        k = k.contiguous()
+    if p.fix_v:
+        v = v.contiguous()
+    _launch(_lightning_step_kernel, p.grid, (q, k, v, state, out_state, o, decay),
+            (scale, p.H, p.G, p.K, p.V, p.sq, p.sk, p.sv), p.constexprs)
+
+
 def lightning_step(q, k, v, state, decay, scale, out_state=None):
     """q [B,H,K], k [B,Hkv,K], v [B,Hkv,V] (last dim contiguous), state [B,H,K,V] fp32 contiguous.
     Writes the new state into `out_state` (may be `state` itself: in place) or a new tensor.
     Returns (o [B,H,V] in q.dtype, new_state)."""
-    B, H, K = q.shape
-    Hkv, V = k.shape[1], v.shape[-1]
-    q, k, v = (x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous() for x in (q, k, v))
+    p = plan(q, k, v)
     # the kernel reads decay[h] at decay_ptr + h: a strided (or expanded, stride 0) view would be read
     # wrongly, and past its storage
     decay = decay.contiguous()
     if out_state is None:
         out_state = torch.empty_like(state)
-    o = torch.empty(B, H, V, device=q.device, dtype=q.dtype)
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(32, max(16, triton.next_power_of_2(V)))
-    grid = (triton.cdiv(V, BV) * H * B,)  # flat: see the kernel
-    _lightning_step_kernel[grid](q, k, v, state, out_state, o, decay, float(scale), H, H // Hkv, K, V,
-                                 q.stride(0), k.stride(0), v.stride(0), BK=BK, BV=BV, num_warps=4)
+    o = q.new_empty((p.B, p.H, p.V))
+    launch(p, q, k, v, state, out_state, o, decay, float(scale))
     return o, out_state
