@@ -453,6 +453,66 @@ def test_tiled_forward_dispatch_and_backward(monkeypatch):
         assert_close(a, b, TOL, f"d{name}")
 
 
+def _packed_lse(q, k, idx, cu_q, cu_k, ts, bs, scale):
+    """lse [Tq, H] (log2 domain, +inf = no key) of block-sparse attention over packed sanitised indices."""
+    Tq, H, _ = q.shape
+    Tk, Hkv = k.shape[:2]
+    n = ts.long()
+    t = (cu_k[n + 1] - cu_k[n]) - (cu_q[n + 1] - cu_q[n]) + torch.arange(Tq, device=q.device) - cu_q[n]
+    j = torch.arange(Tk, device=q.device)
+    nj = torch.searchsorted(cu_k[1:], j, right=True)
+    jl = j - cu_k[nj]
+    chosen = (idx.long()[..., None] == (jl // bs)[None, None, None, :]).any(2)  # [Tq, Hkv, Tk]
+    allowed = chosen & ((n[:, None] == nj[None, :]) & (jl[None, :] <= t[:, None]))[:, None, :]
+    s = torch.einsum("ihd,jhd->ihj", q.double(), k.double().repeat_interleave(H // Hkv, 1)) * scale
+    s = s.masked_fill(~allowed.repeat_interleave(H // Hkv, 1), float("-inf"))
+    lse = torch.logsumexp(s, -1) / math.log(2)
+    return torch.where(torch.isinf(lse), float("inf"), lse).float()
+
+
+@pytest.mark.parametrize("G,D,tq,min_share", [(1, 16, 4, 1), (2, 32, 2, 2), (3, 16, 4, 2), (3, 32, 2, 1),
+                                              (2, 16, 4, 2)])
+def test_tiled_dq_matches_onetoken_and_reference(G, D, tq, min_share):
+    """sparse_attn_tiled.backward_dq (the tile's union of blocks; min_share > 1: residual blocks per
+    token through the one-token dq kernel into an fp32 partial) == the one-token dq kernel and the
+    reference gradient; varlen with a query piece continuing a key prefix, rows with no key."""
+    from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
+    q, k, v, idx, cu_q, cu_k, ts, bs = _tiled_case(57 + G + D, G, D)
+    scale = D ** -0.5
+    qg = q.detach().clone().requires_grad_(True)
+    o = ref.block_sparse_attention(qg[None], k[None], v[None], idx[None], bs, scale, cu_q, cu_k)[0]
+    do = seeded_randn(5, *o.shape, device=DEV)
+    (dq_ref,) = torch.autograd.grad(o, qg, do)
+    o = o.detach()
+    lse = _packed_lse(q, k, idx, cu_q, cu_k, ts, bs, scale)  # the forward's lse, without a kernel run
+    delta = (o.float() * do.float()).sum(-1)
+    u = TT.tile_union(idx, cu_q, tq, min_share)
+    assert (u["resid"] is not None) == (min_share > 1)
+    dq = TT.backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, ts, scale, bs, union=u, tq=tq)
+    assert dq.dtype == q.dtype and dq.shape == q.shape and dq.is_contiguous()
+    assert_close(dq, dq_ref, TOL, "dq vs reference")
+    dq1 = A.backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, ts, scale, bs)  # the one-token dq kernel
+    assert_close(dq, dq1, TOL, "dq vs one-token")
+    empty = (idx < 0).all(-1)  # [Tq, Hkv]: rows with no key have dq 0
+    assert empty.any() and dq.reshape(*empty.shape, G, D)[empty].abs().max() == 0
+
+
+def test_tiled_dq_dispatch(monkeypatch):
+    """SALA_SPARSE_BWD_DQ=tiled routes the backward's dq to backward_dq; all gradients == reference."""
+    monkeypatch.setenv("SALA_SPARSE_BWD_DQ", "tiled")
+    from sala_ops.triton import sparse_attn_tiled as TT
+    calls = []
+    orig = TT.backward_dq
+    monkeypatch.setattr(TT, "backward_dq", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    q, k, v = _qkv(12, 1, 40, 70, 4, 2, 16, grad=True)
+    idx = _ref_fn(sala_ops.select_blocks, q, k, **SMALL, topk=4)
+    out = _tri(sala_ops.block_sparse_attention, q, k, v, idx, block_size=16)
+    exp = ref.block_sparse_attention(q, k, v, idx, block_size=16)
+    for a, b, name in zip(_grads(out, (q, k, v), 12), _grads(exp, (q, k, v), 12), "qkv"):
+        assert_close(a, b, TOL, f"d{name}")
+    assert calls, "the tiled dq was not used"
+
+
 def test_compress_keys_triton():
     k = seeded_randn(9, 2, 75, 3, 20, device=DEV)
     for ks, st_ in ((8, 4), (32, 16), (5, 5), (80, 16)):

@@ -21,6 +21,8 @@ Backward:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -270,27 +272,50 @@ def _transposed(idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk_total):
     return tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid
 
 
-def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size):
+def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, out=None):
+    """dq [Tq, H, D] by the one-token walk (_bwd_dq_kernel), into `out` (any float dtype, e.g. an fp32
+    partial) or a new tensor in q.dtype. do [Tq, H, Dv] contiguous, lse / delta fp32 [Tq, H]."""
+    Tq, H, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[2]
+    G = H // Hkv
+    dq = _sel.empty(q.shape, q.dtype, q.device) if out is None else out
+    if Tq == 0:
+        return dq
+    S = idx.shape[2]
+    _bwd_dq_kernel[(Tq, Hkv)](
+        q, k, v, do, dq, lse, delta, idx, tok_seq, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1), lse.stride(0), idx.stride(0), idx.stride(1),
+        scale * LOG2E, scale, D, DV, G, block_size, S,
+        ROWS=_rows(G), BLOCK_D=_pow2(D, 16), BLOCK_DV=_pow2(DV, 16), BLOCK_N=_pow2(block_size, 16),
+        BLOCK_S=_pow2(S), PREC=_prec(q.dtype),
+        num_warps=DQ_CFG["num_warps"], num_stages=1 if _interpreted() else DQ_CFG["num_stages"])
+    return dq
+
+
+def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size, dq_union=None):
+    """dq, dk, dv (dtypes of q, k, v). SALA_SPARSE_BWD_DQ=tiled (read per call) computes dq with
+    sparse_attn_tiled.backward_dq (K/V shared across tiles of consecutive tokens; `dq_union`: its
+    precomputed tile_union, else built here); default: the one-token dq kernel below."""
     Tq, H, D = q.shape
     Tk, Hkv, DV = v.shape
     G = H // Hkv
-    dq = _sel.empty(q.shape, q.dtype, q.device)
+    tiled_dq = os.environ.get("SALA_SPARSE_BWD_DQ", "onetoken") == "tiled"
+    dq = None if tiled_dq and Tq > 0 else _sel.empty(q.shape, q.dtype, q.device)
     dk32 = torch.zeros(Tk, Hkv, D, dtype=torch.float32, device=q.device)
     dv32 = torch.zeros(Tk, Hkv, DV, dtype=torch.float32, device=q.device)
     if Tq == 0:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # [Tq, H]
-    S = idx.shape[2]
     prec = _prec(q.dtype)
     BD, BDV, BN = _pow2(D, 16), _pow2(DV, 16), _pow2(block_size, 16)
-    _bwd_dq_kernel[(Tq, Hkv)](
-        q, k, v, do, dq, lse, delta, idx, tok_seq, cu_q, cu_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), lse.stride(0), idx.stride(0), idx.stride(1),
-        scale * LOG2E, scale, D, DV, G, block_size, S,
-        ROWS=_rows(G), BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, BLOCK_S=_pow2(S), PREC=prec,
-        num_warps=DQ_CFG["num_warps"], num_stages=1 if _interpreted() else DQ_CFG["num_stages"])
+    if tiled_dq:
+        from . import sparse_attn_tiled
+        dq = sparse_attn_tiled.backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size,
+                                           union=dq_union)
+    else:
+        backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, out=dq)
     chunk = 64 if _interpreted() else DKDV_CFG["chunk"]
     tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid = _transposed(
         idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk)

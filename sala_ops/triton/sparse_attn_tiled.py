@@ -38,6 +38,8 @@ from .sparse_select import LOG2E, _interpreted, _pow2, _prec
 # Launch parameters (module level so that bench/bench_sparse.py --tiled-sweep can try others).
 # tq: tokens per tile (M = tq x G rows), min_share: hybrid threshold (1 = pure tiled).
 TILED_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=3)  # H200 sweep 2026-11-30: best at 128K, random q
+# The tiled dq (backward_dq, SALA_SPARSE_BWD_DQ=tiled): not measured on a GPU yet; see bench/NOTES_sparse.md.
+TILED_DQ_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=2)
 _INV = 1 << 62
 
 
@@ -220,6 +222,120 @@ def forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size, tq=None, min_s
         TQ=tq, GP=GP, ROWS=rows, BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, HAS_INIT=has_init, PREC=prec,
         num_warps=4 if interp else TILED_CFG["num_warps"], num_stages=1 if interp else TILED_CFG["num_stages"])
     return o, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: dq over the tile's union (opt-in with SALA_SPARSE_BWD_DQ=tiled, see sparse_attn.backward)
+
+
+@triton.jit
+def _bwd_dq_tiled_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, UNI, UCNT, tile_seq, tile_start, cu_q, cu_k, nseq,
+                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h, sdp_t, sdp_h, sl_t,
+                         su_t, su_h, qk_scale, scale, D, DV, G, BS,
+                         TQ: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+    """dq of a tile of TQ tokens x the G heads of KV group g: sparse_attn._bwd_dq_kernel's math
+    (p = exp2(q k^T * qk_scale - lse), dp = do v^T, ds = p (dp - delta), dq += ds k) over the tile's
+    union of blocks, each K/V block loaded once for the M = TQ x G rows; a row is masked where its
+    token did not choose the block, plus token causality. HAS_INIT: add the fp32 dq partial of the
+    blocks done per token (already times scale)."""
+    pid = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    nh = tl.num_programs(1)
+    n = tl.load(tile_seq + pid)
+    if n < nseq:
+        m0 = tl.load(tile_start + pid).to(tl.int64)
+        q0 = tl.load(cu_q + n).to(tl.int64)
+        Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
+        k0 = tl.load(cu_k + n).to(tl.int64)
+        Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+        r = tl.arange(0, ROWS)
+        rm = r // GP  # token of the row within the tile
+        rh = r % GP  # head of the row within the group
+        rtok = m0 + rm
+        rok = (rm < TQ) & (rtok < Lq) & (rh < G)
+        t_row = Lk - Lq + rtok
+        head = g * G + rh
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + (q0 + rtok)[:, None] * sq_t + head[:, None] * sq_h + d[None, :],
+                    mask=rok[:, None] & (d < D)[None, :], other=0.0)
+        do = tl.load(DO + (q0 + rtok)[:, None] * sdo_t + head[:, None] * sdo_h + dv[None, :],
+                     mask=rok[:, None] & (dv < DV)[None, :], other=0.0)
+        lse = tl.load(LSE + (q0 + rtok) * sl_t + head, mask=rok, other=float("inf"))
+        delta = tl.load(DELTA + (q0 + rtok) * sl_t + head, mask=rok, other=0.0)
+        dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        ub = UNI + pid * su_t + g * su_h
+        cnt = tl.load(UCNT + pid * nh + g)
+        nn = tl.arange(0, BLOCK_N)
+        rbit = rm.to(tl.int64)
+        for s in range(0, cnt):
+            e = tl.load(ub + s)
+            b = e >> 32
+            sel = (((e >> rbit) & 1) != 0) & rok  # the row's token selected block b (bits 0..31 of e)
+            kpos = b * BS + nn
+            kin = (nn < BS) & (kpos < Lk)
+            # token-level causality relative to the block start, in int32: key nn <= t - b*BS
+            rel = tl.minimum(tl.maximum(t_row - b * BS, -1), BLOCK_N).to(tl.int32)
+            rel = tl.where(sel, rel, -1)
+            kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
+                         mask=kin[:, None] & (d < D)[None, :], other=0.0)
+            vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
+                         mask=kin[:, None] & (dv < DV)[None, :], other=0.0)
+            sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
+            allowed = kin[None, :] & (nn[None, :] <= rel[:, None])
+            p = tl.where(allowed, tl.exp2(sc - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kk.dtype), kk, input_precision=PREC)
+        dq = dq * scale
+        if HAS_INIT:
+            dq += tl.load(DQP + (q0 + rtok)[:, None] * sdp_t + head[:, None] * sdp_h + d[None, :],
+                          mask=rok[:, None] & (d < D)[None, :], other=0.0)
+        tl.store(DQ + (q0 + rtok)[:, None] * sdq_t + head[:, None] * sdq_h + d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=rok[:, None] & (d < D)[None, :])
+
+
+def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, union=None, tq=None,
+                min_share=None):
+    """dq [Tq, H, D] in q.dtype, the same as sparse_attn's one-token dq kernel, with K/V shared across
+    tiles of tq consecutive tokens (TILED_DQ_CFG). do [Tq, H, Dv] contiguous, lse / delta fp32 [Tq, H]
+    (delta = rowsum(o * do)). `union`: a precomputed tile_union(idx, cu_q, tq, min_share) (must match
+    tq and min_share). min_share > 1: union blocks chosen by fewer tokens of the tile go per token
+    through sparse_attn._bwd_dq_kernel (over tile_union's `resid`) into an fp32 partial that this
+    kernel adds to its sum (dq is a sum over blocks: exact up to fp32 rounding order)."""
+    Tq, H, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[2]
+    G = H // Hkv
+    tq = TILED_DQ_CFG["tq"] if tq is None else tq
+    min_share = TILED_DQ_CFG["min_share"] if min_share is None else min_share
+    dq = _sel.empty(q.shape, q.dtype, q.device)
+    if Tq == 0:
+        return dq
+    u = tile_union(idx, cu_q, tq, min_share) if union is None else union
+    assert u["tq"] == tq, "union built for another tile size"
+    nseq = cu_q.numel() - 1
+    BD, BDV, BN = _pow2(D, 16), _pow2(DV, 16), _pow2(block_size, 16)
+    prec = _prec(q.dtype)
+    interp = _interpreted()
+    if u["resid"] is not None:
+        dqp = _A.backward_dq(do, q, k, v, lse, delta, u["resid"], cu_q, cu_k, tok_seq, scale, block_size,
+                             out=_sel.empty(q.shape, torch.float32, q.device))
+        has_init = True
+    else:
+        dqp, has_init = dq, False  # unused
+    GP = _pow2(G)
+    rows = _pow2(tq * GP, 16)
+    uni, ucnt = u["uni"], u["ucnt"]
+    _bwd_dq_tiled_kernel[(uni.shape[0], Hkv)](
+        q, k, v, do, dq, dqp, lse, delta, uni, ucnt, u["tseq"], u["tstart"], cu_q, cu_k, nseq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1), dqp.stride(0), dqp.stride(1), lse.stride(0), uni.stride(0), uni.stride(1),
+        scale * LOG2E, scale, D, DV, G, block_size,
+        TQ=tq, GP=GP, ROWS=rows, BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, HAS_INIT=has_init, PREC=prec,
+        num_warps=4 if interp else TILED_DQ_CFG["num_warps"],
+        num_stages=1 if interp else TILED_DQ_CFG["num_stages"])
+    return dq
 
 
 def union_stats(u):
