@@ -24,6 +24,14 @@ mean union size per tile. --tiled-only skips everything else (ours/SDPA/nsa end 
 
     python bench/bench_sparse.py --seqlens 131072 32768 --tiled-only --tiled-sweep
 
+Tiled dq (sala_ops/triton/sparse_attn_tiled.py::backward_dq, opt-in with SALA_SPARSE_BWD_DQ=tiled): every
+run that times the backward adds `attn96_bwd_tiled_dq_ms` (whole backward, union build included) next to
+`attn96_bwd_ms`, `max_abs_diff_dq_tiled_vs_onetoken`, and under `tiled_dq` the dq kernels alone (one-token
+vs tiled given the union) and the union build. --dq-only skips everything else; --dq-sweep tries tq x
+hybrid threshold x warps/stages (TILED_DQ_CFG).
+
+    python bench/bench_sparse.py --seqlens 131072 32768 --dq-only --dq-sweep
+
 Fast selection (sala_ops/triton/sparse_select_fast.py, SALA_SPARSE_SELECT=fast): every full run adds
 `select_fast_ms` next to `select_ms` and the fraction of (token, KV head) rows whose indices differ
 from the default kernel's (`select_fast_mismatch_rows`); --select-only times just the two selections
@@ -34,6 +42,7 @@ from the default kernel's (`select_fast_mismatch_rows`); --select-only times jus
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -123,7 +132,7 @@ def run_one(T, args, out_rows):
         del q, k, v, do
         torch.cuda.empty_cache()
         return
-    if not args.tiled_only:
+    if not (args.tiled_only or args.dq_only):
         _try(r, "ours_fwd_ms", lambda: _bench(ours_fwd))
         _try(r, "select_ms", lambda: _bench(select))
         _try(r, "fast_select", lambda: fast_select_bench(T, select, select_fast, args, time_default=False))
@@ -156,7 +165,12 @@ def run_one(T, args, out_rows):
     if not args.tiled_only:
         _try(r, "attn96_bwd_ms", lambda: _bench(lambda: A.backward(do.reshape(T, H, D), qp, kp, vp, o96, lse96, idx96,
                                                                      cu, cu, ts, scale, 64)))
-    _try(r, "tiled", lambda: tiled_bench(T, qp, kp, vp, idx96, cu, ts, scale, o96, lse96, args))
+        _try(r, "tiled_dq", lambda: tiled_dq_bench(T, qp, kp, vp, do.reshape(T, H, D), o96, lse96, idx96, cu, ts,
+                                                   scale, args))
+        for key in ("attn96_bwd_tiled_dq_ms", "max_abs_diff_dq_tiled_vs_onetoken"):
+            r[key] = (r.get("tiled_dq") or {}).pop(key, None)
+    if not args.dq_only:
+        _try(r, "tiled", lambda: tiled_bench(T, qp, kp, vp, idx96, cu, ts, scale, o96, lse96, args))
     if r.get("tiled"):
         for key in ("attn96_tiled_fwd_ms", "tiled_union_ms"):
             r[key] = r["tiled"].pop(key, None)
@@ -182,7 +196,7 @@ def run_one(T, args, out_rows):
         r["sweep"] = sweep
         print(json.dumps(sweep, indent=1), flush=True)
 
-    if args.tiled_only:
+    if args.tiled_only or args.dq_only:
         out_rows.append(r)
         print(json.dumps(r), flush=True)
         del q, k, v, do
@@ -350,6 +364,77 @@ def tiled_bench(T, qp, kp, vp, idx96, cu, ts, scale, o96, lse96, args):
     return res
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def tiled_dq_bench(T, qp, kp, vp, do, o96, lse96, idx96, cu, ts, scale, args):
+    """The backward over given indices with the tiled dq (SALA_SPARSE_BWD_DQ=tiled, TILED_DQ_CFG) next to the
+    default (one-token dq): whole backward (union build included), the dq kernels alone, dq agreement;
+    --dq-sweep: tq x hybrid threshold x warps/stages of the tiled dq (kernels alone, given the union)."""
+    from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
+    cfg = dict(TT.TILED_DQ_CFG)
+    res = {"cfg": cfg}
+
+    def bwd(u=None):
+        return A.backward(do, qp, kp, vp, o96, lse96, idx96, cu, cu, ts, scale, 64, dq_union=u)
+    dq0 = bwd()[0]
+    with _env("SALA_SPARSE_BWD_DQ", "tiled"):
+        dq1 = bwd()[0]
+        res["max_abs_diff_dq_tiled_vs_onetoken"] = float((dq1.float() - dq0.float()).abs().max())
+        res["max_abs_dq"] = float(dq0.float().abs().max())
+        res["dq_nan"] = bool(torch.isnan(dq1).any())
+        del dq0, dq1
+        _try(res, "attn96_bwd_tiled_dq_ms", lambda: _bench(bwd))
+        u = TT.tile_union(idx96, cu, cfg["tq"], cfg["min_share"])
+        _try(res, "attn96_bwd_tiled_dq_given_union_ms", lambda: _bench(lambda: bwd(u)))
+    delta = (o96.float() * do.float()).sum(-1)
+    _try(res, "dq_onetoken_ms", lambda: _bench(
+        lambda: A.backward_dq(do, qp, kp, vp, lse96, delta, idx96, cu, cu, ts, scale, 64)))
+    _try(res, "dq_tiled_given_union_ms", lambda: _bench(
+        lambda: TT.backward_dq(do, qp, kp, vp, lse96, delta, idx96, cu, cu, ts, scale, 64, union=u, tq=cfg["tq"])))
+    _try(res, "union_ms", lambda: _bench(lambda: TT.tile_union(idx96, cu, cfg["tq"], cfg["min_share"])))
+    del u
+    print(f"T={T} tiled dq {res}", flush=True)
+    if not args.dq_sweep:
+        return res
+    sweep = res["sweep"] = {}
+    launch = {4: ((4, 2), (4, 3), (8, 2), (8, 3)), 8: ((8, 2), (8, 3), (4, 2))}
+    best = None
+    try:
+        for tq, shares in ((4, (1, 2)), (8, (1, 2, 3))):
+            for ms in shares:
+                u = TT.tile_union(idx96, cu, tq, ms)
+                _try(sweep, f"union_tq{tq}_share{ms}_ms", lambda: _bench(lambda: TT.tile_union(idx96, cu, tq, ms)))
+                for w, st in launch[tq]:
+                    TT.TILED_DQ_CFG.update(tq=tq, min_share=ms, num_warps=w, num_stages=st)
+                    key = f"tq{tq}_share{ms}_w{w}_s{st}"
+                    _try(sweep, key, lambda: _bench(lambda: TT.backward_dq(
+                        do, qp, kp, vp, lse96, delta, idx96, cu, cu, ts, scale, 64, union=u, tq=tq)))
+                    t = sweep.get(key)
+                    un = sweep.get(f"union_tq{tq}_share{ms}_ms")
+                    if t is not None and (best is None or t + (un or 0) < best[0]):
+                        best = (t + (un or 0), key)
+                    print(f"T={T} tiled dq {key}: {_fmt(t)} ms (+ union {_fmt(un)} ms)", flush=True)
+                del u
+    finally:
+        TT.TILED_DQ_CFG.update(cfg)
+    if best:
+        sweep["best"] = {"config": best[1], "ms_with_union": best[0], "onetoken_ms": res.get("dq_onetoken_ms")}
+        print(f"T={T} BEST tiled dq {best[1]}: {best[0]:.2f} ms incl. union build; one-token dq "
+              f"{_fmt(res.get('dq_onetoken_ms'))} ms", flush=True)
+    return res
+
+
 def _fmt(x, p=2):
     return "-" if x is None else f"{x:.{p}f}"
 
@@ -361,6 +446,9 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--tiled-sweep", action="store_true", help="sweep the tiled forward (tq, hybrid share, warps)")
     ap.add_argument("--tiled-only", action="store_true", help="only the attention forwards given indices")
+    ap.add_argument("--dq-only", action="store_true",
+                    help="only the backward over given indices: one-token vs tiled dq (SALA_SPARSE_BWD_DQ=tiled)")
+    ap.add_argument("--dq-sweep", action="store_true", help="sweep the tiled dq (tq, hybrid share, warps, stages)")
     ap.add_argument("--smooth", type=int, default=64, help="--tiled-sweep: also q smoothed over this many tokens")
     ap.add_argument("--select-only", action="store_true",
                     help="only the selection: default vs fast (SALA_SPARSE_SELECT=fast) kernel, time and agreement; "
@@ -374,7 +462,8 @@ def main():
     t0 = time.time()
     for T in args.seqlens:
         run_one(T, args, rows)
-    hdr = ("T", "ours fwd", "sdpa fwd", "x", "nsa64 fwd", "sel %", "select", "sel fast", "attn fwd", "tiled fwd", "union", "ours f+b",
+    hdr = ("T", "ours fwd", "sdpa fwd", "x", "nsa64 fwd", "sel %", "select", "sel fast", "attn fwd", "tiled fwd", "union",
+           "attn bwd", "bwd tdq", "ours f+b",
            "sdpa f+b", "x", "nsa64 f+b", "mem ours GiB", "mem sdpa GiB")
     print("\n" + " | ".join(f"{h:>10}" for h in hdr))
     for r in rows:
@@ -382,6 +471,7 @@ def main():
                 _fmt(r.get("nsa64_fwd_ms")), _fmt(None if r.get("select_share_of_fwd") is None else 100 * r["select_share_of_fwd"], 0),
                 _fmt(r.get("select_ms")), _fmt(r.get("select_fast_ms")), _fmt(r.get("attn96_fwd_ms")), _fmt(r.get("attn96_tiled_fwd_ms")),
                 _fmt(((r.get("tiled") or {}).get("union") or {}).get("union_mean"), 0),
+                _fmt(r.get("attn96_bwd_ms")), _fmt(r.get("attn96_bwd_tiled_dq_ms")),
                 _fmt(r.get("ours_fwdbwd_ms")), _fmt(r.get("sdpa_fwdbwd_ms")), _fmt(r.get("speedup_fwdbwd_vs_sdpa")),
                 _fmt(r.get("nsa64_fwdbwd_ms")), _fmt(r.get("ours_fwdbwd_peak_gib")), _fmt(r.get("sdpa_fwdbwd_peak_gib")))
         print(" | ".join(f"{x:>10}" for x in vals))

@@ -5,10 +5,13 @@
 #   bash bench/gpu_sweeps.sh all           (~9.5 min: the decisive parts of both, tighter guards)
 #   bash bench/gpu_sweeps.sh adopt         (~9 min: fast selection + tiled forward through the GPU tests and
 #                                           the full sparse bench; lightning bench with the pruned fp32 configs)
+#   bash bench/gpu_sweeps.sh dq            (~6 min: GPU tests with the tiled dq, then the tiled dq vs the
+#                                           one-token dq at 128K / 32K with its sweep)
 # Each step is time-guarded; results go to $OUT (or bench/results). The variants are selected by
 # environment variables and stay off by default until a run here shows they win:
 #   SALA_LIGHTNING_FWD=walk2|fused   lightning forward (bench/NOTES_lightning.md)
 #   SALA_SPARSE_FWD=tiled            block-sparse forward sharing K/V across token tiles (bench/NOTES_sparse.md)
+#   SALA_SPARSE_BWD_DQ=tiled         block-sparse dq sharing K/V across token tiles (bench/NOTES_sparse.md)
 #   SALA_SPARSE_DECODE=fast          3-launch sparse decode step (bench/NOTES_sparse_decode.md)
 set -uo pipefail
 source bench/gpu_env.sh
@@ -27,6 +30,9 @@ step 100 "sparse selection: default vs fast" python3 bench/bench_sparse.py --seq
 SALA_SPARSE_SELECT=fast SALA_SPARSE_FWD=tiled step 130 "sparse gpu tests, fast select + tiled fwd" python3 -m pytest -q -m gpu tests/test_sparse_triton.py -p no:cacheprovider -rfE
 SALA_SPARSE_SELECT=fast SALA_SPARSE_FWD=tiled step 170 "bench_sparse, fast select + tiled fwd" python3 bench/bench_sparse.py --seqlens 32768 131072 65536 --out "$OUT"
 step 150 "bench_lightning" python3 bench/bench_lightning.py --out "$OUT"
+elif [ "$what" = dq ]; then
+SALA_SPARSE_BWD_DQ=tiled step 150 "sparse gpu tests, tiled dq" python3 -m pytest -q -m gpu tests/test_sparse_triton.py -p no:cacheprovider -rfE
+step 300 "tiled dq vs one-token dq, sweep" python3 bench/bench_sparse.py --seqlens 131072 32768 --dq-only --dq-sweep --out "$OUT/dq"
 elif [ "$what" = lightning ]; then
 # correctness of the variants, compiled (the fused lightning forward spins on flags: guard it)
 step 120 "lightning variants, property tests on cuda" python3 -m pytest -q -x tests/test_lightning_triton.py -k variant
