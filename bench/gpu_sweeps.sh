@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tuning sweeps prepared on the CPU and not yet measured, for one H200 call after bench/gpu.sh:
+# Tuning sweeps and variant checks on the H200, one device call each:
 #   bash bench/gpu_sweeps.sh lightning     (~6 min)
 #   bash bench/gpu_sweeps.sh sparse        (~8 min)
 #   bash bench/gpu_sweeps.sh all           (~9.5 min: the decisive parts of both, tighter guards)
@@ -7,12 +7,13 @@
 #                                           the full sparse bench; lightning bench with the pruned fp32 configs)
 #   bash bench/gpu_sweeps.sh dq            (~6 min: GPU tests with the tiled dq, then the tiled dq vs the
 #                                           one-token dq at 128K / 32K with its sweep)
-# Each step is time-guarded; results go to $OUT (or bench/results). The variants are selected by
-# environment variables and stay off by default until a run here shows they win:
-#   SALA_LIGHTNING_FWD=walk2|fused   lightning forward (bench/NOTES_lightning.md)
-#   SALA_SPARSE_FWD=tiled            block-sparse forward sharing K/V across token tiles (bench/NOTES_sparse.md)
-#   SALA_SPARSE_BWD_DQ=tiled         block-sparse dq sharing K/V across token tiles (bench/NOTES_sparse.md)
-#   SALA_SPARSE_DECODE=fast          3-launch sparse decode step (bench/NOTES_sparse_decode.md)
+# Each step is time-guarded; results go to $OUT (or bench/results). 'all' and 'adopt' are the calls of the
+# H200 run 2 (bench/NOTES_*.md), kept to reproduce them. Variant switches (read at each call):
+#   SALA_LIGHTNING_FWD=walk2|fused   lightning forward variants (measured slower; bench/NOTES_lightning.md)
+#   SALA_SPARSE_SELECT=online        the older selection kernel (default: fast)
+#   SALA_SPARSE_FWD=onetoken         the older block-sparse forward (default: tiled)
+#   SALA_SPARSE_BWD_DQ=tiled         block-sparse dq sharing K/V across token tiles (not measured yet; off)
+#   SALA_SPARSE_DECODE=sort          the 5-launch sparse decode step (default: the 3-launch kernel)
 set -uo pipefail
 source bench/gpu_env.sh
 log="$OUT/sweeps_log.txt"
