@@ -26,17 +26,25 @@ _announced: set[tuple[str, str]] = set()
 # update (monkeypatch.setenv included) writes through, so reading it directly gives the same answer.
 _ENV_DATA = getattr(os.environ, "_data", None)
 try:
-    _ENV_KEY = os.environ.encodekey("SALA_OPS_BACKEND") if _ENV_DATA is not None else None
-    _ENV_DECODE = os.environ.decodevalue
+    _ENV_ENCODE, _ENV_DECODE = os.environ.encodekey, os.environ.decodevalue
 except AttributeError:  # pragma: no cover - not CPython's os._Environ
     _ENV_DATA = None
+_ENV_KEYS: dict = {}
+
+
+def getenv(name: str, default=None):
+    """os.environ.get(name, default), without the Mapping layers."""
+    if _ENV_DATA is not None:
+        key = _ENV_KEYS.get(name)
+        if key is None:
+            key = _ENV_KEYS[name] = _ENV_ENCODE(name)
+        raw = _ENV_DATA.get(key)
+        return default if raw is None else _ENV_DECODE(raw)
+    return os.environ.get(name, default)
 
 
 def _backend_env():
-    if _ENV_DATA is not None:
-        raw = _ENV_DATA.get(_ENV_KEY)
-        return None if raw is None else _ENV_DECODE(raw)
-    return os.environ.get("SALA_OPS_BACKEND")
+    return getenv("SALA_OPS_BACKEND")
 
 
 def _validate(name: str, where: str) -> str:

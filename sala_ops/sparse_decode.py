@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import Optional
 
 import torch
 
 from . import _checks as C
-from ._dispatch import choose
+from ._dispatch import choose, getenv
 from .reference import sparse as ref
 from .sparse import SparseConfig, _config, sparse_attention
 
@@ -55,6 +54,22 @@ def _cdiv(a: int, b: int) -> int:
 
 def _n_windows(L: int, ks: int, st: int) -> int:
     return 0 if L < ks else (L - ks) // st + 1
+
+
+_KERNELS = None  # (sparse_decode_kernels, _launch.launch), imported on first use
+
+
+def _import_kernels():
+    global _KERNELS
+    from .triton import sparse_decode_kernels
+    from .triton._launch import launch
+    _KERNELS = (sparse_decode_kernels, launch)
+    return _KERNELS
+
+
+# (k, v, cache) metadata signatures that passed append_token's checks (see sparse_decode's _decode_sigs)
+_append_sigs: set = set()
+_SIGS_MAX = 256
 
 
 class SparseLayerCache:
@@ -217,26 +232,42 @@ class SparseLayerCache:
         """Append one token to every sequence: k, v [B, Hkv, D] (or [B, 1, Hkv, D]). No host sync on
         the Triton backend; a full sequence drops the token and sets `overflow` (see check())."""
         op = "SparseLayerCache.append_token"
-        if k.dim() == 4:
+        if isinstance(k, torch.Tensor) and k.dim() == 4:  # (a non-tensor gets _check_kv's TypeError)
             if k.shape[1] != 1:
                 raise ValueError(f"sala_ops.{op}: k must be [B, Hkv, D] or [B, 1, Hkv, D], got {tuple(k.shape)}")
-            k, v = k[:, 0], v[:, 0] if v.dim() == 4 else v
-        self._check_kv(op, k, v, 3)
-        if k.shape[0] != self.batch_size:
-            raise ValueError(f"sala_ops.{op}: k must have batch {self.batch_size} (the cache's), got {k.shape[0]}")
+            k, v = k[:, 0], v[:, 0] if isinstance(v, torch.Tensor) and v.dim() == 4 else v
+        try:
+            sig = (type(self), type(k), k.shape, k.dtype, k.device, type(v), v.shape, v.dtype, v.device, self.dtype,
+                   self.device, self.batch_size, self.num_kv_heads, self.head_dim)
+            ok = sig in _append_sigs
+        except Exception:  # the checks say what is wrong
+            sig, ok = None, False
+        if not ok:
+            self._check_kv(op, k, v, 3)
+            if k.shape[0] != self.batch_size:
+                raise ValueError(f"sala_ops.{op}: k must have batch {self.batch_size} (the cache's), got {k.shape[0]}")
+            if sig is not None and not torch.compiler.is_compiling():
+                if len(_append_sigs) >= _SIGS_MAX:
+                    _append_sigs.clear()
+                _append_sigs.add(sig)
+        if choose("sparse_decode", k) == "triton":
+            K, launch = _KERNELS or _import_kernels()
+            k, v = k.contiguous(), v.contiguous()
+            cx = self._ws.get("append")
+            if cx is None:
+                cfg = self.config
+                ks2, st2 = cfg.c2
+                cx = self._ws["append"] = dict(KS=cfg.kernel_size, ST=cfg.kernel_stride, KS2=ks2, ST2=st2,
+                                               BD=max(16, _pow2(self.head_dim)), BR=16, num_warps=4)
+            kc, c1, c2 = self.k, self.c1, self.c2
+            sk, s1, s2 = kc.stride(), c1.stride(), c2.stride()
+            launch(K._append_token_kernel, (self.batch_size,),
+                   (k, v, kc, self.v, c1, c2, self.lengths, self.overflow),
+                   (k.stride(0), k.stride(1), sk[0], sk[1], sk[2], s1[0], s1[1], s1[2], s2[0], s2[1], s2[2],
+                    self.num_kv_heads, self.head_dim, self.max_len), cx)
+            return
         cfg = self.config
         ks2, st2 = cfg.c2
-        if choose("sparse_decode", k) == "triton":
-            from .triton import sparse_decode_kernels as K
-            k, v = k.contiguous(), v.contiguous()
-            D = self.head_dim
-            K._append_token_kernel[(self.batch_size,)](
-                k, v, self.k, self.v, self.c1, self.c2, self.lengths, self.overflow,
-                k.stride(0), k.stride(1), *self.k.stride()[:3], *self.c1.stride()[:3], *self.c2.stride()[:3],
-                self.num_kv_heads, D, self.max_len,
-                KS=cfg.kernel_size, ST=cfg.kernel_stride, KS2=ks2, ST2=st2,
-                BD=max(16, _pow2(D)), BR=16, num_warps=4)
-            return
         lens = self.lengths_host()
         for b in range(self.batch_size):
             pos = lens[b]
@@ -347,6 +378,17 @@ def sparse_prefill(q, k, v, cache: SparseLayerCache, scale=None, cu_seqlens=None
     return out.reshape(q.shape[:3] + (v.shape[-1],))
 
 
+# Call signatures of sparse_decode that passed every check (q's type, shape, dtype, device; the cache's
+# type, dtype, device, batch, KV heads, head dim; scale and its type): a call with one of them skips
+# the checks. Bounded: cleared when full.
+_decode_sigs: dict = {}
+
+
+def _decode_signature(q, cache, scale):
+    return (type(q), q.shape, q.dtype, q.device, type(cache), cache.dtype, cache.device, cache.batch_size,
+            cache.num_kv_heads, cache.head_dim, scale, type(scale))
+
+
 def sparse_decode(q, cache: SparseLayerCache, scale=None, return_indices: bool = False):
     """One decode step of a sparse layer: q [B, H, D] (or [B, 1, H, D]) is the query of the token at
     position lengths[b] - 1 of each sequence (its K/V already appended with cache.append_token).
@@ -355,8 +397,21 @@ def sparse_decode(q, cache: SparseLayerCache, scale=None, return_indices: bool =
     return_indices, (o, indices int32 [B, Hkv, topk + window_size // block_size]): the selected
     blocks ascending, -1 padded; all -1 for a sequence decoding densely."""
     op = "sparse_decode"
-    q, squeeze = _check_q(op, q, cache)
-    scale = C.scale_arg(op, scale, q.shape[-1])
+    try:
+        sig = _decode_signature(q, cache, scale)
+        hit = _decode_sigs.get(sig)
+    except Exception:  # not a tensor / not a cache / unhashable: the checks say what is wrong
+        sig = hit = None
+    if hit is None:
+        _, squeeze = _check_q(op, q, cache)
+        hit = (C.scale_arg(op, scale, q.shape[-1]), squeeze)
+        if sig is not None and not torch.compiler.is_compiling():
+            if len(_decode_sigs) >= _SIGS_MAX:
+                _decode_sigs.clear()
+            _decode_sigs[sig] = hit
+    scale, squeeze = hit
+    if squeeze:
+        q = q[:, 0]
     if choose(op, q) == "triton":
         o, idx = _decode_triton(q, cache, scale)
     else:
@@ -373,11 +428,21 @@ def sparse_decode_step(q, k, v, cache: SparseLayerCache, scale=None):
 
 
 # ---------------------------------------------------------------------- backends
+_FAST = None
+
+
+def _import_fast():
+    global _FAST
+    from .triton import sparse_decode_fast
+    _FAST = sparse_decode_fast
+    return sparse_decode_fast
+
+
 def _decode_triton(q, cache: SparseLayerCache, scale):
     # Default: the 3-launch kernel (sparse_decode_fast.py), 1.4-2x faster than the 5-launch "sort" path on the
     # H200 (bench/NOTES_sparse_decode.md); SALA_SPARSE_DECODE=sort selects the latter (kept: it has no config limits).
-    if os.environ.get("SALA_SPARSE_DECODE", "fast") != "sort":
-        from .triton import sparse_decode_fast as FAST
+    if getenv("SALA_SPARSE_DECODE", "fast") != "sort":
+        FAST = _FAST or _import_fast()
         if FAST.supported(cache.config):
             return FAST.decode(q.contiguous(), cache, scale)
     from .triton import sparse_decode_kernels as K

@@ -184,3 +184,125 @@ def test_cache_is_bounded(monkeypatch):
     for D in (4, 8, 12, 16, 20, 24, 28):
         sala_ops.lightning_attention_step(*_inputs("cpu", B=1, H=2, Hkv=1, D=D))
         assert len(L._step_sigs) <= 3
+
+
+# ---------------------------------------------------------------- sparse_decode / append_token
+SD = __import__("sys").modules["sala_ops.sparse_decode"]
+SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, init_blocks=1, topk=2, dense_len=16)
+
+
+def _sd_setup(backend, B=2, H=4, Hkv=2, D=16, L=40, max_len=64, dtype=torch.float32, seed=0):
+    dev = _dev(backend)
+    k = seeded_randn(seed, B, L, Hkv, D, dtype=dtype, device=dev)
+    v = seeded_randn(seed + 1, B, L, Hkv, D, dtype=dtype, device=dev)
+    cache = sala_ops.SparseLayerCache(B, max_len, Hkv, D, dtype=dtype, device=dev, **SMALL)
+    cache.append(k, v)
+    q = seeded_randn(seed + 2, B, H, D, dtype=dtype, device=dev)
+    return cache, q
+
+
+@pytest.fixture
+def count_sd_checks(monkeypatch):
+    SD._decode_sigs.clear()
+    SD._append_sigs.clear()
+    calls = {"q": 0, "kv": 0}
+    real_q, real_kv = SD._check_q, SD.SparseLayerCache._check_kv
+
+    def spy_q(*a, **kw):
+        calls["q"] += 1
+        return real_q(*a, **kw)
+
+    def spy_kv(self, *a, **kw):
+        calls["kv"] += 1
+        return real_kv(self, *a, **kw)
+
+    monkeypatch.setattr(SD, "_check_q", spy_q)
+    monkeypatch.setattr(SD.SparseLayerCache, "_check_kv", spy_kv)
+    yield calls
+    SD._decode_sigs.clear()
+    SD._append_sigs.clear()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_decode_repeat_skips_checks_other_metadata_rechecked(backend, count_sd_checks):
+    cache, q = _sd_setup(backend)
+    with use_backend("reference"):
+        want = sala_ops.sparse_decode(q.cpu(), _sd_setup("reference")[0])
+    with use_backend(backend):
+        for _ in range(3):
+            assert_close(sala_ops.sparse_decode(q, cache).cpu(), want, 1e-5, "repeat")
+        assert count_sd_checks["q"] == 1
+        # 4-D q, another scale, another cache of another batch: checked again, right results
+        assert_close(sala_ops.sparse_decode(q[:, None], cache)[:, 0].cpu(), want, 1e-5, "4-D")
+        assert count_sd_checks["q"] == 2
+        sala_ops.sparse_decode(q, cache, scale=0.2)
+        assert count_sd_checks["q"] == 3
+        cache3, q3 = _sd_setup(backend, B=3, seed=5)
+        with use_backend("reference"):
+            want3 = sala_ops.sparse_decode(q3.cpu(), _sd_setup("reference", B=3, seed=5)[0])
+        assert_close(sala_ops.sparse_decode(q3, cache3).cpu(), want3, 1e-5, "other cache")
+        assert count_sd_checks["q"] == 4
+        # the batch-2 q against the batch-3 cache: same q metadata, other cache metadata
+        with pytest.raises(ValueError, match="sparse_decode.*batch"):
+            sala_ops.sparse_decode(q, cache3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_decode_bad_calls_after_a_cached_good_one_still_raise(backend, count_sd_checks):
+    cache, q = _sd_setup(backend)
+    with use_backend(backend):
+        sala_ops.sparse_decode(q, cache)
+        bad = [
+            (q.half(), cache, None, TypeError),
+            (q.to("meta"), cache, None, ValueError),
+            (q[:1], cache, None, ValueError),
+            (q[..., :8], cache, None, ValueError),
+            (q[:, :3], cache, None, ValueError),
+            (q[:, None].expand(2, 2, 4, 16), cache, None, ValueError),
+            (q.to(torch.int32), cache, None, TypeError),
+            (q.tolist(), cache, None, TypeError),
+            (q, "cache", None, TypeError),
+            (q, cache, float("nan"), ValueError),
+            (q, cache, True, TypeError),
+        ]
+        other = sala_ops.SparseLayerCache(2, 64, 2, 16, dtype=torch.float16, device=cache.device, **SMALL)
+        bad.append((q, other, None, TypeError))
+        for qq, cc, sc, exc in bad:
+            for _ in range(2):
+                with pytest.raises(exc, match="sparse_decode"):
+                    sala_ops.sparse_decode(qq, cc, scale=sc)
+    assert len(SD._decode_sigs) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_append_token_repeat_skips_checks_bad_still_raise(backend, count_sd_checks):
+    cache, _ = _sd_setup(backend)
+    ref_cache, _ = _sd_setup("reference")
+    dev = cache.device
+    k1 = seeded_randn(9, 2, 2, 16, device=dev)
+    v1 = seeded_randn(10, 2, 2, 16, device=dev)
+    n = count_sd_checks["kv"]  # the prefills
+    with use_backend(backend):
+        cache.append_token(k1, v1)
+        cache.append_token(k1, v1)
+        assert count_sd_checks["kv"] == n + 1
+        # non-contiguous k (other strides, same key fields) is fine: the kernel path copies it
+        kt = torch.zeros(2, 16, 2, device=dev).transpose(1, 2)
+        kt.copy_(k1)
+        cache.append_token(kt, v1)
+        bad = [
+            (k1.half(), v1.half(), TypeError), (k1.to("meta"), v1, ValueError), (k1[:1], v1[:1], ValueError),
+            (k1, v1[..., :8], ValueError), (k1[:, :1], v1[:, :1], ValueError), (k1.tolist(), v1, TypeError),
+            (k1.to(torch.int32), v1, TypeError),
+        ]
+        for kk, vv, exc in bad:
+            for _ in range(2):
+                with pytest.raises(exc, match="append_token"):
+                    cache.append_token(kk, vv)
+    with use_backend("reference"):
+        for _ in range(3):
+            ref_cache.append_token(k1.cpu(), v1.cpu())
+    assert cache.lengths_host() == ref_cache.lengths_host() == [43, 43]
+    assert_close(cache.k.cpu(), ref_cache.k, 1e-6, "K cache")
+    assert_close(cache.c1.cpu(), ref_cache.c1, 1e-6, "C1")
+    assert len(SD._append_sigs) == 1

@@ -40,6 +40,7 @@ SCORE_DOT_IEEE = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "ieee") != "tf32
 # Profiling only: skip the select tail (the step's outputs are then meaningless).
 PROFILE_SKIP_SELECT = False
 
+from ._launch import launch as _launch
 from .sparse_decode_kernels import _attend_split, _lse_partial_kernel
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
@@ -293,31 +294,59 @@ def workspace(cache, H: int):
     return ws
 
 
+class _LaunchPlan:
+    """The grids, workspace pointers and constexprs of decode()'s three launches for one workspace
+    (they depend only on the cache's config and capacity and on H): built once, kept in the workspace."""
+    __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx0", "sc_cx",
+                 "att_grid", "att_ws", "att_tail", "att_cx")
+
+    def __init__(self, cache, ws):
+        p, cfg = ws["p"], cache.config
+        B, Hkv = cache.batch_size, cache.num_kv_heads
+        ks2, st2 = cfg.c2
+        self.lse_grid = (B, Hkv, p["S2"])
+        self.lse_ws = (ws["m2"], ws["l2"])
+        self.lse_tail = (cfg.dense_len, p["CH2"])
+        self.lse_cx = dict(G=p["G"], KS2=ks2, ST2=st2, S2=p["S2"], BG=p["BG"], BD=p["BD"], BJ=p["BJ"], IEEE=True,
+                           num_warps=4)
+        self.sc_grid = (B, Hkv, p["NCH"])
+        self.sc_ws = (ws["m2"], ws["l2"], ws["bscore"], ws["sel"], ws["cnt_sel"])
+        self.sc_cx0 = dict(G=p["G"], KS=cfg.kernel_size, ST=cfg.kernel_stride, BS=cfg.block_size,
+                           INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size, S2=p["S2"], S2P=p["S2P"],
+                           R=p["R"], E=p["E"], SB=p["SB"], NSUB=p["NSUB"], KSEL=cfg.num_selected, KSP=p["KSP"],
+                           NBP=p["NBP"], BG=p["BG"], BD=p["BD"])
+        self.sc_cx = {}  # (SCORE_DOT_IEEE, PROFILE_SKIP_SELECT) -> constexprs: module knobs, read per call
+        self.att_grid = (B, Hkv, p["NSPLIT"])
+        self.att_tail = (cfg.dense_len, p["NSLOT"], p["SPB"])
+        self.att_cx = {ieee: dict(G=p["G"], BS=cfg.block_size, KSEL=cfg.num_selected, NSPLIT=p["NSPLIT"], SPC=p["SPC"],
+                                  BG=p["BG"], BD=p["BD"], BN=p["BN"], IEEE=ieee, num_warps=8)
+                       for ieee in (False, True)}
+        self.att_ws = (ws["sel"], ws["o_part"], ws["m_part"], ws["l_part"], ws["cnt_att"])
+
+    def score_constexprs(self, ieee, skip_select, sw):
+        cx = self.sc_cx.get((ieee, skip_select))
+        if cx is None:
+            cx = self.sc_cx[(ieee, skip_select)] = dict(self.sc_cx0, IEEE=ieee, SELECT=not skip_select, num_warps=sw)
+        return cx
+
+
 def decode(q, cache, scale):
     """One decode step, 3 launches. q [B, H, D] contiguous. Returns (o, sel)."""
-    cfg = cache.config
     B, H, D = q.shape
-    Hkv = cache.num_kv_heads
-    ws = workspace(cache, H)
-    p = ws["p"]
-    ks2, st2 = cfg.c2
+    ws = cache._ws.get(("fast", H)) or workspace(cache, H)
+    lp = ws.get("launch")
+    if lp is None:
+        lp = ws["launch"] = _LaunchPlan(cache, ws)
     o = torch.empty_like(q)
-    ieee = q.dtype == torch.float32
-    _lse_partial_kernel[(B, Hkv, p["S2"])](
-        q, cache.c2, cache.lengths, ws["m2"], ws["l2"], q.stride(0), q.stride(1), *cache.c2.stride()[:3],
-        scale, D, cfg.dense_len, p["CH2"],
-        G=p["G"], KS2=ks2, ST2=st2, S2=p["S2"], BG=p["BG"], BD=p["BD"], BJ=p["BJ"], IEEE=True, num_warps=4)
-    _score_select_kernel[(B, Hkv, p["NCH"])](
-        q, cache.c1, cache.lengths, ws["m2"], ws["l2"], ws["bscore"], ws["sel"], ws["cnt_sel"],
-        q.stride(0), q.stride(1), *cache.c1.stride()[:3], scale, D, cfg.dense_len, p["NBMAX"],
-        G=p["G"], KS=cfg.kernel_size, ST=cfg.kernel_stride, BS=cfg.block_size, INIT=cfg.init_blocks,
-        WB=cfg.window_size // cfg.block_size, S2=p["S2"], S2P=p["S2P"], R=p["R"], E=p["E"], SB=p["SB"],
-        NSUB=p["NSUB"], KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"], BG=p["BG"], BD=p["BD"],
-        IEEE=SCORE_DOT_IEEE, SELECT=not PROFILE_SKIP_SELECT, num_warps=p["SW"])
-    _attend_combine_kernel[(B, Hkv, p["NSPLIT"])](
-        q, cache.k, cache.v, cache.lengths, ws["sel"], o, ws["o_part"], ws["m_part"], ws["l_part"], ws["cnt_att"],
-        q.stride(0), q.stride(1), *cache.k.stride()[:3], o.stride(0), o.stride(1),
-        scale, D, cfg.dense_len, p["NSLOT"], p["SPB"],
-        G=p["G"], BS=cfg.block_size, KSEL=cfg.num_selected, NSPLIT=p["NSPLIT"], SPC=p["SPC"], BG=p["BG"],
-        BD=p["BD"], BN=p["BN"], IEEE=ieee, num_warps=8)
+    s_qb, s_qh = q.stride(0), q.stride(1)
+    c1, c2, kc, lens = cache.c1, cache.c2, cache.k, cache.lengths
+    s2, s1, sk = c2.stride(), c1.stride(), kc.stride()
+    _launch(_lse_partial_kernel, lp.lse_grid, (q, c2, lens, *lp.lse_ws),
+            (s_qb, s_qh, s2[0], s2[1], s2[2], scale, D, *lp.lse_tail), lp.lse_cx)
+    _launch(_score_select_kernel, lp.sc_grid, (q, c1, lens, *lp.sc_ws),
+            (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, ws["p"]["NBMAX"]),
+            lp.score_constexprs(SCORE_DOT_IEEE, PROFILE_SKIP_SELECT, ws["p"]["SW"]))
+    _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),
+            (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
+            lp.att_cx[q.dtype == torch.float32])
     return o, ws["sel"]
