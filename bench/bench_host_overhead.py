@@ -1,6 +1,7 @@
 """Host overhead of the decode-step wrappers (lightning_attention_step, sparse_decode / sparse_decode_step).
 
-    TRITON_INTERPRET=1 python bench/bench_host_overhead.py            # CPU: wrapper cost, launches stubbed
+    python bench/bench_host_overhead.py                                # CPU: wrapper cost, launches stubbed
+    SALA_OPS_ROOT=/tmp/old python bench/bench_host_overhead.py         # the same for another checkout
     python bench/bench_host_overhead.py --cuda                         # GPU: plain call vs CUDA-graph replay
 
 CPU mode replaces the Triton kernels by no-op stubs (`kernel[grid](...)` returns at once) and forces the
@@ -25,7 +26,8 @@ if "--cuda" not in sys.argv:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# SALA_OPS_ROOT: time another checkout's sala_ops (e.g. `git archive <commit> sala_ops | tar -x -C DIR`)
+sys.path.insert(0, os.environ.get("SALA_OPS_ROOT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sala_ops  # noqa: E402
 from sala_ops import _dispatch  # noqa: E402
 
@@ -97,8 +99,10 @@ def cases(device):
         return sala_ops.sparse_decode_step(qs, ks, vs, cache)
 
     out["sparse_decode"] = lambda: sala_ops.sparse_decode(qs, cache)
-    out["sparse_decode_step"] = sparse_step if device == "cuda" else (
-        lambda: sala_ops.sparse_decode_step(qs, ks, vs, cache))
+    if device == "cuda":  # the real kernels advance lengths: reset them (one more small launch)
+        out["sparse_decode_step (+ lengths.fill_)"] = sparse_step
+    else:
+        out["sparse_decode_step"] = lambda: sala_ops.sparse_decode_step(qs, ks, vs, cache)
     return out
 
 
