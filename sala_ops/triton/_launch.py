@@ -30,8 +30,9 @@ side stream), skips the fast path when the kernel has pre-run hooks, and repeats
 check that the kernel's global values did not change (falling back to the normal launch, which
 raises). The fast path turns itself off (everything goes through kernel[grid]) unless
 JITFunction.run's source still contains the lines above and the option lines we mirror
-(`_run_contract_ok`), i.e. on a triton whose launch sequence we have not read. SALA_OPS_FAST_LAUNCH=0
-(read at import) turns it off too.
+(`_run_contract_ok`), i.e. on a triton whose launch sequence we have not read.
+Off by default until it has run on a GPU (it is tested on the CPU against a faked CompiledKernel only):
+SALA_OPS_FAST_LAUNCH=1 (read at import) turns it on.
 
 The bound-argument list is `ptrs + scalars + constexpr values` in the kernel's parameter order
 (defaults filled in): the cache entry is only made when the kernel's signature binds the call that
@@ -51,7 +52,7 @@ try:  # pragma: no cover - import shapes differ between triton versions
 except Exception:  # pragma: no cover
     triton = knobs = CompiledKernel = JITFunction = _driver = None
 
-ENABLED = os.environ.get("SALA_OPS_FAST_LAUNCH", "1") != "0" and JITFunction is not None
+ENABLED = os.environ.get("SALA_OPS_FAST_LAUNCH", "0") == "1" and JITFunction is not None
 MAX_ENTRIES = 256  # cache entries (kernel, device, metadata); cleared when full
 
 _cache: dict = {}
