@@ -30,6 +30,8 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   step "${T_HYPE:-50}" bench_hype python3 bench/bench_hype.py --out "$OUT"
+  step 40 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda
+  SALA_OPS_FAST_LAUNCH=1 step 40 "decode host overhead, cached launch" python3 bench/bench_host_overhead.py --cuda
   step "${T_LIGHTNING:-170}" bench_lightning python3 bench/bench_lightning.py --out "$OUT"
   step "${T_DECODE:-90}" bench_sparse_decode python3 bench/bench_sparse_decode.py --quick --variant sort --profile --out "$OUT"
   step "${T_SPARSE:-200}" bench_sparse python3 bench/bench_sparse.py --seqlens 32768 131072 65536 --out "$OUT"
