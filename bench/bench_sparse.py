@@ -12,7 +12,8 @@ memory (torch.cuda.max_memory_allocated minus the memory held before the call).
 
     python bench/bench_sparse.py [--seqlens 32768 65536 131072] [--out DIR] [--sweep]
 
---sweep also times the attention kernels under a few launch configurations. Writes DIR/sparse.json.
+--sweep also times the attention kernels under a few launch configurations. Writes DIR/sparse.json
+(DIR/sparse_smooth.json with --inputs smooth: q and k locally correlated, closer to a trained model).
 
 Tiled forward (sala_ops/triton/sparse_attn_tiled.py, K/V shared across tiles of consecutive tokens):
 every run adds `attn96_tiled_fwd_ms` (union build + kernels, TILED_CFG), `tiled_union_ms` (the union
@@ -85,12 +86,15 @@ def run_one(T, args, out_rows):
     H, Hkv, D = 32, 2, 128
     dev = "cuda"
     torch.manual_seed(0)
-    q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
+    if args.inputs == "smooth":  # neighbouring queries and keys alike, as in a trained model (see _smooth)
+        q, k = _smooth(q[0], args.smooth)[None], _smooth(k[0], args.smooth)[None]
+    q, k, v = (x.contiguous().requires_grad_(True) for x in (q, k, v))
     do = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
     cfg = sala_ops.SparseConfig()
-    r = {"T": T, "H": H, "Hkv": Hkv, "D": D, "blocks": cfg.num_selected}
+    r = {"T": T, "H": H, "Hkv": Hkv, "D": D, "blocks": cfg.num_selected, "inputs": args.inputs}
     grads = [q, k, v]
 
     def ours_fwd():
@@ -450,6 +454,8 @@ def main():
                     help="only the backward over given indices: one-token vs tiled dq (SALA_SPARSE_BWD_DQ=tiled)")
     ap.add_argument("--dq-sweep", action="store_true", help="sweep the tiled dq (tq, hybrid share, warps, stages)")
     ap.add_argument("--smooth", type=int, default=64, help="--tiled-sweep: also q smoothed over this many tokens")
+    ap.add_argument("--inputs", choices=["random", "smooth"], default="random",
+                    help="main run: i.i.d. randn q/k/v, or q and k smoothed over --smooth tokens (locally correlated)")
     ap.add_argument("--select-only", action="store_true",
                     help="only the selection: default vs fast (SALA_SPARSE_SELECT=fast) kernel, time and agreement; "
                          "with --sweep also the fast kernel's launch configurations")
@@ -478,9 +484,10 @@ def main():
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "seconds": time.time() - t0, "times": "ms, triton.testing.do_bench median", "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sparse.json"), "w") as f:
+    name = "sparse.json" if args.inputs == "random" else f"sparse_{args.inputs}.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(meta, f, indent=1)
-    print(f"wrote {os.path.join(args.out, 'sparse.json')}")
+    print(f"wrote {os.path.join(args.out, name)}")
     return 0
 
 

@@ -35,6 +35,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   step "${T_LIGHTNING:-170}" bench_lightning python3 bench/bench_lightning.py --out "$OUT"
   step "${T_DECODE:-90}" bench_sparse_decode python3 bench/bench_sparse_decode.py --quick --variant sort --profile --out "$OUT"
   step "${T_SPARSE:-200}" bench_sparse python3 bench/bench_sparse.py --seqlens 32768 131072 65536 --out "$OUT"
+  step "${T_SPARSE_SMOOTH:-120}" "bench_sparse, locally correlated q/k" python3 bench/bench_sparse.py --seqlens 131072 32768 \
+    --inputs smooth --out "$OUT"
   python3 bench/summary.py "$OUT" | tee -a "$log"
 fi
 echo "gpu tests exit code: $tests_rc"
