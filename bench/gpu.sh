@@ -2,8 +2,10 @@
 # The GPU loop on the H200 (device tool), from the repository root, in calls that fit the 10-minute limit:
 #   bash bench/gpu.sh tests    # gpu-marked tests, one time guard per file, then the CPU-tier property
 #                              # tests compiled on the GPU (~8 min without a carried compile cache)
-#   bash bench/gpu.sh bench    # every benchmark against its peer, table last (~9 min)
-#   bash bench/gpu.sh all      # both (longer per-call limits only)
+#   bash bench/gpu.sh bench    # every benchmark against its peer, table last (~8 min)
+#   bash bench/gpu.sh extra    # host overhead (normal / cached launch), sparse on locally correlated q/k,
+#                              # tiled dq vs one-token dq (~6 min)
+#   bash bench/gpu.sh all      # all three (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
 # call copy FILES_AT/triton_cache.part* into .triton_cache/ for the next one. Logs in $OUT/gpu_log.txt,
 # JSON and the plot in $OUT/results.tar.gz. Guards are T_* environment variables (seconds).
@@ -30,14 +32,18 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   step "${T_HYPE:-50}" bench_hype python3 bench/bench_hype.py --out "$OUT"
-  step 40 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda
-  SALA_OPS_FAST_LAUNCH=1 step 40 "decode host overhead, cached launch" python3 bench/bench_host_overhead.py --cuda
   step "${T_LIGHTNING:-170}" bench_lightning python3 bench/bench_lightning.py --out "$OUT"
   step "${T_DECODE:-90}" bench_sparse_decode python3 bench/bench_sparse_decode.py --quick --variant sort --profile --out "$OUT"
   step "${T_SPARSE:-200}" bench_sparse python3 bench/bench_sparse.py --seqlens 32768 131072 65536 --out "$OUT"
+  python3 bench/summary.py "$OUT" | tee -a "$log"
+fi
+if [ "$what" = extra ] || [ "$what" = all ]; then
+  step 40 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda
+  SALA_OPS_FAST_LAUNCH=1 step 40 "decode host overhead, cached launch" python3 bench/bench_host_overhead.py --cuda
   step "${T_SPARSE_SMOOTH:-120}" "bench_sparse, locally correlated q/k" python3 bench/bench_sparse.py --seqlens 131072 32768 \
     --inputs smooth --out "$OUT"
-  python3 bench/summary.py "$OUT" | tee -a "$log"
+  step 200 "sparse backward: tiled dq vs one-token dq" python3 bench/bench_sparse.py --seqlens 131072 32768 --dq-only \
+    --out "$OUT/dq"
 fi
 echo "gpu tests exit code: $tests_rc"
 exit "$tests_rc"
