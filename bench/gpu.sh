@@ -3,8 +3,8 @@
 #   bash bench/gpu.sh tests    # gpu-marked tests, one time guard per file, then the CPU-tier property
 #                              # tests compiled on the GPU (~8 min without a carried compile cache)
 #   bash bench/gpu.sh bench    # every benchmark against its peer, table last (~8 min)
-#   bash bench/gpu.sh extra    # host overhead (normal / cached launch), sparse on locally correlated q/k,
-#                              # tiled dq vs one-token dq (~6 min)
+#   bash bench/gpu.sh extra    # decode profile, host overhead (normal / cached launch), sparse on locally
+#                              # correlated q/k, tiled dq vs one-token dq (~7.5 min)
 #   bash bench/gpu.sh all      # all three (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
 # call copy FILES_AT/triton_cache.part* into .triton_cache/ for the next one. Logs in $OUT/gpu_log.txt,
@@ -31,13 +31,15 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     -p no:cacheprovider -rfE || tests_rc=$?
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  step "${T_HYPE:-50}" bench_hype python3 bench/bench_hype.py --out "$OUT"
-  step "${T_LIGHTNING:-170}" bench_lightning python3 bench/bench_lightning.py --out "$OUT"
-  step "${T_DECODE:-90}" bench_sparse_decode python3 bench/bench_sparse_decode.py --quick --variant sort --profile --out "$OUT"
-  step "${T_SPARSE:-200}" bench_sparse python3 bench/bench_sparse.py --seqlens 32768 131072 65536 --out "$OUT"
+  step "${T_HYPE:-45}" bench_hype python3 bench/bench_hype.py --out "$OUT"
+  step "${T_LIGHTNING:-150}" bench_lightning python3 bench/bench_lightning.py --out "$OUT"
+  # B = 1 then 8, at 32K, 128K and 1M cached tokens (issue 5), the sort path side by side
+  step "${T_DECODE:-130}" bench_sparse_decode python3 bench/bench_sparse_decode.py --variant sort --out "$OUT"
+  step "${T_SPARSE:-180}" bench_sparse python3 bench/bench_sparse.py --seqlens 32768 131072 65536 --out "$OUT"
   python3 bench/summary.py "$OUT" | tee -a "$log"
 fi
 if [ "$what" = extra ] || [ "$what" = all ]; then
+  step 60 "sparse decode profile (score pass split)" python3 bench/bench_sparse_decode.py --quick --profile --no-graphs
   step 40 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda
   SALA_OPS_FAST_LAUNCH=1 step 40 "decode host overhead, cached launch" python3 bench/bench_host_overhead.py --cuda
   step "${T_SPARSE_SMOOTH:-120}" "bench_sparse, locally correlated q/k" python3 bench/bench_sparse.py --seqlens 131072 32768 \
