@@ -30,6 +30,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.environ.get("SALA_OPS_ROOT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sala_ops  # noqa: E402
 from sala_ops import _dispatch  # noqa: E402
+from graph_capture import capture  # noqa: E402  (bench/ is sys.path[0])
 
 
 class _Stub:
@@ -124,15 +125,7 @@ def main():
             if args.only and args.only not in name:
                 continue
             plain = time_calls(fn, args.calls, args.reps, torch.cuda.synchronize)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
+            g = capture(fn)
             graph = time_calls(g.replay, args.calls, args.reps, torch.cuda.synchronize)
             print(f"{name:44s} {plain[0]:10.1f} {graph[0]:10.1f}")
         return

@@ -30,6 +30,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import sala_ops  # noqa: E402
 from sala_ops.triton import lightning_chunk as LC  # noqa: E402
+from graph_capture import capture  # noqa: E402  (bench/ is sys.path[0])
 
 CEIL = 4.2e12
 H, D = 32, 128
@@ -177,16 +178,7 @@ def run_step(fla_rec, rows):
     for name, fn in (("ours", ours), ("fla", peer if fla_rec is not None else None)):
         if fn is None:
             continue
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        row[f"{name}_graph_ms"] = _bench(graph.replay)
+        row[f"{name}_graph_ms"] = _bench(capture(fn).replay)
     if "fla_graph_ms" in row:
         row["graph_speedup"] = row["fla_graph_ms"] / row["ours_graph_ms"]
     rows.append(row)

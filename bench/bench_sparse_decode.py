@@ -30,6 +30,7 @@ if os.environ.get("SALA_BENCH_DRY") == "1":  # before triton is imported
     os.environ.setdefault("SALA_OPS_BACKEND", "triton")
 
 import torch  # noqa: E402
+from graph_capture import capture  # noqa: E402  (bench/ is sys.path[0])
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
@@ -61,16 +62,7 @@ def bench(fn, warmup=25, rep=100):
 def bench_graph(fn, warmup=10, rep=100):
     if DRY:
         return bench(fn)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay, warmup, rep)
+    return bench(capture(fn).replay, warmup, rep)
 
 
 def make_cache(B, L, chunk_target=None, headroom=0):
