@@ -64,7 +64,7 @@ def main():
     for c in configs:
         v = [int(x) for x in c.split(",")]
         TQ, SB, NBP, nw, ns = v[:5]
-        TSEL = v[5] if len(v) > 5 else min(TQ, 8192 // NBP)
+        TSEL = v[5] if len(v) > 5 else max(1, min(TQ, 8192 // min(NBP, 4096)))
         sig, const, attrs = {}, {}, {}
         names = K.arg_names
         for i, nme in enumerate(names):
@@ -84,8 +84,9 @@ def main():
                         attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 sig[nme] = "constexpr"
+        from sala_ops.triton.sparse_select_fast import FAST_CFG
         const.update(TQ=TQ, GP=16, ROWS=TQ * 16, BD=128, SB=SB, R=4, E=1, NBP=NBP, TSEL=TSEL, CH=256, WP=128, BN2=64,
-                     PREC="tf32")
+                     PREC="tf32", SCH=min(NBP, FAST_CFG["nbp_reg"]))
         src = ASTSource(K, sig, const, attrs)
         try:
             k = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=nw, num_stages=ns))

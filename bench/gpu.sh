@@ -4,7 +4,7 @@
 #                              # tests compiled on the GPU (~8 min without a carried compile cache)
 #   bash bench/gpu.sh bench    # every benchmark against its peer, table last (~8 min)
 #   bash bench/gpu.sh extra    # decode profile, host overhead (normal / cached launch), sparse on locally
-#                              # correlated q/k, tiled dq vs one-token dq (~7.5 min)
+#                              # correlated q/k, tiled dq vs one-token dq, 1M fast selection (~9 min)
 #   bash bench/gpu.sh all      # all three (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
 # call copy FILES_AT/triton_cache.part* into .triton_cache/ for the next one. Logs in $OUT/gpu_log.txt,
@@ -42,10 +42,12 @@ if [ "$what" = extra ] || [ "$what" = all ]; then
   step 60 "sparse decode profile (score pass split)" python3 bench/bench_sparse_decode.py --quick --profile --no-graphs
   step 40 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda
   SALA_OPS_FAST_LAUNCH=1 step 40 "decode host overhead, cached launch" python3 bench/bench_host_overhead.py --cuda
-  step "${T_SPARSE_SMOOTH:-120}" "bench_sparse, locally correlated q/k" python3 bench/bench_sparse.py --seqlens 131072 32768 \
+  step "${T_SPARSE_SMOOTH:-100}" "bench_sparse, locally correlated q/k" python3 bench/bench_sparse.py --seqlens 131072 32768 \
     --inputs smooth --out "$OUT"
-  step 200 "sparse backward: tiled dq vs one-token dq" python3 bench/bench_sparse.py --seqlens 131072 32768 --dq-only \
+  step 150 "sparse backward: tiled dq vs one-token dq" python3 bench/bench_sparse.py --seqlens 131072 32768 --dq-only \
     --out "$OUT/dq"
+  SALA_SPARSE_SELECT_MAX_BLOCKS=65536 step 150 "1M-token sparse forward, fast selection with the chunked search" \
+    python3 -m pytest -q -m gpu tests/test_sparse_triton.py -k one_million -p no:cacheprovider -rfE --durations=3
 fi
 echo "gpu tests exit code: $tests_rc"
 exit "$tests_rc"

@@ -160,6 +160,27 @@ def test_select_fast_long_prefix_subtiles():
     assert torch.equal(out.cpu(), _ref_fn(sala_ops.select_blocks, q, k, **cfg).cpu())
 
 
+@pytest.mark.parametrize("period", [32, None])
+def test_select_fast_chunked_search(period):
+    """Rows longer than nbp_reg blocks (past 256K keys at the real config) are bisected in chunks
+    re-read from the scratch: here nbp_reg = 4 with 20-32 blocks per row (several chunks, a last partial
+    one), with ties (repeated keys, as in test_select_fast_ties) and random keys, a short query piece
+    continuing a key prefix."""
+    T, H, Hkv, D = 150, 4, 2, 16
+    g = torch.Generator().manual_seed(5)
+    if period is None:
+        q, k, _ = _qkv(31, 1, 24, T, H, Hkv, D)
+    else:
+        q = torch.randint(-2, 3, (1, 24, H, D), generator=g).float().to(DEV)
+        base = torch.randint(-2, 3, (1, max(period, 1), Hkv, D), generator=g).float()
+        k = base.repeat(1, T // max(period, 1) + 1, 1, 1)[:, :T].contiguous().to(DEV)
+    cfg = dict(SMALL, topk=3)
+    with _fast_only(sb=4, nbp_reg=4, sel_elems=8) as TF:
+        assert TF.FAST_CFG["nbp_reg"] < -(-T // SMALL["block_size"])
+        out = _tri(sala_ops.select_blocks, q, k, **cfg)
+    assert torch.equal(out.cpu(), _ref_fn(sala_ops.select_blocks, q, k, **cfg).cpu())
+
+
 @pytest.mark.parametrize("period", [0, 32])
 def test_select_fast_ties(fast_select, period):
     """Repeated keys (all equal, or periodic over 2 blocks): many exactly equal block scores, the lower

@@ -25,11 +25,15 @@ tokens of one sequence, KV head g), taken round-robin from a list sorted by decr
 Tiles whose last query has qb + 1 <= k_sel select every causal block and skip steps 1-3.
 
 Limits (else sparse_select.select runs): block_size % kernel_stride == 0, R a power of two,
-E <= R, and NBP = pow2(ceil(Tk_total / block_size)) <= FAST_CFG["nbp_max"] (4096: 256K keys at
-block 64; the [TSEL, NBP] search is held in registers, TSEL = sel_elems // NBP rows at a time; sm_90
-with triton 3.6 spills at NBP 8192 with 8 warps and caps 16 warps at 128 registers, spilling more).
+E <= R, and NBP = pow2(ceil(Tk_total / block_size)) <= FAST_CFG["nbp_max"] (4096 by default: 256K keys at
+block 64; up to 65536 with SALA_SPARSE_SELECT_MAX_BLOCKS once the chunked search is measured).
+Rows of up to nbp_reg = 4096 blocks are searched in registers ([TSEL, NBP], TSEL = sel_elems // NBP rows
+at a time; sm_90 with triton 3.6 spills at NBP 8192 with 8 warps); longer rows re-read the scratch in
+chunks of nbp_reg blocks at each bisection step.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -40,9 +44,27 @@ from . import sparse_select as S
 # tq: query tokens per item (raised to 16 // GP so the MMA has >= 16 rows); sb: blocks per C1 sub-tile
 # (raised so SB * R >= 16); sel_elems: [TSEL, NBP] elements the top-k holds at once; nbp_max: above it
 # the default kernel runs; programs_per_sm: persistent grid = that x number of SMs.
-FAST_CFG = dict(tq=4, sb=16, sel_elems=8192, nbp_max=4096, num_warps=8, num_stages=2, programs_per_sm=2,
-                 ch=256)
+# nbp_max stays 4096 (256K keys at block 64; longer sequences take the online kernel) until the chunked
+# search below has run on a GPU; SALA_SPARSE_SELECT_MAX_BLOCKS=65536 (read at import) lets it take them.
+FAST_CFG = dict(tq=4, sb=16, sel_elems=8192, nbp_max=int(os.environ.get("SALA_SPARSE_SELECT_MAX_BLOCKS", "4096")),
+                nbp_reg=4096, num_warps=8, num_stages=2, programs_per_sm=2, ch=256)
+# nbp_reg: rows of at most this many blocks are searched in registers; longer rows (past 256K keys at
+# block 64) are searched in chunks of nbp_reg reloaded from the scratch at every bisection step
+# (31 x NBP / nbp_reg chunk reads per row: at 1M keys ~4 TB of L2 reads per layer, about a sixth of the
+# scoring work there, instead of the online kernel's quadratic merge cost).
 INTERPRET_PROGRAMS = 3  # small persistent grid under the interpreter: several items per program
+
+
+@triton.jit
+def _score_bits(rows, cb, walk_end, qb_tok, INIT, WB):
+    """[TSEL, len(cb)] int32 sort keys of blocks cb from the scratch rows: the score's float bits (scores
+    are >= 0, so int order = float order), +inf for the forced blocks (init, local window), -1 for
+    blocks after the token's own."""
+    sc = tl.load(rows + cb[None, :], mask=(cb < walk_end)[None, :], other=0.0, cache_modifier=".cg")
+    valid = cb[None, :] <= qb_tok[:, None]
+    forced = (cb[None, :] < INIT) | ((cb[None, :] + WB >= qb_tok[:, None]) & valid)
+    sc = tl.where(forced, float("inf"), sc)
+    return tl.where(valid, sc.to(tl.int32, bitcast=True), -1)
 
 
 @triton.jit
@@ -52,7 +74,8 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                         qk_scale, D, G, KS1, ST1, KS2, ST2, BS, INIT, WB, KSEL, W, DENSE_LEN,
                         TQ: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr,
                         SB: tl.constexpr, R: tl.constexpr, E: tl.constexpr, NBP: tl.constexpr,
-                        TSEL: tl.constexpr, CH: tl.constexpr, WP: tl.constexpr, BN2: tl.constexpr, PREC: tl.constexpr):
+                        TSEL: tl.constexpr, CH: tl.constexpr, WP: tl.constexpr, BN2: tl.constexpr, PREC: tl.constexpr,
+                        SCH: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     scr = SCR + pid.to(tl.int64) * (TQ * NBP)
@@ -65,7 +88,7 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
     si = tl.arange(0, SB)
     rr = tl.arange(0, R)
     tqi = tl.arange(0, TQ)
-    bb = tl.arange(0, NBP)
+    bb = tl.arange(0, SCH)  # the search's blocks: the whole row (SCH == NBP) or one chunk of it
     ts = tl.arange(0, TSEL)
     wc = tl.arange(0, WP)
     ch = tl.arange(0, CH)
@@ -131,35 +154,41 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                          mask=(tok_ok & dense_tok)[:, None] & (wc < W)[None, :])
                 sp_ok = tok_ok & ~dense_tok
                 if Lk - Lq + tl.minimum(m0 + r0 + TSEL, Lq) >= DENSE_LEN:  # some row of the chunk is sparse
-                    sc = tl.load(scr + (r0 + ts)[:, None] * NBP + bb[None, :], mask=(bb < walk_end)[None, :],
-                                 other=0.0, cache_modifier=".cg")
-                    valid = bb[None, :] <= qb_tok[:, None]
-                    forced = (bb[None, :] < INIT) | ((bb[None, :] + WB >= qb_tok[:, None]) & valid)
-                    sc = tl.where(forced, float("inf"), sc)
-                    bits = tl.where(valid, sc.to(tl.int32, bitcast=True), -1)
+                    rows = scr + (r0 + ts)[:, None] * NBP
                     n_sel = tl.minimum(qb_tok + 1, KSEL).to(tl.int32)
                     # largest S with #(bits >= S) >= n_sel
                     lo = tl.zeros([TSEL], dtype=tl.int32)
                     hi = tl.full([TSEL], 2139095040, tl.int32)  # +inf
-                    for _ in range(31):
-                        mid = lo + (hi - lo + 1) // 2
-                        cnt = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
-                        ok = cnt >= n_sel
-                        lo = tl.where(ok, mid, lo)
-                        hi = tl.where(ok, hi, mid - 1)
-                    n_gt = tl.sum((bits > lo[:, None]).to(tl.int32), axis=1)
+                    if SCH == NBP:  # the whole row in registers
+                        bits = _score_bits(rows, bb, walk_end, qb_tok, INIT, WB)
+                        for _ in range(31):
+                            mid = lo + (hi - lo + 1) // 2
+                            cnt = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
+                            ok = cnt >= n_sel
+                            lo = tl.where(ok, mid, lo)
+                            hi = tl.where(ok, hi, mid - 1)
+                        n_gt = tl.sum((bits > lo[:, None]).to(tl.int32), axis=1)
+                    else:  # a long row: every count re-reads it from the scratch, SCH blocks at a time
+                        for _ in range(31):
+                            mid = lo + (hi - lo + 1) // 2
+                            cnt = tl.zeros([TSEL], dtype=tl.int32)
+                            for s0 in range(0, qb_last + 1, SCH):
+                                bits = _score_bits(rows, s0 + bb, walk_end, qb_tok, INIT, WB)
+                                cnt += tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
+                            ok = cnt >= n_sel
+                            lo = tl.where(ok, mid, lo)
+                            hi = tl.where(ok, hi, mid - 1)
+                        n_gt = tl.zeros([TSEL], dtype=tl.int32)
+                        for s0 in range(0, qb_last + 1, SCH):
+                            bits = _score_bits(rows, s0 + bb, walk_end, qb_tok, INIT, WB)
+                            n_gt += tl.sum((bits > lo[:, None]).to(tl.int32), axis=1)
                     n_eq = n_sel - n_gt  # how many of the blocks scoring exactly S, lowest index first
                     # compaction in chunks of CH blocks reloaded from the scratch (few registers)
                     eq_run = tl.zeros([TSEL], dtype=tl.int32)
                     out_run = tl.zeros([TSEL], dtype=tl.int32)
                     for c0 in range(0, qb_last + 1, CH):
                         cb = c0 + ch
-                        scc = tl.load(scr + (r0 + ts)[:, None] * NBP + cb[None, :], mask=(cb < walk_end)[None, :],
-                                      other=0.0, cache_modifier=".cg")
-                        vc = cb[None, :] <= qb_tok[:, None]
-                        fc = (cb[None, :] < INIT) | ((cb[None, :] + WB >= qb_tok[:, None]) & vc)
-                        scc = tl.where(fc, float("inf"), scc)
-                        bc = tl.where(vc, scc.to(tl.int32, bitcast=True), -1)
+                        bc = _score_bits(rows, cb, walk_end, qb_tok, INIT, WB)
                         eq = bc == lo[:, None]
                         rank = eq_run[:, None] + tl.cumsum(eq.to(tl.int32), axis=1)
                         chosen = (bc > lo[:, None]) | (eq & (rank <= n_eq[:, None]))
@@ -184,7 +213,7 @@ def plan(G: int, nbp: int):
     """(TQ, GP, SB-independent) launch shape for a group of G heads and NBP blocks."""
     GP = S._pow2(G)
     TQ = max(S._pow2(FAST_CFG["tq"]), 16 // GP if GP < 16 else 1)
-    TSEL = max(1, min(TQ, FAST_CFG["sel_elems"] // nbp))
+    TSEL = max(1, min(TQ, FAST_CFG["sel_elems"] // min(nbp, FAST_CFG["nbp_reg"])))
     return TQ, GP, TSEL
 
 
@@ -240,6 +269,6 @@ def select(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Ten
         scale * S.LOG2E, D, G, kernel_size, kernel_stride, lse_kernel_size, lse_kernel_stride, block_size,
         init_blocks, wb, k_sel, W, dense_len,
         TQ=TQ, GP=GP, ROWS=TQ * GP, BD=S._pow2(D, 16), SB=SB, R=R, E=E, NBP=nbp, TSEL=TSEL, CH=min(nbp, 16 if interp else FAST_CFG["ch"]), WP=S._pow2(W),
-        BN2=16 if interp else 64, PREC=S._prec(q.dtype),
+        BN2=16 if interp else 64, PREC=S._prec(q.dtype), SCH=min(nbp, FAST_CFG["nbp_reg"]),
         num_warps=4 if interp else FAST_CFG["num_warps"], num_stages=FAST_CFG["num_stages"])
     return out
