@@ -10,30 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def stats(kernel, cubin_tool):
-    md = kernel.metadata
-    regs = getattr(md, "n_regs", None) if not isinstance(md, dict) else md.get("n_regs")
-    spills = getattr(md, "n_spills", None) if not isinstance(md, dict) else md.get("n_spills")
-    smem = md.shared if not isinstance(md, dict) else md.get("shared")
-    res = {}
-    if cubin_tool:
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(kernel.asm["cubin"])
-        out = subprocess.run([cubin_tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        os.unlink(f.name)
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-        if m:
-            res = dict(zip(("cubin_regs", "stack", "shared_static", "local"), map(int, m.groups())))
-    ptx = kernel.asm.get("ptx", "")
-    return dict(regs=regs, spills=spills, shared=smem, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, **res)
 
 
 def main():
@@ -48,11 +27,8 @@ def main():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from sala_ops.triton.sparse_select_fast import _select_fast_kernel as K
-    import shutil
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        tool = cand if os.path.exists(cand) else None
+    from aot_common import cubin_tool, fingerprint, signature, stats
+    tool = cubin_tool(triton)
     ptrs = dict(Q="*bf16", C1="*bf16", C2="*bf16", OUT="*i32", SCR="*fp32", order="*i32", tile_seq="*i32",
                 tile_start="*i32", cu_q="*i64", cu_k="*i64", c1_off="*i64", c2_off="*i64")
     ints = dict(nseq=1, n_items=65536, HKV=2, sq_t=4096, sq_h=128, sc1_t=256, sc1_h=128, sc2_t=256, sc2_h=128,
@@ -65,32 +41,15 @@ def main():
         v = [int(x) for x in c.split(",")]
         TQ, SB, NBP, nw, ns = v[:5]
         TSEL = v[5] if len(v) > 5 else max(1, min(TQ, 8192 // min(NBP, 4096)))
-        sig, const, attrs = {}, {}, {}
-        names = K.arg_names
-        for i, nme in enumerate(names):
-            if nme in ptrs:
-                sig[nme] = ptrs[nme]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif nme == "qk_scale":
-                sig[nme] = "fp32"
-            elif nme in ints:
-                val = ints[nme]
-                if val == 1:
-                    sig[nme] = "constexpr"
-                    const[nme] = 1
-                else:
-                    sig[nme] = "i32"
-                    if val % 16 == 0:
-                        attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                sig[nme] = "constexpr"
+        sig, const, attrs = signature(K, ptrs, ints, ("qk_scale",))
         from sala_ops.triton.sparse_select_fast import FAST_CFG
         const.update(TQ=TQ, GP=16, ROWS=TQ * 16, BD=128, SB=SB, R=4, E=1, NBP=NBP, TSEL=TSEL, CH=256, WP=128, BN2=64,
                      PREC="tf32", SCH=min(NBP, FAST_CFG["nbp_reg"]))
         src = ASTSource(K, sig, const, attrs)
         try:
             k = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=nw, num_stages=ns))
-            print(f"TQ={TQ} SB={SB} NBP={NBP} TSEL={TSEL} warps={nw} stages={ns}: {stats(k, tool)}", flush=True)
+            print(f"TQ={TQ} SB={SB} NBP={NBP} TSEL={TSEL} warps={nw} stages={ns}: {stats(k, tool)} "
+                  f"ptx {fingerprint(k)}", flush=True)
         except Exception as e:  # report and go on
             print(f"TQ={TQ} SB={SB} NBP={NBP} warps={nw} stages={ns}: FAILED {type(e).__name__}: {str(e)[:400]}")
 

@@ -12,32 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def _signature(K, ptrs, ints, floats):
-    sig, const, attrs = {}, {}, {}
-    for i, nme in enumerate(K.arg_names):
-        if nme in ptrs:
-            sig[nme] = ptrs[nme]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif nme in floats:
-            sig[nme] = "fp32"
-        elif nme in ints:
-            val = ints[nme]
-            if val == 1:
-                sig[nme] = "constexpr"
-                const[nme] = 1
-            else:
-                sig[nme] = "i32"
-                if val % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[nme] = "constexpr"
-    return sig, const, attrs
 
 
 def main():
@@ -51,12 +28,9 @@ def main():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from aot_select_fast import stats
+    from aot_common import cubin_tool, fingerprint, signature as _signature, stats
     from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        tool = cand if os.path.exists(cand) else None
+    tool = cubin_tool(triton)
     target = GPUTarget("cuda", 90, 64)
     H, Hkv, D, S = 32, 2, 128, 96
     strides = dict(sq_t=H * D, sq_h=D, sk_t=Hkv * D, sk_h=D, sv_t=Hkv * D, sv_h=D, sdo_t=H * D, sdo_h=D,
@@ -72,7 +46,7 @@ def main():
     for nw, ns in ((A.DQ_CFG["num_warps"], A.DQ_CFG["num_stages"]),):
         k = triton.compile(ASTSource(A._bwd_dq_kernel, sig, const, attrs), target=target,
                            options=dict(num_warps=nw, num_stages=ns))
-        print(f"one-token _bwd_dq_kernel warps={nw} stages={ns}: {stats(k, tool)}", flush=True)
+        print(f"one-token _bwd_dq_kernel warps={nw} stages={ns}: {stats(k, tool)} ptx {fingerprint(k)}", flush=True)
     configs = a.configs or ["4,4,2,1", "4,4,3,1", "4,8,2,1", "4,8,3,1", "4,4,2,0", "4,8,2,0", "8,8,2,1"]
     for c in configs:
         TQ, nw, ns, init = (int(x) for x in c.split(","))
@@ -86,7 +60,8 @@ def main():
         try:
             k = triton.compile(ASTSource(TT._bwd_dq_tiled_kernel, sig, const, attrs), target=target,
                                options=dict(num_warps=nw, num_stages=ns))
-            print(f"tiled dq TQ={TQ} warps={nw} stages={ns} HAS_INIT={init}: {stats(k, tool)}", flush=True)
+            print(f"tiled dq TQ={TQ} warps={nw} stages={ns} HAS_INIT={init}: {stats(k, tool)} ptx {fingerprint(k)}",
+                  flush=True)
         except Exception as e:  # report and go on
             print(f"tiled dq TQ={TQ} warps={nw} stages={ns} HAS_INIT={init}: FAILED {type(e).__name__}: {str(e)[:400]}")
 

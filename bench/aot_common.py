@@ -1,0 +1,78 @@
+"""Shared pieces of the sm_90 AOT compile scripts (bench/aot_*.py): no GPU needed.
+
+- signature(K, ptrs, ints, floats): ASTSource signature, constexprs and attributes as a launch would
+  specialise them (pointers and ints divisible by 16 get tt.divisibility, ints equal to 1 become
+  constexprs; every other parameter is a constexpr the caller fills in);
+- cubin_tool(triton): cuobjdump (on PATH or shipped with triton);
+- stats(kernel, tool): registers / spills / shared memory, wgmma or mma.sync;
+- fingerprint(kernel): a hash of the PTX without debug locations: two sources that compile to the same
+  instructions (e.g. a refactor into @triton.jit helpers, which are inlined) get the same fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+
+def signature(K, ptrs, ints, floats=()):
+    sig, const, attrs = {}, {}, {}
+    for i, nme in enumerate(K.arg_names):
+        if nme in ptrs:
+            sig[nme] = ptrs[nme]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif nme in floats:
+            sig[nme] = "fp32"
+        elif nme in ints:
+            val = ints[nme]
+            if val == 1:
+                sig[nme] = "constexpr"
+                const[nme] = 1
+            else:
+                sig[nme] = "i32"
+                if val % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[nme] = "constexpr"
+    return sig, const, attrs
+
+
+def cubin_tool(triton):
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        tool = cand if os.path.exists(cand) else None
+    return tool
+
+
+def stats(kernel, tool):
+    md = kernel.metadata
+    regs = getattr(md, "n_regs", None) if not isinstance(md, dict) else md.get("n_regs")
+    spills = getattr(md, "n_spills", None) if not isinstance(md, dict) else md.get("n_spills")
+    smem = md.shared if not isinstance(md, dict) else md.get("shared")
+    res = {}
+    if tool:
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+        if m:
+            res = dict(zip(("cubin_regs", "stack", "shared_static", "local"), map(int, m.groups())))
+    ptx = kernel.asm.get("ptx", "")
+    return dict(regs=regs, spills=spills, shared=smem, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, **res)
+
+
+def fingerprint(kernel):
+    """sha1 (12 hex) of the PTX instructions: the DWARF sections, .loc / .file lines, debug-scope labels
+    and comments removed."""
+    ptx = kernel.asm.get("ptx", "")
+    m = re.search(r"^\s*\.section\s+\.debug", ptx, flags=re.M)
+    if m:
+        ptx = ptx[:m.start()]
+    # $L__tmpN: labels that only delimit debug scopes (inlined @triton.jit helpers add some)
+    keep = [ln for ln in ptx.splitlines() if not re.match(r"\s*(\.loc|\.file|//|\$L__tmp\d+:)", ln)]
+    return hashlib.sha1("\n".join(keep).encode()).hexdigest()[:12]
