@@ -164,19 +164,25 @@ def run_case(B, L, chunk_target=None, graphs=True, variant=None):
     return row
 
 
+def _profiled(step, warmup, steps=20):
+    """torch.profiler (CUDA activity) over `steps` calls of step, after `warmup` untimed ones."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        step()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return prof
+
+
 def profile_case(B, L, variant=None):
     if variant:
         os.environ["SALA_SPARSE_DECODE"] = variant
     cache = make_cache(B, L)
     q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
-    for _ in range(5):
-        sparse_decode(q, cache)
-    sync()
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            sparse_decode(q, cache)
-        torch.cuda.synchronize()
+    prof = _profiled(lambda: sparse_decode(q, cache), 5)
     print(f"\nprofile B={B} L={L} variant={variant or 'default'} (20 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     if (variant or os.environ.get("SALA_SPARSE_DECODE", "fast")) != "sort":
@@ -185,13 +191,7 @@ def profile_case(B, L, variant=None):
         for skip, ieee in ((True, True), (False, False), (True, False)):
             FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT_IEEE = skip, ieee
             try:
-                for _ in range(3):
-                    sparse_decode(q, cache)
-                sync()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(20):
-                        sparse_decode(q, cache)
-                    torch.cuda.synchronize()
+                prof = _profiled(lambda: sparse_decode(q, cache), 3)
                 us = {e.key: e.device_time_total / e.count for e in prof.key_averages() if e.count}
                 print(f"profile B={B} L={L} skip_select={skip} score_dot={'ieee' if ieee else 'tf32'}: "
                       + ", ".join(f"{k} {v:.1f} us" for k, v in us.items() if k.startswith("_")))
