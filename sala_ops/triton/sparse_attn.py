@@ -42,6 +42,17 @@ DKDV_CFG = dict(num_warps=4, num_stages=1, rows=64, chunk=256)  # H200 sweep, ru
 
 
 @triton.jit
+def block_kv(K, V, k0, kpos, kmask, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV):
+    """The K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_DV] rows kpos (within the sequence starting at key
+    row k0) of KV head g; rows outside kmask and padded columns read as 0."""
+    kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
+                 mask=kmask[:, None] & (d < D)[None, :], other=0.0)
+    vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
+                 mask=kmask[:, None] & (dv < DV)[None, :], other=0.0)
+    return kk, vv
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sl_t, si_t, si_h,
                 qk_scale, D, DV, G, BS, S,
@@ -50,10 +61,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
     i = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     n = tl.load(tok_seq + i)
-    q0 = tl.load(cu_q + n).to(tl.int64)
-    Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
-    k0 = tl.load(cu_k + n).to(tl.int64)
-    Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+    q0, Lq, k0, Lk = _sel.seq_bounds(cu_q, cu_k, n)
     t = Lk - Lq + (i - q0)
     h = tl.arange(0, ROWS)
     hm = h < G
@@ -72,10 +80,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
         b = tl.load(ib + s).to(tl.int64)
         kpos = b * BS + nn
         kmask = (nn < BS) & (kpos < Lk) & (kpos <= t)
-        kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
-                     mask=kmask[:, None] & (d < D)[None, :], other=0.0)
-        vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
-                     mask=kmask[:, None] & (dv < DV)[None, :], other=0.0)
+        kk, vv = block_kv(K, V, k0, kpos, kmask, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
         sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
         sc = tl.where(kmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
@@ -137,10 +142,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, tok_seq, cu_q, cu_k,
     i = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     n = tl.load(tok_seq + i)
-    q0 = tl.load(cu_q + n).to(tl.int64)
-    Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
-    k0 = tl.load(cu_k + n).to(tl.int64)
-    Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+    q0, Lq, k0, Lk = _sel.seq_bounds(cu_q, cu_k, n)
     t = Lk - Lq + (i - q0)
     h = tl.arange(0, ROWS)
     hm = h < G
@@ -160,10 +162,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, tok_seq, cu_q, cu_k,
         b = tl.load(ib + s).to(tl.int64)
         kpos = b * BS + nn
         kmask = (nn < BS) & (kpos < Lk) & (kpos <= t)
-        kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
-                     mask=kmask[:, None] & (d < D)[None, :], other=0.0)
-        vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
-                     mask=kmask[:, None] & (dv < DV)[None, :], other=0.0)
+        kk, vv = block_kv(K, V, k0, kpos, kmask, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
         sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
         p = tl.where(kmask[None, :], tl.exp2(sc - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
@@ -192,10 +191,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, DELTA, TOK, BUCKET_OFF, CHUNK_BU
         gb = bucket % NBT
         n = tl.load(BLK_SEQ + gb)
         b = (gb - tl.load(BLK_OFF + n)).to(tl.int64)
-        q0 = tl.load(cu_q + n).to(tl.int64)
-        Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
-        k0 = tl.load(cu_k + n).to(tl.int64)
-        Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+        q0, Lq, k0, Lk = _sel.seq_bounds(cu_q, cu_k, n)
         e0 = tl.load(BUCKET_OFF + bucket) + tl.load(CHUNK_START + pid)
         e1 = tl.minimum(e0 + CHUNK, tl.load(BUCKET_OFF + bucket + 1))
         nn = tl.arange(0, BLOCK_N)

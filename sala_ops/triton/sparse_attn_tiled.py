@@ -44,6 +44,36 @@ _INV = 1 << 62
 
 
 @triton.jit
+def tile_rows(m0, Lq, Lk, g, G, TQ: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr):
+    """The M = ROWS rows of a tile program (TQ tokens from m0 x GP padded heads of KV group g):
+    rm (token of the row in the tile), rtok (its query index in the sequence), rok (a real row),
+    t_row (its key position, bottom-right aligned), head (its query head)."""
+    r = tl.arange(0, ROWS)
+    rm = r // GP
+    rh = r % GP
+    rtok = m0 + rm
+    rok = (rm < TQ) & (rtok < Lq) & (rh < G)
+    return rm, rtok, rok, Lk - Lq + rtok, g * G + rh
+
+
+@triton.jit
+def union_block(e, rbit, rok, t_row, nn, K, V, k0, Lk, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS,
+                BLOCK_N: tl.constexpr):
+    """One tile_union entry e = (block << 32) | token bitmask: the block's K and V rows (once for the
+    whole tile), kin (key rows inside the sequence) and rel per row: the last key of the block the
+    row may see (token-level causality, key nn <= t - b*BS, in int32), -1 where the row's token did not
+    choose the block. A row's allowed keys are kin & (nn <= rel)."""
+    b = e >> 32
+    sel = (((e >> rbit) & 1) != 0) & rok  # the row's token selected block b (bits 0..31 of e)
+    kpos = b * BS + nn
+    kin = (nn < BS) & (kpos < Lk)
+    rel = tl.minimum(tl.maximum(t_row - b * BS, -1), BLOCK_N).to(tl.int32)
+    rel = tl.where(sel, rel, -1)
+    kk, vv = _A.block_kv(K, V, k0, kpos, kin, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
+    return kk, vv, kin, rel
+
+
+@triton.jit
 def _fwd_tiled_kernel(Q, K, V, O, LSE, OP, LSEP, UNI, UCNT, tile_seq, tile_start, cu_q, cu_k, nseq,
                       sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sl_t, sop_t, sop_h, slp_t, su_t, su_h,
                       qk_scale, D, DV, G, BS,
@@ -55,17 +85,8 @@ def _fwd_tiled_kernel(Q, K, V, O, LSE, OP, LSEP, UNI, UCNT, tile_seq, tile_start
     n = tl.load(tile_seq + pid)
     if n < nseq:
         m0 = tl.load(tile_start + pid).to(tl.int64)
-        q0 = tl.load(cu_q + n).to(tl.int64)
-        Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
-        k0 = tl.load(cu_k + n).to(tl.int64)
-        Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
-        r = tl.arange(0, ROWS)
-        rm = r // GP  # token of the row within the tile
-        rh = r % GP  # head of the row within the group
-        rtok = m0 + rm
-        rok = (rm < TQ) & (rtok < Lq) & (rh < G)
-        t_row = Lk - Lq + rtok
-        head = g * G + rh
+        q0, Lq, k0, Lk = _sel.seq_bounds(cu_q, cu_k, n)
+        rm, rtok, rok, t_row, head = tile_rows(m0, Lq, Lk, g, G, TQ, GP, ROWS)
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         q = tl.load(Q + (q0 + rtok)[:, None] * sq_t + head[:, None] * sq_h + d[None, :],
@@ -87,18 +108,8 @@ def _fwd_tiled_kernel(Q, K, V, O, LSE, OP, LSEP, UNI, UCNT, tile_seq, tile_start
         nn = tl.arange(0, BLOCK_N)
         rbit = rm.to(tl.int64)
         for s in range(0, cnt):
-            e = tl.load(ub + s)
-            b = e >> 32
-            sel = (((e >> rbit) & 1) != 0) & rok  # the row's token selected block b (bits 0..31 of e)
-            kpos = b * BS + nn
-            kin = (nn < BS) & (kpos < Lk)
-            # token-level causality relative to the block start, in int32: key nn <= t - b*BS
-            rel = tl.minimum(tl.maximum(t_row - b * BS, -1), BLOCK_N).to(tl.int32)
-            rel = tl.where(sel, rel, -1)
-            kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
-                         mask=kin[:, None] & (d < D)[None, :], other=0.0)
-            vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
-                         mask=kin[:, None] & (dv < DV)[None, :], other=0.0)
+            kk, vv, kin, rel = union_block(tl.load(ub + s), rbit, rok, t_row, nn, K, V, k0, Lk, g,
+                                           sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS, BLOCK_N)
             sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
             allowed = kin[None, :] & (nn[None, :] <= rel[:, None])
             sc = tl.where(allowed, sc, float("-inf"))
@@ -245,17 +256,8 @@ def _bwd_dq_tiled_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, UNI, UCNT, tile_seq, 
     n = tl.load(tile_seq + pid)
     if n < nseq:
         m0 = tl.load(tile_start + pid).to(tl.int64)
-        q0 = tl.load(cu_q + n).to(tl.int64)
-        Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
-        k0 = tl.load(cu_k + n).to(tl.int64)
-        Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
-        r = tl.arange(0, ROWS)
-        rm = r // GP  # token of the row within the tile
-        rh = r % GP  # head of the row within the group
-        rtok = m0 + rm
-        rok = (rm < TQ) & (rtok < Lq) & (rh < G)
-        t_row = Lk - Lq + rtok
-        head = g * G + rh
+        q0, Lq, k0, Lk = _sel.seq_bounds(cu_q, cu_k, n)
+        rm, rtok, rok, t_row, head = tile_rows(m0, Lq, Lk, g, G, TQ, GP, ROWS)
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         q = tl.load(Q + (q0 + rtok)[:, None] * sq_t + head[:, None] * sq_h + d[None, :],
@@ -270,18 +272,8 @@ def _bwd_dq_tiled_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, UNI, UCNT, tile_seq, 
         nn = tl.arange(0, BLOCK_N)
         rbit = rm.to(tl.int64)
         for s in range(0, cnt):
-            e = tl.load(ub + s)
-            b = e >> 32
-            sel = (((e >> rbit) & 1) != 0) & rok  # the row's token selected block b (bits 0..31 of e)
-            kpos = b * BS + nn
-            kin = (nn < BS) & (kpos < Lk)
-            # token-level causality relative to the block start, in int32: key nn <= t - b*BS
-            rel = tl.minimum(tl.maximum(t_row - b * BS, -1), BLOCK_N).to(tl.int32)
-            rel = tl.where(sel, rel, -1)
-            kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
-                         mask=kin[:, None] & (d < D)[None, :], other=0.0)
-            vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
-                         mask=kin[:, None] & (dv < DV)[None, :], other=0.0)
+            kk, vv, kin, rel = union_block(tl.load(ub + s), rbit, rok, t_row, nn, K, V, k0, Lk, g,
+                                           sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS, BLOCK_N)
             sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
             allowed = kin[None, :] & (nn[None, :] <= rel[:, None])
             p = tl.where(allowed, tl.exp2(sc - lse[:, None]), 0.0)

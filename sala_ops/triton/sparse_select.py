@@ -78,6 +78,17 @@ def compressed_count(lens: torch.Tensor, kernel_size: int, kernel_stride: int) -
 
 
 @triton.jit
+def seq_bounds(cu_q, cu_k, n):
+    """(q0, Lq, k0, Lk) of packed sequence n: its first query / key row and its query / key lengths (int64).
+    Queries are bottom-right aligned: query i of the sequence sits at key position Lk - Lq + i."""
+    q0 = tl.load(cu_q + n).to(tl.int64)
+    Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
+    k0 = tl.load(cu_k + n).to(tl.int64)
+    Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+    return q0, Lq, k0, Lk
+
+
+@triton.jit
 def c2_lse(q, C2, c20, n2v, sc2_t, sc2_h, g, d, dm, t_row, qk_scale,
            ROWS: tl.constexpr, BN2: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, PREC: tl.constexpr):
     """Stage-1 LSE of each row (a query token x head) over the C2 keys 0 .. n2v-1 of its sequence that it
@@ -167,10 +178,7 @@ def _select_kernel(Q, C1, C2, OUT, tile_seq, tile_start, cu_q, cu_k, c1_off, c2_
     n = tl.load(tile_seq + pid)
     if n < nseq:
         m0 = tl.load(tile_start + pid).to(tl.int64)
-        q0 = tl.load(cu_q + n).to(tl.int64)
-        Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
-        k0 = tl.load(cu_k + n).to(tl.int64)
-        Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+        q0, Lq, k0, Lk = seq_bounds(cu_q, cu_k, n)
         # per token of the tile
         tm = m0 + tl.arange(0, M)
         tok_ok = tm < Lq

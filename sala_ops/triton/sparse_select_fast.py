@@ -98,10 +98,7 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
         n = tl.load(tile_seq + tile)
         if n < nseq:
             m0 = tl.load(tile_start + tile).to(tl.int64)
-            q0 = tl.load(cu_q + n).to(tl.int64)
-            Lq = tl.load(cu_q + n + 1).to(tl.int64) - q0
-            k0 = tl.load(cu_k + n).to(tl.int64)
-            Lk = tl.load(cu_k + n + 1).to(tl.int64) - k0
+            q0, Lq, k0, Lk = S.seq_bounds(cu_q, cu_k, n)
             t_last = Lk - Lq + tl.minimum(m0 + TQ, Lq) - 1
             qb_last = t_last // BS
             # blocks >= qb_last - WB are forced or future for every token of the tile; a tile whose
