@@ -65,6 +65,17 @@ def _cache_arg(kwargs):
     return cache if cache is not None else pkv
 
 
+def _cache_or_packing(kwargs, B, layer_idx, kind, op):
+    """(this layer's SalaCache entry or None, cu_seqlens or None) from a mixer's keyword arguments:
+    a cache and packed sequences exclude each other."""
+    cache = _cache_arg(kwargs)
+    cu = _cu_seqlens_arg(kwargs, B, op)
+    layer_cache = _sala_cache_layer(cache, layer_idx, kind, op)
+    if cu is not None and layer_cache is not None:
+        raise ValueError(f"sala_ops.{op}: packed sequences (cu_seqlens) cannot be combined with a cache")
+    return layer_cache, cu
+
+
 def _sala_cache_layer(cache, layer_idx, kind, op):
     """The per-layer entry of a SalaCache, or a clear error for any other cache class."""
     if cache is None:
@@ -139,13 +150,9 @@ class SparseMixer(nn.Module):
         """hidden_states u [B, T, hidden] -> (out [B, T, hidden], None). `attention_mask` is ignored:
         the converted model refuses padded masks before any layer runs (causality is built in)."""
         op = "SparseMixer"
-        cache = _cache_arg(kwargs)
         u = hidden_states
         B, T, _ = u.shape
-        cu = _cu_seqlens_arg(kwargs, B, op)
-        layer_cache = _sala_cache_layer(cache, self.layer_idx, self.mixer_type, op)
-        if cu is not None and layer_cache is not None:
-            raise ValueError(f"sala_ops.{op}: packed sequences (cu_seqlens) cannot be combined with a cache")
+        layer_cache, cu = _cache_or_packing(kwargs, B, self.layer_idx, self.mixer_type, op)
         q, k, v = self.qkv(u)
         if layer_cache is not None:
             # prefill: sparse_attention over every cached key (q bottom-right aligned); decode: sparse_decode
@@ -215,13 +222,9 @@ class LightningMixer(nn.Module):
         ([B, T] or [1, T]) when given, else counted on from the cache (or from 0 / per sequence with
         cu_seqlens)."""
         op = "LightningMixer"
-        cache = _cache_arg(kwargs)
         u = hidden_states
         B, T, _ = u.shape
-        cu = _cu_seqlens_arg(kwargs, B, op)
-        layer_cache = _sala_cache_layer(cache, self.layer_idx, self.mixer_type, op)
-        if cu is not None and layer_cache is not None:
-            raise ValueError(f"sala_ops.{op}: packed sequences (cu_seqlens) cannot be combined with a cache")
+        layer_cache, cu = _cache_or_packing(kwargs, B, self.layer_idx, self.mixer_type, op)
         if cu is not None:
             positions = None if position_ids is None else _positions(position_ids, B, T, 0, u.device)
         else:
