@@ -41,7 +41,7 @@ SCORE_DOT_IEEE = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "ieee") != "tf32
 PROFILE_SKIP_SELECT = False
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import _attend_split, _lse_partial_kernel
+from .sparse_decode_kernels import _attend_split, _lse_partial_kernel, combined_lse
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
 SB_BLOCKS = None       # overrides (tests: small configs with several sub-tiles and ranges)
@@ -75,16 +75,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
         d = tl.arange(0, BD)
         dm = d < D
         h = g * G + rg
-        # lse per query head from the C2 partials (0 when no C2 key is complete yet)
-        sp = tl.arange(0, S2P)
-        po = (b * (G * HKV) + h)[:, None] * S2 + sp[None, :]
-        pm = gm[:, None] & (sp[None, :] < S2)
-        mp = tl.load(m_in + po, mask=pm, other=float("-inf"))
-        lp = tl.load(l_in + po, mask=pm, other=0.0)
-        M = tl.max(mp, axis=1)
-        Ms = tl.where(M == float("-inf"), 0.0, M)
-        tot = tl.sum(lp * tl.exp(mp - Ms[:, None]), axis=1)
-        lse = tl.where(tot > 0, Ms + tl.log(tl.maximum(tot, 1e-38)), 0.0)
+        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P)
         qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
         base = c1 + b * s_1b + g * s_1h

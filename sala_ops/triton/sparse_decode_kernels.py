@@ -129,6 +129,21 @@ def _lse_partial_kernel(q, c2, lens, m_out, l_out,
 
 
 @triton.jit
+def combined_lse(m_in, l_in, b, h, gm, G, HKV, S2: tl.constexpr, S2P: tl.constexpr):
+    """Stage-1 LSE of query heads h (rows gm valid) of sequence b from the S2 partial (max, sum) pairs
+    that _lse_partial_kernel wrote per (b, head) (natural log; 0 when no C2 key is complete yet)."""
+    sp = tl.arange(0, S2P)
+    po = (b * (G * HKV) + h)[:, None] * S2 + sp[None, :]
+    pm = gm[:, None] & (sp[None, :] < S2)
+    mp = tl.load(m_in + po, mask=pm, other=float("-inf"))
+    lp = tl.load(l_in + po, mask=pm, other=0.0)
+    M = tl.max(mp, axis=1)
+    Ms = tl.where(M == float("-inf"), 0.0, M)
+    tot = tl.sum(lp * tl.exp(mp - Ms[:, None]), axis=1)
+    return tl.where(tot > 0, Ms + tl.log(tl.maximum(tot, 1e-38)), 0.0)
+
+
+@triton.jit
 def _score_chunk_kernel(q, c1, lens, m_in, l_in, pbuf, cand,
                         s_qb, s_qh, s_1b, s_1t, s_1h,
                         scale, D, DENSE_LEN, PW,
@@ -155,16 +170,7 @@ def _score_chunk_kernel(q, c1, lens, m_in, l_in, pbuf, cand,
         d = tl.arange(0, BD)
         dm = d < D
         h = g * G + rg
-        # lse per query head from the C2 partials (0 when no C2 key is complete yet)
-        sp = tl.arange(0, S2P)
-        po = (b * (G * HKV) + h)[:, None] * S2 + sp[None, :]
-        pm = gm[:, None] & (sp[None, :] < S2)
-        mp = tl.load(m_in + po, mask=pm, other=float("-inf"))
-        lp = tl.load(l_in + po, mask=pm, other=0.0)
-        M = tl.max(mp, axis=1)
-        Ms = tl.where(M == float("-inf"), 0.0, M)
-        tot = tl.sum(lp * tl.exp(mp - Ms[:, None]), axis=1)
-        lse = tl.where(tot > 0, Ms + tl.log(tl.maximum(tot, 1e-38)), 0.0)
+        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P)
         qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
         # phase 1: P over the windows that touch the chunk's blocks
