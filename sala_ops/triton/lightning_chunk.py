@@ -88,6 +88,22 @@ def _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN: tl.co
     return a, b
 
 
+@triton.jit
+def _program_chunk(DV, BV: tl.constexpr, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
+                   IS_VARLEN: tl.constexpr):
+    """Decode this program's (V-block i_v, head h, chunk c) from its flat id (V-block fastest) and return
+    them with the chunk's token range [a, b) and the head's decay in log2 units (s2)."""
+    pid = tl.program_id(0)
+    nvb = tl.cdiv(DV, BV)
+    i_v = pid % nvb
+    hc = pid // nvb
+    h = hc % H
+    c = hc // H
+    a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
+    s2 = tl.load(decay_ptr + h).to(tl.float32) * 1.4426950408889634
+    return i_v, h, c, a, b, s2
+
+
 @triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"],
                  prune_configs_by={"early_config_prune": _prune_wide})
 @triton.jit
@@ -98,14 +114,8 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
     # One flat program axis, decoded in the order the old (V-block, head, chunk) grid launched in:
     # CUDA limits grid axes 1 and 2 to 65535 programs, and the chunk count can pass that (varlen:
     # T // L + number of sequences; the interpreter does not enforce the limit).
-    pid = tl.program_id(0)
-    nvb = tl.cdiv(DV, BV)
-    i_v = pid % nvb
-    hc = pid // nvb
-    h = hc % H
-    c = hc // H
-    a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
-    s2 = tl.load(decay_ptr + h).to(tl.float32) * 1.4426950408889634
+    i_v, h, c, a, b, s2 = _program_chunk(DV, BV, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
+                                          IS_VARLEN)
     hk = h // GK
     hv = h // GV
     offs_k = tl.arange(0, BK)
@@ -208,14 +218,8 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
     # One flat program axis, decoded in the order the old (V-block, head, chunk) grid launched in:
     # CUDA limits grid axes 1 and 2 to 65535 programs, and the chunk count can pass that (varlen:
     # T // L + number of sequences; the interpreter does not enforce the limit).
-    pid = tl.program_id(0)
-    nvb = tl.cdiv(DV, BV)
-    i_v = pid % nvb
-    hc = pid // nvb
-    h = hc % H
-    c = hc // H
-    a, b = _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN)
-    s2 = tl.load(decay_ptr + h).to(tl.float32) * 1.4426950408889634
+    i_v, h, c, a, b, s2 = _program_chunk(DV, BV, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
+                                          IS_VARLEN)
     hq = h // GQ
     hk = h // GK
     hv = h // GV
