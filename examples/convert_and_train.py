@@ -152,6 +152,21 @@ def batches(data, seq_len, batch_size, vocab, seed, device):
         yield ids.to(device)
 
 
+def stage1_step(teacher, student, align, opt, params, ids, grad_clip):
+    """One stage-1 step on a batch of token ids: teacher and student forward (the alignment hooks
+    record both), the alignment loss, its backward (optionally clipped) and the optimizer step."""
+    with torch.no_grad():
+        teacher(input_ids=ids, use_cache=False)
+    student(input_ids=ids, use_cache=False)
+    loss = align.loss()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return loss
+
+
 def stage1_train(teacher, student, data_iter, steps, lr=1e-3, log_every=1, log=print, train_sparse=True,
                  grad_clip=1.0):
     """Stage-1 training loop; returns the per-step alignment losses."""
@@ -163,16 +178,7 @@ def stage1_train(teacher, student, data_iter, steps, lr=1e-3, log_every=1, log=p
     losses = []
     try:
         for step in range(steps):
-            ids = next(data_iter)
-            with torch.no_grad():
-                teacher(input_ids=ids, use_cache=False)
-            student(input_ids=ids, use_cache=False)
-            loss = align.loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
+            loss = stage1_step(teacher, student, align, opt, params, next(data_iter), grad_clip)
             losses.append(loss.item())
             if log and (step % log_every == 0 or step == steps - 1):
                 log(f"step {step:5d}  alignment loss {losses[-1]:.5f}")
@@ -264,15 +270,7 @@ def run_fsdp(args):
     student.train()
     t0 = time.time()
     for step in range(args.steps):
-        ids = next(data)
-        with torch.no_grad():
-            teacher(input_ids=ids, use_cache=False)
-        student(input_ids=ids, use_cache=False)
-        loss = align.loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = stage1_step(teacher, student, align, opt, params, next(data), grad_clip=1.0)
         sched.step()
         if step % args.log_every == 0 or step == args.steps - 1:
             l = loss.detach()
