@@ -53,6 +53,30 @@ def block_kv(K, V, k0, kpos, kmask, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV):
 
 
 @triton.jit
+def softmax_step(m_i, l_i, acc, sc, vv, PREC: tl.constexpr):
+    """Online softmax (log2 domain): fold the scores sc [M, N] (-inf = masked) of one key block and its
+    values vv into the running row max m_i, sum l_i and unnormalised output acc. A row with every key
+    masked so far keeps m = -inf, l = 0, acc = 0."""
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(sc - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_finish(m_i, l_i, acc):
+    """(o, lse) from the running state: o = acc / l, lse = m + log2 l; a row that saw no key gets
+    o = 0 and lse = +inf (what the backward and the reference expect)."""
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
+    return o, lse
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sl_t, si_t, si_h,
                 qk_scale, D, DV, G, BS, S,
@@ -83,16 +107,8 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
         kk, vv = block_kv(K, V, k0, kpos, kmask, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
         sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
         sc = tl.where(kmask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
-        m_i = m_new
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, sc, vv, PREC)
+    o, lse = softmax_finish(m_i, l_i, acc)
     tl.store(O + i * so_t + (g * G + h)[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
              mask=hm[:, None] & (dv < DV)[None, :])
     tl.store(LSE + i * sl_t + g * G + h, lse, mask=hm)

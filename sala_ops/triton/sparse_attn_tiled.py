@@ -113,16 +113,8 @@ def _fwd_tiled_kernel(Q, K, V, O, LSE, OP, LSEP, UNI, UCNT, tile_seq, tile_start
             sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
             allowed = kin[None, :] & (nn[None, :] <= rel[:, None])
             sc = tl.where(allowed, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
-            m_i = m_new
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
+            m_i, l_i, acc = _A.softmax_step(m_i, l_i, acc, sc, vv, PREC)
+        o, lse = _A.softmax_finish(m_i, l_i, acc)
         tl.store(O + (q0 + rtok)[:, None] * so_t + head[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
                  mask=rok[:, None] & (dv < DV)[None, :])
         tl.store(LSE + (q0 + rtok) * sl_t + head, lse, mask=rok)
