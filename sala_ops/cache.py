@@ -134,8 +134,8 @@ class SparseCacheLayer:
         (bottom-right aligned over every cached key): prefill for T > 1, the decode kernel for T == 1."""
         T = k.shape[1]
         self._reserve(k, v, config, self.seq_len + T)
-        # the decode kernels have no backward: under autograd a one-token step takes the prefill path
-        # (sparse_attention over the cached keys, differentiable) so that no gradient is dropped silently
+        # the decode kernels have no backward (sparse_decode refuses q that requires grad): under autograd a
+        # one-token step takes the prefill path (sparse_attention over the cached keys, differentiable)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if T == 1 and not needs_grad:
             o = sparse_decode_step(q, k, v, self.cache, scale)  # [B, 1, H, D] in, [B, 1, H, D] out

@@ -413,6 +413,9 @@ def sparse_decode(q, cache: SparseLayerCache, scale=None, return_indices: bool =
     if squeeze:
         q = q[:, 0]
     if choose(op, q) == "triton":
+        if q.requires_grad and torch.is_grad_enabled():  # rather than an output with no gradient path
+            raise ValueError(f"sala_ops.{op}: q requires grad, but the Triton decode kernels have no backward; "
+                             f"run decoding under torch.no_grad(), or call sparse_attention for a differentiable step")
         o, idx = _decode_triton(q, cache, scale)
     else:
         o, idx = _decode_torch(q, cache, scale)

@@ -187,6 +187,20 @@ def test_bad_arguments_name_the_op():
         cache.append(torch.zeros(2, 33, 2, 16), torch.zeros(2, 33, 2, 16))
 
 
+def test_triton_decode_refuses_q_that_requires_grad():
+    """The Triton decode kernels have no backward: a q that requires grad under autograd is an error
+    naming the op (not an output without a gradient path); under no_grad the same call runs."""
+    cache = SparseLayerCache(1, 32, 1, 16, dtype=torch.float32, device=DEV, **dict(SMALL, topk=2, dense_len=16))
+    kv = torch.randn(1, 1, 16, device=DEV)
+    cache.append_token(kv, kv)
+    q = torch.randn(1, 2, 16, device=DEV, requires_grad=True)
+    with use_backend("triton"):
+        with pytest.raises(ValueError, match="sparse_decode.*requires grad"):
+            sparse_decode(q, cache)
+        with torch.no_grad():
+            assert torch.isfinite(sparse_decode(q, cache)).all()
+
+
 # ---------------------------------------------------------------- GPU: the 9B configuration
 def _lowp_attend(q, k, v, allowed, scale, dtype):
     """PyTorch's own attention in `dtype` (for the DESIGN's 2x-low-precision bound): q [H, D], k/v [L, Hkv, D]."""
