@@ -5,7 +5,9 @@
 #   bash bench/gpu.sh bench    # every benchmark against its peer, table last (~8 min)
 #   bash bench/gpu.sh extra    # decode profile, host overhead (normal / cached launch), sparse on locally
 #                              # correlated q/k, tiled dq vs one-token dq, 1M fast selection (~9 min)
-#   bash bench/gpu.sh all      # all three (longer per-call limits only)
+#   bash bench/gpu.sh diag     # sparse decode score-dot precision split (ieee / tf32x3 / tf32), host
+#                              # overhead, the small-shape lightning diag, lightning fp32 vs fla (~9 min)
+#   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
 # call copy FILES_AT/triton_cache.part* into .triton_cache/ for the next one. Logs in $OUT/gpu_log.txt,
 # JSON and the plot in $OUT/results.tar.gz. Guards are T_* environment variables (seconds).
@@ -48,6 +50,19 @@ if [ "$what" = extra ] || [ "$what" = all ]; then
     --out "$OUT/dq"
   SALA_SPARSE_SELECT_MAX_BLOCKS=65536 step 150 "1M-token sparse forward, fast selection with the chunked search" \
     python3 -m pytest -q -m gpu tests/test_sparse_triton.py -k one_million -p no:cacheprovider -rfE --durations=3
+fi
+if [ "$what" = diag ]; then
+  step 120 "sparse decode (ieee score dots): graph timings + profile split" python3 bench/bench_sparse_decode.py --quick \
+    --profile --out "$OUT/decode_ieee"
+  SALA_SPARSE_DECODE_SCORE_DOT=tf32x3 step 50 "sparse decode (tf32x3 score dots): graph timings" \
+    python3 bench/bench_sparse_decode.py --quick --out "$OUT/decode_tf32x3"
+  step 35 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda
+  SALA_OPS_FAST_LAUNCH=1 step 35 "decode host overhead, cached launch" python3 bench/bench_host_overhead.py --cuda
+  TRITON_PRINT_AUTOTUNING=1 CUDA_LAUNCH_BLOCKING=1 DIAG_TIMEOUT=70 step 80 "lightning diag bf16 (small shapes)" \
+    python3 bench/diag_lightning.py bf16
+  step 180 "lightning fp32 inputs vs fla" python3 bench/bench_lightning.py --T 32768,131072 \
+    --cases float32:fwd:high,float32:fwd+bwd:high --out "$OUT/lightning_fp32"
+  grep -E "^== |^profile|same_idx|B=1 L=|ok |start|Error|error|ms|us/call" "$log" | head -n 150
 fi
 echo "gpu tests exit code: $tests_rc"
 exit "$tests_rc"

@@ -460,7 +460,7 @@ def _decode_triton(q, cache: SparseLayerCache, scale):
     K._lse_partial_kernel[(B, Hkv, p["S2"])](
         q, cache.c2, cache.lengths, ws["m2"], ws["l2"], q.stride(0), q.stride(1), *cache.c2.stride()[:3],
         scale, D, cfg.dense_len, p["CH2"],
-        G=p["G"], KS2=ks2, ST2=st2, S2=p["S2"], BG=p["BG"], BD=p["BD"], BJ=p["BJ"], IEEE=True, num_warps=4)
+        G=p["G"], KS2=ks2, ST2=st2, S2=p["S2"], BG=p["BG"], BD=p["BD"], BJ=p["BJ"], PREC="ieee", num_warps=4)
     K._score_chunk_kernel[(B, Hkv, p["NCH"])](
         q, cache.c1, cache.lengths, ws["m2"], ws["l2"], ws["pbuf"], ws["cand"], q.stride(0), q.stride(1),
         *cache.c1.stride()[:3], scale, D, cfg.dense_len, p["PW"],

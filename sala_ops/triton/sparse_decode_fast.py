@@ -33,10 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Scores against the fp32 C1 keys in exact fp32 (the reference's tie behaviour) unless
-# SALA_SPARSE_DECODE_SCORE_DOT=tf32 (read at import; a profiling knob: the H200 run 2 profile put 271 us
-# of the 1M step in the score pass and its cause is not known yet).
-SCORE_DOT_IEEE = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "ieee") != "tf32"
+# Precision of the stage-1 products q.C2 (LSE pass) and q.C1 (score pass) against the fp32 compressed keys:
+# "ieee" (fp32 FMA), "tf32x3" (three TF32 tensor-core products: fp32-level error) or "tf32" (profiling
+# only: TF32 rounding reorders near-ties against the fp32 reference). SALA_SPARSE_DECODE_SCORE_DOT, read
+# at import. The H200 run 2 profile put 271 us of the 1M step in the ieee score pass (67 MB: 0.25 TB/s).
+SCORE_DOT = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "ieee")
+if SCORE_DOT not in ("ieee", "tf32x3", "tf32"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SCORE_DOT must be ieee, tf32x3 or tf32, got {SCORE_DOT!r}")
 # Profiling only: skip the select tail (the step's outputs are then meaningless).
 PROFILE_SKIP_SELECT = False
 
@@ -57,7 +60,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
                          INIT: tl.constexpr, WB: tl.constexpr, S2: tl.constexpr, S2P: tl.constexpr,
                          R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
                          KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr,
-                         BG: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr, SELECT: tl.constexpr = True):
+                         BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr = True):
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     c = tl.program_id(2)
@@ -87,10 +90,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
         j = (b0 - SB) * R + wi
         jm = (j >= b0 * R - E) & (j >= 0) & (j < n1)
         k1 = tl.load(base + j.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            sc = tl.dot(qt, tl.trans(k1), input_precision="ieee") * scale
-        else:
-            sc = tl.dot(qt, tl.trans(k1)) * scale
+        sc = tl.dot(qt, tl.trans(k1), input_precision=PREC) * scale
         pj = tl.where(jm, tl.sum(tl.where(gm[:, None], tl.exp(sc - lse[:, None]), 0.0), axis=0), 0.0)
         carry = tl.max(pj, axis=0)
         nsub = tl.minimum(NSUB, (qb - b0) // SB + 1)
@@ -100,10 +100,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
             jm = j < n1
             k1 = tl.load(base + j.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jm[:, None] & dm[None, :],
                          other=0.0)
-            if IEEE:
-                sc = tl.dot(qt, tl.trans(k1), input_precision="ieee") * scale
-            else:
-                sc = tl.dot(qt, tl.trans(k1)) * scale
+            sc = tl.dot(qt, tl.trans(k1), input_precision=PREC) * scale
             pj = tl.where(jm, tl.sum(tl.where(gm[:, None], tl.exp(sc - lse[:, None]), 0.0), axis=0), 0.0)
             p2 = tl.reshape(pj, [SB, R])
             score = tl.max(p2, axis=1)                                          # windows bR .. bR+R-1
@@ -298,15 +295,14 @@ class _LaunchPlan:
         self.lse_grid = (B, Hkv, p["S2"])
         self.lse_ws = (ws["m2"], ws["l2"])
         self.lse_tail = (cfg.dense_len, p["CH2"])
-        self.lse_cx = dict(G=p["G"], KS2=ks2, ST2=st2, S2=p["S2"], BG=p["BG"], BD=p["BD"], BJ=p["BJ"], IEEE=True,
-                           num_warps=4)
+        self.lse_cx = dict(G=p["G"], KS2=ks2, ST2=st2, S2=p["S2"], BG=p["BG"], BD=p["BD"], BJ=p["BJ"], num_warps=4)
         self.sc_grid = (B, Hkv, p["NCH"])
         self.sc_ws = (ws["m2"], ws["l2"], ws["bscore"], ws["sel"], ws["cnt_sel"])
         self.sc_cx0 = dict(G=p["G"], KS=cfg.kernel_size, ST=cfg.kernel_stride, BS=cfg.block_size,
                            INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size, S2=p["S2"], S2P=p["S2P"],
                            R=p["R"], E=p["E"], SB=p["SB"], NSUB=p["NSUB"], KSEL=cfg.num_selected, KSP=p["KSP"],
                            NBP=p["NBP"], BG=p["BG"], BD=p["BD"])
-        self.sc_cx = {}  # (SCORE_DOT_IEEE, PROFILE_SKIP_SELECT) -> constexprs: module knobs, read per call
+        self.sc_cx = {}  # (SCORE_DOT, PROFILE_SKIP_SELECT) -> constexprs: module knobs, read per call
         self.att_grid = (B, Hkv, p["NSPLIT"])
         self.att_tail = (cfg.dense_len, p["NSLOT"], p["SPB"])
         self.att_cx = {ieee: dict(G=p["G"], BS=cfg.block_size, KSEL=cfg.num_selected, NSPLIT=p["NSPLIT"], SPC=p["SPC"],
@@ -314,10 +310,16 @@ class _LaunchPlan:
                        for ieee in (False, True)}
         self.att_ws = (ws["sel"], ws["o_part"], ws["m_part"], ws["l_part"], ws["cnt_att"])
 
-    def score_constexprs(self, ieee, skip_select, sw):
-        cx = self.sc_cx.get((ieee, skip_select))
+    def score_constexprs(self, prec, skip_select, sw):
+        cx = self.sc_cx.get((prec, skip_select))
         if cx is None:
-            cx = self.sc_cx[(ieee, skip_select)] = dict(self.sc_cx0, IEEE=ieee, SELECT=not skip_select, num_warps=sw)
+            cx = self.sc_cx[(prec, skip_select)] = dict(self.sc_cx0, PREC=prec, SELECT=not skip_select, num_warps=sw)
+        return cx
+
+    def lse_constexprs(self, prec):
+        cx = self.sc_cx.get(("lse", prec))
+        if cx is None:
+            cx = self.sc_cx[("lse", prec)] = dict(self.lse_cx, PREC=prec)
         return cx
 
 
@@ -333,10 +335,10 @@ def decode(q, cache, scale):
     c1, c2, kc, lens = cache.c1, cache.c2, cache.k, cache.lengths
     s2, s1, sk = c2.stride(), c1.stride(), kc.stride()
     _launch(_lse_partial_kernel, lp.lse_grid, (q, c2, lens, *lp.lse_ws),
-            (s_qb, s_qh, s2[0], s2[1], s2[2], scale, D, *lp.lse_tail), lp.lse_cx)
+            (s_qb, s_qh, s2[0], s2[1], s2[2], scale, D, *lp.lse_tail), lp.lse_constexprs(SCORE_DOT))
     _launch(_score_select_kernel, lp.sc_grid, (q, c1, lens, *lp.sc_ws),
             (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, ws["p"]["NBMAX"]),
-            lp.score_constexprs(SCORE_DOT_IEEE, PROFILE_SKIP_SELECT, ws["p"]["SW"]))
+            lp.score_constexprs(SCORE_DOT, PROFILE_SKIP_SELECT, ws["p"]["SW"]))
     _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),
             (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
             lp.att_cx[q.dtype == torch.float32])

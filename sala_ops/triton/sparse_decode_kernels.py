@@ -88,7 +88,7 @@ def _lse_partial_kernel(q, c2, lens, m_out, l_out,
                         s_2b, s_2t, s_2h,            # C2
                         scale, D, DENSE_LEN, CH2,
                         G: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, S2: tl.constexpr,
-                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, IEEE: tl.constexpr):
+                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr):
     """(max, sum exp) of q_h.C2_j * scale over this program's C2 keys, per query head h of group g.
     m_out/l_out [B, H, S2] fp32."""
     b = tl.program_id(0).to(tl.int64)
@@ -114,10 +114,7 @@ def _lse_partial_kernel(q, c2, lens, m_out, l_out,
             j = j0 + jj
             jm = j < end
             c = tl.load(base + j.to(tl.int64)[:, None] * s_2t + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-            if IEEE:
-                sc = tl.dot(qt, tl.trans(c), input_precision="ieee") * scale
-            else:
-                sc = tl.dot(qt, tl.trans(c)) * scale
+            sc = tl.dot(qt, tl.trans(c), input_precision=PREC) * scale
             sc = tl.where(jm[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
