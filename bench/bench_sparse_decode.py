@@ -212,6 +212,45 @@ def profile_case(B, L, variant=None):
                     FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT = saved
 
 
+# (select mode, score-dot precision, keys as the MMA's M, score-pass warps) of the fast path, for --modes
+MODES = [("tail", "ieee", False, 4), ("radix", "ieee", False, 4), ("bisect", "ieee", False, 4),
+         ("radix", "tf32x3", False, 4), ("radix", "tf32x3", True, 4), ("radix", "tf32x3", True, 8),
+         ("bisect", "tf32x3", True, 4), ("radix", "tf32x3", False, 8), ("radix", "tf32", True, 4)]
+
+
+def modes_case(B, L, rows):
+    """Every MODES entry on one cache and one q: CUDA-graph ms per step, the selection and output against the
+    first entry (the H200 run 2 default), and the kernel split (torch.profiler, eager)."""
+    from sala_ops.triton import sparse_decode_fast as FAST
+    cache = make_cache(B, L)
+    q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
+    saved = FAST.SELECT_MODE, FAST.SCORE_DOT, FAST.KEYS_M, FAST.SCORE_WARPS
+    base = None
+    try:
+        for mode in MODES:
+            FAST.SELECT_MODE, FAST.SCORE_DOT, FAST.KEYS_M, FAST.SCORE_WARPS = mode
+            name = "/".join(str(x) for x in mode)
+            try:
+                o, idx = (x.clone() for x in sparse_decode(q, cache, return_indices=True))
+                if base is None:
+                    base = (o, idx)
+                ms = bench_graph(lambda: sparse_decode(q, cache))
+                prof = _profiled(lambda: sparse_decode(q, cache), 3)
+                us = {e.key: e.device_time_total / e.count for e in prof.key_averages() if e.count}
+                row = dict(B=B, L=L, mode=name, graph_ms=ms, same_idx=bool(torch.equal(idx, base[1])),
+                           max_diff=(o.float() - base[0].float()).abs().max().item(),
+                           kernels_us={k: round(v, 1) for k, v in us.items() if k.startswith("_")})
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                row = dict(B=B, L=L, mode=name, error=repr(e))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        FAST.SELECT_MODE, FAST.SCORE_DOT, FAST.KEYS_M, FAST.SCORE_WARPS = saved
+    del cache
+    torch.cuda.empty_cache()
+
+
 def fmt_table(rows):
     cols = ["B", "L", "ours_ms", "sdpa_ms", "ratio", "ours_graph_ms", "sdpa_graph_ms", "graph_ratio", "append_ms",
             "append_graph_ms", "ours_TBps"]
@@ -234,6 +273,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also try selection chunk targets at 1M, B=1")
     ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table at 1M, B=1")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--modes", action="store_true",
+                    help="only: the fast path's select / score-dot / layout / warps modes at 1M and 32K, B=1")
     ap.add_argument("--variant", default=None, choices=["fast", "sort"],
                     help="also time this SALA_SPARSE_DECODE variant side by side with the default")
     args = ap.parse_args()
@@ -247,6 +288,14 @@ def main():
                 heads=H, kv_heads=HKV, head_dim=D, dtype=str(DTYPE), config="SparseConfig() (9B)")
     print(info, flush=True)
     rows = []
+    if args.modes:
+        for L in (1024 * 1024, 32 * 1024):
+            modes_case(1, L, rows)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "sparse_decode_modes.json"), "w") as f:
+                json.dump(dict(info=info, rows=rows), f, indent=1)
+        return
 
     def save():
         if args.out:

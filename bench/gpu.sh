@@ -7,6 +7,7 @@
 #                              # correlated q/k, tiled dq vs one-token dq, 1M fast selection (~9 min)
 #   bash bench/gpu.sh diag     # sparse decode score-dot precision split (ieee / tf32x3 / tf32), host
 #                              # overhead, the small-shape lightning diag, lightning fp32 vs fla (~9 min)
+#   bash bench/gpu.sh decode   # sparse decode: modes sweep, gpu tests, the benchmark (~8 min)
 #   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
 # call copy FILES_AT/triton_cache.part* into .triton_cache/ for the next one. Logs in $OUT/gpu_log.txt,
@@ -50,6 +51,14 @@ if [ "$what" = extra ] || [ "$what" = all ]; then
     --out "$OUT/dq"
   SALA_SPARSE_SELECT_MAX_BLOCKS=65536 step 150 "1M-token sparse forward, fast selection with the chunked search" \
     python3 -m pytest -q -m gpu tests/test_sparse_triton.py -k one_million -p no:cacheprovider -rfE --durations=3
+fi
+if [ "$what" = decode ]; then
+  step 200 "sparse decode modes (select / score dot / layout / warps) at 1M and 32K" python3 bench/bench_sparse_decode.py \
+    --modes --out "$OUT/modes"
+  step 150 "gpu tests: sparse_decode" python3 -m pytest -q -m gpu tests/test_sparse_decode.py -p no:cacheprovider -rfE \
+    --durations=5 || tests_rc=$?
+  step 150 bench_sparse_decode python3 bench/bench_sparse_decode.py --variant sort --out "$OUT"
+  grep -E "^== |mode|passed|failed|Error| \| " "$log" | head -n 80
 fi
 if [ "$what" = diag ]; then
   step 120 "sparse decode (ieee score dots): graph timings + profile split" python3 bench/bench_sparse_decode.py --quick \

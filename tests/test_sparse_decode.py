@@ -393,3 +393,28 @@ def test_gpu_fast_variant_9b_and_graph(monkeypatch):
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
     test_gpu_9b_config_decode_crosses_dense_len()
     test_gpu_cuda_graph_replay_equals_eager()
+
+
+@pytest.mark.parametrize("n,spread,n_sel", [(300, "wide", 7), (300, "dups", 50), (4096, "wide", 96), (4096, "dups", 96),
+                                            (1000, "one", 1), (64, "dups", 64)])
+def test_fast_kth_largest_radix_and_bisect(n, spread, n_sel):
+    """The two threshold searches of the fast select (sparse_decode_fast._kth_largest_radix / _bisect) give the
+    exact n_sel-th largest of non-negative fp32 score bits (+inf included), with heavy ties and with values
+    spread over every exponent, as torch.topk does."""
+    from kth_probe import kth_kernel
+    g = torch.Generator().manual_seed(n + n_sel)
+    if spread == "wide":  # every exponent from 2^-60 to 2^60, random mantissas
+        x = torch.exp2(torch.rand(n, generator=g) * 120 - 60)
+    elif spread == "dups":  # few distinct values, several +inf (forced blocks)
+        x = torch.randint(0, 5, (n,), generator=g).float() * 0.25
+        x[torch.randperm(n, generator=g)[:3]] = float("inf")
+    else:
+        x = torch.full((n,), 0.5)
+    x[0] = 0.0
+    want = torch.topk(x, n_sel).values[-1]
+    np2 = 1 << (n - 1).bit_length()
+    for radix in (True, False):
+        out = torch.zeros(1, dtype=torch.int32, device=DEV)
+        kth_kernel[(1,)](x.to(DEV), out, n, n_sel, NP=np2, RADIX=radix)
+        got = out.cpu().view(torch.float32)[0]
+        assert got == want, f"radix={radix}: {got} != {want}"

@@ -37,14 +37,28 @@ import triton.language as tl
 # "ieee" (fp32 FMA), "tf32x3" (three TF32 tensor-core products: fp32-level error) or "tf32" (profiling
 # only: TF32 rounding reorders near-ties against the fp32 reference). SALA_SPARSE_DECODE_SCORE_DOT, read
 # at import. The H200 run 2 profile put 271 us of the 1M step in the ieee score pass (67 MB: 0.25 TB/s).
-SCORE_DOT = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "ieee")
+SCORE_DOT = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "tf32x3")
+# SALA_SPARSE_DECODE_KEYS_M=1: the stage-1 products with the keys as the MMA's M dimension (wgmma-sized)
+KEYS_M = os.environ.get("SALA_SPARSE_DECODE_KEYS_M", "1") == "1"
+# warps of the score pass when it does not select (SELECT_MODE radix / bisect)
+SCORE_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SCORE_WARPS", "4"))
 if SCORE_DOT not in ("ieee", "tf32x3", "tf32"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SCORE_DOT must be ieee, tf32x3 or tf32, got {SCORE_DOT!r}")
-# Profiling only: skip the select tail (the step's outputs are then meaningless).
+# Where the top-k runs (SALA_SPARSE_DECODE_SELECT, read at import):
+#   "radix": its own launch, one program per (b, KV head), the n_sel-th largest score found by three
+#            histogram levels (10 / 11 / 10 bits of the fp32 score) instead of 31 bisection steps;
+#   "bisect": its own launch, the 31-step binary search;
+#   "tail":   the last score program of each (b, KV head) selects (binary search, no extra launch): the H200
+#             run 3 profile put 40-80 us of the 1M step in this tail, and it forces the score pass to the
+#             select's 16 warps (one program per SM).
+SELECT_MODE = os.environ.get("SALA_SPARSE_DECODE_SELECT", "radix")
+if SELECT_MODE not in ("radix", "bisect", "tail"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT must be radix, bisect or tail, got {SELECT_MODE!r}")
+# Profiling only: skip the selection (the step's outputs are then meaningless).
 PROFILE_SKIP_SELECT = False
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import _attend_split, _lse_partial_kernel, combined_lse
+from .sparse_decode_kernels import _attend_split, _lse_partial_kernel, combined_lse, key_head_scores
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
 SB_BLOCKS = None       # overrides (tests: small configs with several sub-tiles and ranges)
@@ -60,7 +74,8 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
                          INIT: tl.constexpr, WB: tl.constexpr, S2: tl.constexpr, S2P: tl.constexpr,
                          R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
                          KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr,
-                         BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr = True):
+                         BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr = True,
+                         KEYS_M: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     c = tl.program_id(2)
@@ -90,8 +105,8 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
         j = (b0 - SB) * R + wi
         jm = (j >= b0 * R - E) & (j >= 0) & (j < n1)
         k1 = tl.load(base + j.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-        sc = tl.dot(qt, tl.trans(k1), input_precision=PREC) * scale
-        pj = tl.where(jm, tl.sum(tl.where(gm[:, None], tl.exp(sc - lse[:, None]), 0.0), axis=0), 0.0)
+        sc = key_head_scores(qt, k1, PREC, KEYS_M) * scale  # [SB * R, BG]
+        pj = tl.where(jm, tl.sum(tl.where(gm[None, :], tl.exp(sc - lse[None, :]), 0.0), axis=1), 0.0)
         carry = tl.max(pj, axis=0)
         nsub = tl.minimum(NSUB, (qb - b0) // SB + 1)
         for s in range(0, nsub):
@@ -100,8 +115,8 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
             jm = j < n1
             k1 = tl.load(base + j.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jm[:, None] & dm[None, :],
                          other=0.0)
-            sc = tl.dot(qt, tl.trans(k1), input_precision=PREC) * scale
-            pj = tl.where(jm, tl.sum(tl.where(gm[:, None], tl.exp(sc - lse[:, None]), 0.0), axis=0), 0.0)
+            sc = key_head_scores(qt, k1, PREC, KEYS_M) * scale  # [SB * R, BG]
+            pj = tl.where(jm, tl.sum(tl.where(gm[None, :], tl.exp(sc - lse[None, :]), 0.0), axis=1), 0.0)
             p2 = tl.reshape(pj, [SB, R])
             score = tl.max(p2, axis=1)                                          # windows bR .. bR+R-1
             tail = tl.max(tl.where(rr[None, :] >= R - E, p2, 0.0), axis=1)     # windows (b+1)R-E .. (b+1)R-1
@@ -112,7 +127,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
             bb = bb0 + si
             tl.store(bscore + row * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
     # the last program of (b, g) selects (stores above are released by the acq_rel atomic)
-    if SELECT:  # False only for profiling the score pass alone (PROFILE_SKIP_SELECT)
+    if SELECT:  # SELECT_MODE "tail" (else the selection is its own launch, or skipped for profiling)
         _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP)
 
 
@@ -123,34 +138,87 @@ def _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX,
     done = tl.atomic_add(counter + row, 1)
     if done == NCH - 1:
         tl.atomic_xchg(counter + row, 0)
-        ki = tl.arange(0, KSP)
-        if L >= DENSE_LEN:
-            n_sel = tl.minimum(qb + 1, KSEL)
-            bb = tl.arange(0, NBP)
-            valid = (bb <= qb) & (bb < NBMAX)
-            sc = tl.load(bscore + row * NBMAX + bb, mask=valid, other=0.0, cache_modifier=".cg")
-            forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
-            sc = tl.where(forced, float("inf"), sc)
-            bits = tl.where(valid, sc.to(tl.int32, bitcast=True), -1)
-            # largest S with #(bits >= S) >= n_sel; scores are >= 0 (or +inf), so int order = float order
-            lo = tl.zeros([], dtype=tl.int32)
-            hi = tl.full([], 2139095040, tl.int32)  # +inf
-            for _ in range(31):
-                mid = lo + (hi - lo + 1) // 2
-                cnt = tl.sum(tl.where(bits >= mid, 1, 0), axis=0)
-                ok = cnt >= n_sel
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid - 1)
-            gt = bits > lo
-            n_gt = tl.sum(gt.to(tl.int32), axis=0)
-            eq = bits == lo
-            rank = tl.cumsum(eq.to(tl.int32), axis=0)
-            chosen = gt | (eq & (rank <= n_sel - n_gt))
-            pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-            tl.store(sel + row * KSEL + pos, bb, mask=chosen)
-            tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
+        _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP, False)
+
+
+@triton.jit
+def _select_kernel(bscore, lens, sel, DENSE_LEN, NBMAX, HKV,
+                   BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
+                   NBP: tl.constexpr, RADIX: tl.constexpr):
+    """The top-k of one (b, KV head) row of block scores, as its own launch (SELECT_MODE radix / bisect)."""
+    row = tl.program_id(0).to(tl.int64)
+    L = tl.load(lens + row // HKV)
+    qb = tl.maximum(L - 1, 0) // BS
+    _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP, RADIX)
+
+
+@triton.jit
+def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
+                INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr,
+                RADIX: tl.constexpr):
+    """sel[row] = the n_sel = min(qb + 1, KSEL) best blocks <= qb (forced init / window blocks first, then
+    the highest scores, ties to the lower index), ascending, -1 padded; all -1 below dense_len."""
+    ki = tl.arange(0, KSP)
+    if L >= DENSE_LEN:
+        n_sel = tl.minimum(qb + 1, KSEL)
+        bb = tl.arange(0, NBP)
+        valid = (bb <= qb) & (bb < NBMAX)
+        sc = tl.load(bscore + row * NBMAX + bb, mask=valid, other=0.0, cache_modifier=".cg")
+        forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
+        sc = tl.where(forced, float("inf"), sc)
+        # scores are >= 0 (or +inf), so their int32 bits order as the floats; invalid entries -1
+        bits = tl.where(valid, sc.to(tl.int32, bitcast=True), -1)
+        if RADIX:
+            lo = _kth_largest_radix(bits, valid, n_sel)
         else:
-            tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
+            lo = _kth_largest_bisect(bits, n_sel)
+        gt = bits > lo
+        n_gt = tl.sum(gt.to(tl.int32), axis=0)
+        eq = bits == lo
+        rank = tl.cumsum(eq.to(tl.int32), axis=0)
+        chosen = gt | (eq & (rank <= n_sel - n_gt))
+        pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(sel + row * KSEL + pos, bb, mask=chosen)
+        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
+    else:
+        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
+
+
+@triton.jit
+def _kth_largest_bisect(bits, n_sel):
+    """The largest S with #(bits >= S) >= n_sel (31 halvings of [0, +inf bits])."""
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.full([], 2139095040, tl.int32)  # +inf
+    for _ in range(31):
+        mid = lo + (hi - lo + 1) // 2
+        cnt = tl.sum(tl.where(bits >= mid, 1, 0), axis=0)
+        ok = cnt >= n_sel
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _kth_largest_radix(bits, valid, n_sel):
+    """The n_sel-th largest of the valid (>= 0) bits, exactly: the bin of each of three digit levels (bits
+    31..21, 20..10, 9..0) that holds it, each from a histogram of the entries that matched the levels above."""
+    d1 = bits >> 21
+    b1, above1 = _bin_of_rank(tl.histogram(d1, 1024, mask=valid), n_sel, 1024)
+    m2 = valid & (d1 == b1)
+    d2 = (bits >> 10) & 2047
+    b2, above2 = _bin_of_rank(tl.histogram(d2, 2048, mask=m2), n_sel - above1, 2048)
+    m3 = m2 & (d2 == b2)
+    b3, _ = _bin_of_rank(tl.histogram(bits & 1023, 1024, mask=m3), n_sel - above1 - above2, 1024)
+    return (b1 << 21) | (b2 << 10) | b3
+
+
+@triton.jit
+def _bin_of_rank(h, need, NB: tl.constexpr):
+    """(bin holding the need-th largest entry of histogram h, number of entries in the bins above it)."""
+    suffix = tl.cumsum(h, axis=0, reverse=True)
+    bi = tl.sum((suffix >= need).to(tl.int32), axis=0) - 1
+    above = tl.sum(tl.where(tl.arange(0, NB) > bi, h, 0), axis=0)
+    return bi, above
 
 
 @triton.jit
@@ -176,16 +244,10 @@ def _attend_combine_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part, coun
         done = tl.atomic_add(counter + b * HKV + g, 1)
         if done == NSPLIT - 1:
             tl.atomic_xchg(counter + b * HKV + g, 0)
-            # merge: [BG, SPC, BD] chunks of the split partials of the group's G heads
+            # merge, one pass with a running max: [BG, SPC, BD] chunks of the G heads' split partials
             hb = (b * (G * HKV) + h) * NSPLIT
             sc_ = tl.arange(0, SPC)
             Mx = tl.full([BG], float("-inf"), tl.float32)
-            for s0 in range(0, NSPLIT, SPC):
-                mm = tl.load(m_part + hb[:, None] + s0 + sc_[None, :],
-                             mask=gm[:, None] & (s0 + sc_[None, :] < NSPLIT), other=float("-inf"),
-                             cache_modifier=".cg")
-                Mx = tl.maximum(Mx, tl.max(mm, axis=1))
-            Ms = tl.where(Mx == float("-inf"), 0.0, Mx)
             den = tl.zeros([BG], dtype=tl.float32)
             num = tl.zeros([BG, BD], dtype=tl.float32)
             for s0 in range(0, NSPLIT, SPC):
@@ -193,11 +255,15 @@ def _attend_combine_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part, coun
                 ro = hb[:, None] + s0 + sc_[None, :]
                 mm = tl.load(m_part + ro, mask=smask, other=float("-inf"), cache_modifier=".cg")
                 ll = tl.load(l_part + ro, mask=smask, other=0.0, cache_modifier=".cg")
-                w = tl.exp(mm - Ms[:, None])
-                den += tl.sum(ll * w, axis=1)
                 aa = tl.load(o_part + ro[:, :, None] * D + d[None, None, :],
                              mask=smask[:, :, None] & dm[None, None, :], other=0.0, cache_modifier=".cg")
-                num += tl.sum(aa * w[:, :, None], axis=1)
+                m_new = tl.maximum(Mx, tl.max(mm, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(Mx - m_safe)
+                w = tl.exp(mm - m_safe[:, None])
+                den = den * alpha + tl.sum(ll * w, axis=1)
+                num = num * alpha[:, None] + tl.sum(aa * w[:, :, None], axis=1)
+                Mx = m_new
             out = num / tl.where(den > 0, den, 1.0)[:, None]
             tl.store(o + b * s_ob + h[:, None] * s_oh + d[None, :], out.to(o.dtype.element_ty),
                      mask=gm[:, None] & dm[None, :])
@@ -256,9 +322,11 @@ def workspace(cache, H: int):
     p["NSUB"] = CB // SB
     p["NCH"] = _cdiv(nb, CB)
     p["KSP"] = _pow2(ksel)
-    # sm_90 AOT (triton 3.6): 4 warps up to 4096 blocks (254 regs, no spill); 8 warps spill at both
-    # 32K and 1M; 16 warps at 1M: 124 regs, no spill (the select holds NBP int32 in registers)
+    # SELECT_MODE tail, sm_90 AOT (triton 3.6): 4 warps up to 4096 blocks (254 regs, no spill); 8 warps
+    # spill at both 32K and 1M; 16 warps at 1M: 124 regs, no spill (the select holds NBP int32 in registers)
     p["SW"] = 4 if p["NBP"] <= 4096 else 16
+    # the select's own launch: ~32 scores per thread
+    p["SELW"] = max(4, min(16, p["NBP"] // 1024))
     # attention slots: the selected blocks, or every block of a sequence still below dense_len
     p["NSLOT"] = NSLOT = max(ksel, _cdiv(cfg.dense_len, bs))
     SPB = max(4, _cdiv(NSLOT * rows, 264))
@@ -286,7 +354,7 @@ class _LaunchPlan:
     """The grids, workspace pointers and constexprs of decode()'s three launches for one workspace
     (they depend only on the cache's config and capacity and on H): built once, kept in the workspace."""
     __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx0", "sc_cx",
-                 "att_grid", "att_ws", "att_tail", "att_cx")
+                 "sel_grid", "sel_ws", "sel_tail", "sel_cx", "att_grid", "att_ws", "att_tail", "att_cx")
 
     def __init__(self, cache, ws):
         p, cfg = ws["p"], cache.config
@@ -303,6 +371,12 @@ class _LaunchPlan:
                            R=p["R"], E=p["E"], SB=p["SB"], NSUB=p["NSUB"], KSEL=cfg.num_selected, KSP=p["KSP"],
                            NBP=p["NBP"], BG=p["BG"], BD=p["BD"])
         self.sc_cx = {}  # (SCORE_DOT, PROFILE_SKIP_SELECT) -> constexprs: module knobs, read per call
+        self.sel_grid = (B * Hkv,)
+        self.sel_ws = (ws["bscore"], cache.lengths, ws["sel"])
+        self.sel_tail = (cfg.dense_len, p["NBMAX"], Hkv)
+        self.sel_cx = {radix: dict(BS=cfg.block_size, INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size,
+                                   KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"], RADIX=radix, num_warps=p["SELW"])
+                       for radix in (False, True)}
         self.att_grid = (B, Hkv, p["NSPLIT"])
         self.att_tail = (cfg.dense_len, p["NSLOT"], p["SPB"])
         self.att_cx = {ieee: dict(G=p["G"], BS=cfg.block_size, KSEL=cfg.num_selected, NSPLIT=p["NSPLIT"], SPC=p["SPC"],
@@ -310,16 +384,19 @@ class _LaunchPlan:
                        for ieee in (False, True)}
         self.att_ws = (ws["sel"], ws["o_part"], ws["m_part"], ws["l_part"], ws["cnt_att"])
 
-    def score_constexprs(self, prec, skip_select, sw):
-        cx = self.sc_cx.get((prec, skip_select))
+    def score_constexprs(self, prec, tail, sw):
+        key = (prec, tail, KEYS_M, SCORE_WARPS)
+        cx = self.sc_cx.get(key)
         if cx is None:
-            cx = self.sc_cx[(prec, skip_select)] = dict(self.sc_cx0, PREC=prec, SELECT=not skip_select, num_warps=sw)
+            cx = self.sc_cx[key] = dict(self.sc_cx0, PREC=prec, SELECT=tail, KEYS_M=KEYS_M,
+                                        num_warps=sw if tail else SCORE_WARPS)
         return cx
 
     def lse_constexprs(self, prec):
-        cx = self.sc_cx.get(("lse", prec))
+        key = ("lse", prec, KEYS_M)
+        cx = self.sc_cx.get(key)
         if cx is None:
-            cx = self.sc_cx[("lse", prec)] = dict(self.lse_cx, PREC=prec)
+            cx = self.sc_cx[key] = dict(self.lse_cx, PREC=prec, KEYS_M=KEYS_M)
         return cx
 
 
@@ -336,9 +413,12 @@ def decode(q, cache, scale):
     s2, s1, sk = c2.stride(), c1.stride(), kc.stride()
     _launch(_lse_partial_kernel, lp.lse_grid, (q, c2, lens, *lp.lse_ws),
             (s_qb, s_qh, s2[0], s2[1], s2[2], scale, D, *lp.lse_tail), lp.lse_constexprs(SCORE_DOT))
+    tail = SELECT_MODE == "tail" and not PROFILE_SKIP_SELECT
     _launch(_score_select_kernel, lp.sc_grid, (q, c1, lens, *lp.sc_ws),
             (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, ws["p"]["NBMAX"]),
-            lp.score_constexprs(SCORE_DOT, PROFILE_SKIP_SELECT, ws["p"]["SW"]))
+            lp.score_constexprs(SCORE_DOT, tail, ws["p"]["SW"]))
+    if SELECT_MODE != "tail" and not PROFILE_SKIP_SELECT:
+        _launch(_select_kernel, lp.sel_grid, lp.sel_ws, lp.sel_tail, lp.sel_cx[SELECT_MODE == "radix"])
     _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),
             (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
             lp.att_cx[q.dtype == torch.float32])

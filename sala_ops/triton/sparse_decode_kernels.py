@@ -83,12 +83,23 @@ def _append_token_kernel(k_new, v_new, kc, vc, c1, c2, lens, overflow,
 
 
 @triton.jit
+def key_head_scores(qt, k, PREC: tl.constexpr, KEYS_M: tl.constexpr):
+    """k [N, D] . qt [BG, D]^T as [N, BG] (keys x query heads). KEYS_M puts the keys in the MMA's M
+    dimension (N = 64 keys: a Hopper wgmma tile) instead of the BG = 16 heads (mma.sync m16), same values."""
+    if KEYS_M:
+        return tl.dot(k, tl.trans(qt), input_precision=PREC)
+    else:
+        return tl.trans(tl.dot(qt, tl.trans(k), input_precision=PREC))
+
+
+@triton.jit
 def _lse_partial_kernel(q, c2, lens, m_out, l_out,
                         s_qb, s_qh,                  # q [B, H, D]
                         s_2b, s_2t, s_2h,            # C2
                         scale, D, DENSE_LEN, CH2,
                         G: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, S2: tl.constexpr,
-                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr):
+                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr,
+                        KEYS_M: tl.constexpr = False):
     """(max, sum exp) of q_h.C2_j * scale over this program's C2 keys, per query head h of group g.
     m_out/l_out [B, H, S2] fp32."""
     b = tl.program_id(0).to(tl.int64)
@@ -114,11 +125,11 @@ def _lse_partial_kernel(q, c2, lens, m_out, l_out,
             j = j0 + jj
             jm = j < end
             c = tl.load(base + j.to(tl.int64)[:, None] * s_2t + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-            sc = tl.dot(qt, tl.trans(c), input_precision=PREC) * scale
-            sc = tl.where(jm[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            sc = key_head_scores(qt, c, PREC, KEYS_M) * scale          # [BJ, BG]
+            sc = tl.where(jm[:, None], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe[:, None]), axis=1)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe[None, :]), axis=0)
             m_i = m_new
         o = (b * (G * tl.num_programs(1)) + h) * S2 + s
         tl.store(m_out + o, m_i, mask=gm)
@@ -267,33 +278,36 @@ def _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
     n = tl.arange(0, BN)
     kbase = kc + b * s_cb + g * s_ch
     vbase = vc + b * s_cb + g * s_ch
+    # No branch on `live`: a dead slot loads nothing (masked) and leaves m/l/acc unchanged (its scores are
+    # -inf; for L = 0 every row is masked too), so the loop has no data-dependent control flow and the pipeliner can prefetch slot i + 1's
+    # index and K/V rows while slot i computes.
     for i in range(SPB):
         slot = s * SPB + i
         sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1))
         sv = tl.where((slot < KSEL) & (L >= DENSE_LEN), sv, -1)
         blk = tl.where(dense, slot, sv)
         live = (blk >= 0) & (blk <= qb) & (slot < NSLOT) & (L > 0)
-        if live:
-            pos = blk.to(tl.int64) * BS + n
-            pm = (n < BS) & (pos < L)
-            k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-            v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-            if IEEE:
-                sc = tl.dot(qt, tl.trans(k), input_precision="ieee") * scale
-            else:
-                sc = tl.dot(qt, tl.trans(k)) * scale
-            sc = tl.where(pm[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        # a dead slot points at block qb + 1, whose rows all lie at or past L: fully masked
+        pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n
+        pm = (n < BS) & (pos < L)
+        k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            sc = tl.dot(qt, tl.trans(k), input_precision="ieee") * scale
+        else:
+            sc = tl.dot(qt, tl.trans(k)) * scale
+        sc = tl.where(pm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
     if NSPLIT == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o + b * s_ob + h[:, None] * s_oh + d[None, :], out.to(o.dtype.element_ty),

@@ -1,0 +1,66 @@
+"""sm_90 AOT compile of the fast sparse-decode kernels (sala_ops/triton/sparse_decode_fast.py) at the 9B
+configuration (bf16 q / K / V, fp32 compressed keys, D = 128, G = 16): registers, spills, shared memory of
+the score pass (per score-dot precision), the select launch (radix / bisect, 32K and 1M) and the attention
++ merge, as a launch would specialise them. No GPU needed; also shows that triton 3.6 compiles them.
+
+    python bench/aot_decode_fast.py --triton /tmp/t36
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--triton", default=None, help="directory prepended to sys.path before importing triton")
+    a = ap.parse_args()
+    if a.triton:
+        sys.path.insert(0, a.triton)
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from sala_ops.triton import sparse_decode_fast as F
+    from aot_common import cubin_tool, signature, stats
+    tool = cubin_tool(triton)
+    print(f"triton {triton.__version__}, sm_90 (regs/thread, spill bytes, shared bytes)")
+
+    def comp(name, K, ptrs, ints, floats, const, nw, ns=3):
+        sig, c0, attrs = signature(K, ptrs, ints, floats)
+        c0.update(const)
+        try:
+            k = triton.compile(ASTSource(K, sig, c0, attrs), target=GPUTarget("cuda", 90, 64),
+                               options=dict(num_warps=nw, num_stages=ns))
+            print(f"{name:<52} warps {nw:>2}: {stats(k, tool)}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name:<52} warps {nw:>2}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+    cfg = dict(KS=32, ST=16, BS=64, INIT=1, WB=32, R=4, E=1, KSEL=96, KSP=128, BG=16, BD=128, G=16)
+    for nbp, nsub, s2 in ((512, 1, 32), (16384, 4, 128)):
+        [comp(f"score NBP {nbp} {prec} keys_m={km}", F._score_select_kernel,
+                 dict(q="*bf16", c1="*fp32", lens="*i32", m_in="*fp32", l_in="*fp32", bscore="*fp32", sel="*i32",
+                      counter="*i32"),
+                 dict(s_qb=4096, s_qh=128, s_1b=256 * 4096, s_1t=256, s_1h=128, D=128, DENSE_LEN=8192, NBMAX=nbp),
+                 ("scale",), dict(cfg, S2=s2, S2P=s2, SB=16, NSUB=nsub, NBP=nbp, PREC=prec, SELECT=False,
+                           KEYS_M=km), nw)
+            for nw in (4, 8) for prec in ("ieee", "tf32x3") for km in (False, True)]
+        for radix in (True, False):
+            for nw in sorted({max(4, min(16, nbp // 1024)), 8, 32 if nbp > 4096 else 8}):
+                comp(f"select NBP {nbp} radix={radix}", F._select_kernel,
+                     dict(bscore="*fp32", lens="*i32", sel="*i32"), dict(DENSE_LEN=8192, NBMAX=nbp, HKV=2), (),
+                     dict(BS=64, INIT=1, WB=32, KSEL=96, KSP=128, NBP=nbp, RADIX=radix), nw)
+    for spc in (2, 4):
+        comp(f"attend_combine SPC {spc}", F._attend_combine_kernel,
+             dict(q="*bf16", kc="*bf16", vc="*bf16", lens="*i32", sel="*i32", o="*bf16", o_part="*fp32",
+                  m_part="*fp32", l_part="*fp32", counter="*i32"),
+             dict(s_qb=4096, s_qh=128, s_cb=256 * 65536, s_ct=256, s_ch=128, s_ob=4096, s_oh=128, D=128,
+                  DENSE_LEN=8192, NSLOT=128, SPB=4),
+             ("scale",), dict(G=16, BS=64, KSEL=96, NSPLIT=32, SPC=spc, BG=16, BD=128, BN=64, IEEE=False), 8)
+
+
+if __name__ == "__main__":
+    main()
