@@ -212,10 +212,13 @@ def profile_case(B, L, variant=None):
                     FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT = saved
 
 
-# (select mode, score-dot precision, keys as the MMA's M, score-pass warps) of the fast path, for --modes
-MODES = [("tail", "ieee", False, 4), ("radix", "ieee", False, 4), ("bisect", "ieee", False, 4),
-         ("radix", "tf32x3", False, 4), ("radix", "tf32x3", True, 4), ("radix", "tf32x3", True, 8),
-         ("bisect", "tf32x3", True, 4), ("radix", "tf32x3", False, 8), ("radix", "tf32", True, 4)]
+# (select mode, score-dot precision, keys as the MMA's M, score-pass warps, select thresholds per step,
+# select warps (0: by size)) of the fast path, for --modes
+MODES = [("tail", "ieee", False, 4, 1, 0), ("bisect", "tf32x3", True, 4, 1, 0), ("bisect", "tf32x3", True, 4, 4, 0),
+         ("bisect", "tf32x3", True, 4, 8, 0), ("bisect", "tf32x3", True, 4, 16, 0), ("bisect", "tf32x3", True, 4, 8, 32),
+         ("bisect", "tf32x3", True, 4, 4, 32), ("bisect", "tf32x3", True, 4, 1, 32), ("bisect", "ieee", True, 4, 8, 0),
+         ("bisect", "tf32x3", False, 4, 8, 0)]
+KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS")
 
 
 def modes_case(B, L, rows):
@@ -224,11 +227,12 @@ def modes_case(B, L, rows):
     from sala_ops.triton import sparse_decode_fast as FAST
     cache = make_cache(B, L)
     q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
-    saved = FAST.SELECT_MODE, FAST.SCORE_DOT, FAST.KEYS_M, FAST.SCORE_WARPS
+    saved = [getattr(FAST, k) for k in KNOBS]
     base = None
     try:
         for mode in MODES:
-            FAST.SELECT_MODE, FAST.SCORE_DOT, FAST.KEYS_M, FAST.SCORE_WARPS = mode
+            for k, v in zip(KNOBS, mode):
+                setattr(FAST, k, v)
             name = "/".join(str(x) for x in mode)
             try:
                 o, idx = (x.clone() for x in sparse_decode(q, cache, return_indices=True))
@@ -246,7 +250,8 @@ def modes_case(B, L, rows):
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
-        FAST.SELECT_MODE, FAST.SCORE_DOT, FAST.KEYS_M, FAST.SCORE_WARPS = saved
+        for k, v in zip(KNOBS, saved):
+            setattr(FAST, k, v)
     del cache
     torch.cuda.empty_cache()
 

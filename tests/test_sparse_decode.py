@@ -322,9 +322,10 @@ def test_triton_fp16_within_twice_torch_error():
 
 
 # ---------------------------------------------------------------- fast variant (SALA_SPARSE_DECODE=fast)
-def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None):
+def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2):
     from sala_ops.triton import sparse_decode_fast as FAST
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+    monkeypatch.setattr(FAST, "MERGE_CHUNK", merge)
     monkeypatch.setattr(FAST, "SB_BLOCKS", sb)
     monkeypatch.setattr(FAST, "CB_BLOCKS", cb)
     monkeypatch.setattr(FAST, "SPB_BLOCKS", spb)
@@ -337,7 +338,7 @@ def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None):
     (3, (4, 2), [40, 55], 30, 16, None, {}, dict(NCH=1)),
     # G = 4, odd head dim, 2 sub-tiles per range (carry), 2 ranges (boundary dot), 2+ LSE splits,
     # 6 attention splits merged in 3 chunks by the last split program
-    (4, (8, 2), [150], 12, 24, (16, 8), dict(sb=4, cb=8, spb=1, programs=4096), dict(NCH=2, NSUB=2, NSPLIT=6)),
+    (4, (8, 2), [150], 12, 24, (16, 8), dict(sb=4, cb=8, spb=1, programs=4096), dict(NCH=2, NSUB=2, NSPLIT=6, SPC=2)),
     # G = 1, 3 ranges of one sub-tile each, batch with different lengths (one still dense at first)
     (2, (2, 2), [150, 60], 14, 32, (16, 8), dict(sb=4, cb=4, programs=4096), dict(NCH=3, NSUB=1)),
 ])
@@ -413,8 +414,9 @@ def test_fast_kth_largest_radix_and_bisect(n, spread, n_sel):
     x[0] = 0.0
     want = torch.topk(x, n_sel).values[-1]
     np2 = 1 << (n - 1).bit_length()
-    for radix in (True, False):
+    from sala_ops.triton.sparse_decode_fast import search_steps
+    for radix, k in ((True, 1), (False, 1), (False, 4), (False, 8), (False, 16)):
         out = torch.zeros(1, dtype=torch.int32, device=DEV)
-        kth_kernel[(1,)](x.to(DEV), out, n, n_sel, NP=np2, RADIX=radix)
+        kth_kernel[(1,)](x.to(DEV), out, n, n_sel, NP=np2, RADIX=radix, K=k, NIT=search_steps(k))
         got = out.cpu().view(torch.float32)[0]
-        assert got == want, f"radix={radix}: {got} != {want}"
+        assert got == want, f"radix={radix} K={k}: {got} != {want}"

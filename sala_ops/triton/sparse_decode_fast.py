@@ -45,15 +45,29 @@ SCORE_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SCORE_WARPS", "4"))
 if SCORE_DOT not in ("ieee", "tf32x3", "tf32"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SCORE_DOT must be ieee, tf32x3 or tf32, got {SCORE_DOT!r}")
 # Where the top-k runs (SALA_SPARSE_DECODE_SELECT, read at import):
-#   "radix": its own launch, one program per (b, KV head), the n_sel-th largest score found by three
-#            histogram levels (10 / 11 / 10 bits of the fp32 score) instead of 31 bisection steps;
-#   "bisect": its own launch, the 31-step binary search;
+#   "bisect": its own launch, one program per (b, KV head), a 9-ary search for the n_sel-th largest score
+#             (the H200 run 3 default);
+#   "radix":  its own launch, three histogram levels (10 / 11 / 10 bits of the fp32 score): measured 6x
+#             slower than bisect on the H200 (tl.histogram), kept for the record;
 #   "tail":   the last score program of each (b, KV head) selects (binary search, no extra launch): the H200
 #             run 3 profile put 40-80 us of the 1M step in this tail, and it forces the score pass to the
 #             select's 16 warps (one program per SM).
-SELECT_MODE = os.environ.get("SALA_SPARSE_DECODE_SELECT", "radix")
+SELECT_MODE = os.environ.get("SALA_SPARSE_DECODE_SELECT", "bisect")
 if SELECT_MODE not in ("radix", "bisect", "tail"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT must be radix, bisect or tail, got {SELECT_MODE!r}")
+# thresholds per step of the bisect search (1 = plain binary search) and the select launch's warps (0: by size)
+SELECT_K = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_K", "8"))
+SELECT_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_WARPS", "0"))
+
+
+def search_steps(k: int) -> int:
+    """Steps of the (k + 1)-ary search until [0, +inf bits] (2139095041 values) is down to one value."""
+    w, n = 2139095041, 0
+    while w > 1:
+        w, n = -(-w // (k + 1)), n + 1
+    return n
+
+
 # Profiling only: skip the selection (the step's outputs are then meaningless).
 PROFILE_SKIP_SELECT = False
 
@@ -64,6 +78,7 @@ TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
 SB_BLOCKS = None       # overrides (tests: small configs with several sub-tiles and ranges)
 CB_BLOCKS = None
 SPB_BLOCKS = None
+MERGE_CHUNK = 8        # split partials merged per step by the last attention program (tests: 2)
 
 
 @triton.jit
@@ -144,18 +159,18 @@ def _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX,
 @triton.jit
 def _select_kernel(bscore, lens, sel, DENSE_LEN, NBMAX, HKV,
                    BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
-                   NBP: tl.constexpr, RADIX: tl.constexpr):
+                   NBP: tl.constexpr, RADIX: tl.constexpr, K: tl.constexpr = 8, NIT: tl.constexpr = 10):
     """The top-k of one (b, KV head) row of block scores, as its own launch (SELECT_MODE radix / bisect)."""
     row = tl.program_id(0).to(tl.int64)
     L = tl.load(lens + row // HKV)
     qb = tl.maximum(L - 1, 0) // BS
-    _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP, RADIX)
+    _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP, RADIX, K, NIT)
 
 
 @triton.jit
 def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
                 INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr,
-                RADIX: tl.constexpr):
+                RADIX: tl.constexpr, K: tl.constexpr = 1, NIT: tl.constexpr = 31):
     """sel[row] = the n_sel = min(qb + 1, KSEL) best blocks <= qb (forced init / window blocks first, then
     the highest scores, ties to the lower index), ascending, -1 padded; all -1 below dense_len."""
     ki = tl.arange(0, KSP)
@@ -171,13 +186,15 @@ def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
         if RADIX:
             lo = _kth_largest_radix(bits, valid, n_sel)
         else:
-            lo = _kth_largest_bisect(bits, n_sel)
+            lo = _kth_largest_bisect(bits, n_sel, K, NIT)
         gt = bits > lo
-        n_gt = tl.sum(gt.to(tl.int32), axis=0)
         eq = bits == lo
-        rank = tl.cumsum(eq.to(tl.int32), axis=0)
-        chosen = gt | (eq & (rank <= n_sel - n_gt))
-        pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        need = n_sel - tl.sum(gt.to(tl.int32), axis=0)  # ties at the threshold taken, lowest index first
+        # one scan for both running counts (each < 2^16): ties so far (low half), blocks above so far (high)
+        run = tl.cumsum(eq.to(tl.int32) + (gt.to(tl.int32) << 16), axis=0)
+        n_eq = run & 65535
+        chosen = gt | (eq & (n_eq <= need))
+        pos = (run >> 16) + tl.minimum(n_eq, need) - 1                  # chosen blocks before this one
         tl.store(sel + row * KSEL + pos, bb, mask=chosen)
         tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
     else:
@@ -185,17 +202,21 @@ def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
 
 
 @triton.jit
-def _kth_largest_bisect(bits, n_sel):
-    """The largest S with #(bits >= S) >= n_sel (31 halvings of [0, +inf bits])."""
-    lo = tl.zeros([], dtype=tl.int32)
-    hi = tl.full([], 2139095040, tl.int32)  # +inf
-    for _ in range(31):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.sum(tl.where(bits >= mid, 1, 0), axis=0)
-        ok = cnt >= n_sel
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    return lo
+def _kth_largest_bisect(bits, n_sel, K: tl.constexpr = 8, NIT: tl.constexpr = 10):
+    """The largest S with #(bits >= S) >= n_sel, bits >= 0 where valid (else -1): a (K + 1)-ary search of
+    [0, +inf bits], K thresholds counted in one [N, K] reduction per step (each block-wide reduction costs
+    ~1 us of barriers on the H200 whatever its width: 10 steps of 8 instead of 31 halvings). A step takes
+    the interval from w values to at most ceil(w / (K + 1)); NIT = search_steps(K) brings it to one."""
+    lo = tl.zeros([], dtype=tl.int64)
+    hi = tl.full([], 2139095040, tl.int64)  # +inf
+    ii = tl.arange(0, K).to(tl.int64) + 1
+    for _ in range(NIT):
+        t = lo + (ii * (hi - lo + 1)) // (K + 1)                   # [K] ascending, in [lo, hi]
+        cnt = tl.sum(tl.where(bits[:, None] >= t.to(tl.int32)[None, :], 1, 0), axis=0)
+        ok = cnt >= n_sel                                           # true for a prefix of t
+        lo = tl.maximum(lo, tl.max(tl.where(ok, t, lo), axis=0))
+        hi = tl.minimum(hi, tl.min(tl.where(ok, hi, t - 1), axis=0))
+    return lo.to(tl.int32)
 
 
 @triton.jit
@@ -332,7 +353,8 @@ def workspace(cache, H: int):
     SPB = max(4, _cdiv(NSLOT * rows, 264))
     p["SPB"] = SPB = min(SPB_BLOCKS or SPB, NSLOT)
     p["NSPLIT"] = _cdiv(NSLOT, SPB)
-    p["SPC"] = 2  # sm_90 AOT: 8 warps, SPC 2 -> 228 regs, no spill (4 warps: 255 + 72 B stack)
+    # merge chunk: fewer dependent merge steps (8: 104 regs, no spill at 8 warps, bench/aot_decode_fast.py)
+    p["SPC"] = min(MERGE_CHUNK, _pow2(p["NSPLIT"]))
     p["BN"] = max(16, _pow2(bs))
     assert p["NCH"] <= 65535 and p["S2"] <= 65535 and p["NSPLIT"] <= 65535 and Hkv <= 65535
     dev, f32 = cache.device, torch.float32
@@ -354,7 +376,7 @@ class _LaunchPlan:
     """The grids, workspace pointers and constexprs of decode()'s three launches for one workspace
     (they depend only on the cache's config and capacity and on H): built once, kept in the workspace."""
     __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx0", "sc_cx",
-                 "sel_grid", "sel_ws", "sel_tail", "sel_cx", "att_grid", "att_ws", "att_tail", "att_cx")
+                 "sel_grid", "sel_ws", "sel_tail", "sel_cx0", "sel_cx", "att_grid", "att_ws", "att_tail", "att_cx")
 
     def __init__(self, cache, ws):
         p, cfg = ws["p"], cache.config
@@ -374,9 +396,9 @@ class _LaunchPlan:
         self.sel_grid = (B * Hkv,)
         self.sel_ws = (ws["bscore"], cache.lengths, ws["sel"])
         self.sel_tail = (cfg.dense_len, p["NBMAX"], Hkv)
-        self.sel_cx = {radix: dict(BS=cfg.block_size, INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size,
-                                   KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"], RADIX=radix, num_warps=p["SELW"])
-                       for radix in (False, True)}
+        self.sel_cx0 = dict(BS=cfg.block_size, INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size,
+                            KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"])
+        self.sel_cx = {}
         self.att_grid = (B, Hkv, p["NSPLIT"])
         self.att_tail = (cfg.dense_len, p["NSLOT"], p["SPB"])
         self.att_cx = {ieee: dict(G=p["G"], BS=cfg.block_size, KSEL=cfg.num_selected, NSPLIT=p["NSPLIT"], SPC=p["SPC"],
@@ -390,6 +412,13 @@ class _LaunchPlan:
         if cx is None:
             cx = self.sc_cx[key] = dict(self.sc_cx0, PREC=prec, SELECT=tail, KEYS_M=KEYS_M,
                                         num_warps=sw if tail else SCORE_WARPS)
+        return cx
+
+    def select_constexprs(self, radix, k, warps):
+        key = (radix, k, warps)
+        cx = self.sel_cx.get(key)
+        if cx is None:
+            cx = self.sel_cx[key] = dict(self.sel_cx0, RADIX=radix, K=k, NIT=search_steps(k), num_warps=warps)
         return cx
 
     def lse_constexprs(self, prec):
@@ -418,7 +447,8 @@ def decode(q, cache, scale):
             (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, ws["p"]["NBMAX"]),
             lp.score_constexprs(SCORE_DOT, tail, ws["p"]["SW"]))
     if SELECT_MODE != "tail" and not PROFILE_SKIP_SELECT:
-        _launch(_select_kernel, lp.sel_grid, lp.sel_ws, lp.sel_tail, lp.sel_cx[SELECT_MODE == "radix"])
+        _launch(_select_kernel, lp.sel_grid, lp.sel_ws, lp.sel_tail,
+                lp.select_constexprs(SELECT_MODE == "radix", SELECT_K, SELECT_WARPS or ws["p"]["SELW"]))
     _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),
             (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
             lp.att_cx[q.dtype == torch.float32])
