@@ -52,7 +52,7 @@ def main():
             for nw in sorted({max(4, min(16, nbp // 1024)), 8, 32 if nbp > 4096 else 8}):
                 comp(f"select NBP {nbp} radix={radix}", F._select_kernel,
                      dict(bscore="*fp32", lens="*i32", sel="*i32"), dict(DENSE_LEN=8192, NBMAX=nbp, HKV=2), (),
-                     dict(BS=64, INIT=1, WB=32, KSEL=96, KSP=128, NBP=nbp, RADIX=radix), nw)
+                     dict(BS=64, INIT=1, WB=32, KSEL=96, KSP=128, NBP=nbp, RADIX=radix, K=4, NIT=14), nw)
     for spc in (2, 4):
         comp(f"attend_combine SPC {spc}", F._attend_combine_kernel,
              dict(q="*bf16", kc="*bf16", vc="*bf16", lens="*i32", sel="*i32", o="*bf16", o_part="*fp32",

@@ -215,9 +215,8 @@ def profile_case(B, L, variant=None):
 # (select mode, score-dot precision, keys as the MMA's M, score-pass warps, select thresholds per step,
 # select warps (0: by size)) of the fast path, for --modes
 MODES = [("tail", "ieee", False, 4, 1, 0), ("bisect", "tf32x3", True, 4, 1, 0), ("bisect", "tf32x3", True, 4, 4, 0),
-         ("bisect", "tf32x3", True, 4, 8, 0), ("bisect", "tf32x3", True, 4, 16, 0), ("bisect", "tf32x3", True, 4, 8, 32),
-         ("bisect", "tf32x3", True, 4, 4, 32), ("bisect", "tf32x3", True, 4, 1, 32), ("bisect", "ieee", True, 4, 8, 0),
-         ("bisect", "tf32x3", False, 4, 8, 0)]
+         ("bisect", "tf32x3", True, 4, 2, 0), ("bisect", "tf32x3", True, 4, 4, 32), ("bisect", "tf32x3", True, 8, 4, 0),
+         ("bisect", "tf32", True, 4, 4, 0)]
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS")
 
 

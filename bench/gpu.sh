@@ -55,7 +55,7 @@ fi
 if [ "$what" = decode ]; then
   step 200 "sparse decode modes (select / score dot / layout / warps) at 1M and 32K" python3 bench/bench_sparse_decode.py \
     --modes --out "$OUT/modes"
-  step 150 "gpu tests: sparse_decode" python3 -m pytest -q -m gpu tests/test_sparse_decode.py -p no:cacheprovider -rfE \
+  step 150 "gpu tests: sparse_decode, layers" python3 -m pytest -q -m gpu tests/test_sparse_decode.py tests/test_layers.py -p no:cacheprovider -rfE \
     --durations=5 || tests_rc=$?
   step 150 bench_sparse_decode python3 bench/bench_sparse_decode.py --variant sort --out "$OUT"
   grep -E "^== |mode|passed|failed|Error| \| " "$log" | head -n 80

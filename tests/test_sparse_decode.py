@@ -415,7 +415,7 @@ def test_fast_kth_largest_radix_and_bisect(n, spread, n_sel):
     want = torch.topk(x, n_sel).values[-1]
     np2 = 1 << (n - 1).bit_length()
     from sala_ops.triton.sparse_decode_fast import search_steps
-    for radix, k in ((True, 1), (False, 1), (False, 4), (False, 8), (False, 16)):
+    for radix, k in ((True, 1), (False, 1), (False, 2), (False, 3), (False, 4)):
         out = torch.zeros(1, dtype=torch.int32, device=DEV)
         kth_kernel[(1,)](x.to(DEV), out, n, n_sel, NP=np2, RADIX=radix, K=k, NIT=search_steps(k))
         got = out.cpu().view(torch.float32)[0]

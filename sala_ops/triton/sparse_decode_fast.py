@@ -56,7 +56,7 @@ SELECT_MODE = os.environ.get("SALA_SPARSE_DECODE_SELECT", "bisect")
 if SELECT_MODE not in ("radix", "bisect", "tail"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT must be radix, bisect or tail, got {SELECT_MODE!r}")
 # thresholds per step of the bisect search (1 = plain binary search) and the select launch's warps (0: by size)
-SELECT_K = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_K", "8"))
+SELECT_K = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_K", "4"))
 SELECT_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_WARPS", "0"))
 
 
@@ -78,7 +78,7 @@ TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
 SB_BLOCKS = None       # overrides (tests: small configs with several sub-tiles and ranges)
 CB_BLOCKS = None
 SPB_BLOCKS = None
-MERGE_CHUNK = 8        # split partials merged per step by the last attention program (tests: 2)
+MERGE_CHUNK = 2        # split partials merged per step by the last attention program (8: 18.5 vs 15 us, H200)
 
 
 @triton.jit
@@ -159,7 +159,7 @@ def _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX,
 @triton.jit
 def _select_kernel(bscore, lens, sel, DENSE_LEN, NBMAX, HKV,
                    BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
-                   NBP: tl.constexpr, RADIX: tl.constexpr, K: tl.constexpr = 8, NIT: tl.constexpr = 10):
+                   NBP: tl.constexpr, RADIX: tl.constexpr, K: tl.constexpr = 4, NIT: tl.constexpr = 14):
     """The top-k of one (b, KV head) row of block scores, as its own launch (SELECT_MODE radix / bisect)."""
     row = tl.program_id(0).to(tl.int64)
     L = tl.load(lens + row // HKV)
@@ -202,20 +202,27 @@ def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
 
 
 @triton.jit
-def _kth_largest_bisect(bits, n_sel, K: tl.constexpr = 8, NIT: tl.constexpr = 10):
+def _kth_largest_bisect(bits, n_sel, K: tl.constexpr = 4, NIT: tl.constexpr = 14):
     """The largest S with #(bits >= S) >= n_sel, bits >= 0 where valid (else -1): a (K + 1)-ary search of
-    [0, +inf bits], K thresholds counted in one [N, K] reduction per step (each block-wide reduction costs
-    ~1 us of barriers on the H200 whatever its width: 10 steps of 8 instead of 31 halvings). A step takes
-    the interval from w values to at most ceil(w / (K + 1)); NIT = search_steps(K) brings it to one."""
+    [0, +inf bits]. Each step counts K thresholds in ONE block-wide reduction (the counts packed in 16-bit
+    fields of an int64: needs fewer than 65536 entries, K <= 4), since on the H200 a reduction costs ~1 us
+    of barriers whatever it carries: 14 steps instead of 31 halvings. A step takes the interval from w
+    values to at most ceil(w / (K + 1)); NIT = search_steps(K) brings it to one."""
     lo = tl.zeros([], dtype=tl.int64)
     hi = tl.full([], 2139095040, tl.int64)  # +inf
-    ii = tl.arange(0, K).to(tl.int64) + 1
     for _ in range(NIT):
-        t = lo + (ii * (hi - lo + 1)) // (K + 1)                   # [K] ascending, in [lo, hi]
-        cnt = tl.sum(tl.where(bits[:, None] >= t.to(tl.int32)[None, :], 1, 0), axis=0)
-        ok = cnt >= n_sel                                           # true for a prefix of t
-        lo = tl.maximum(lo, tl.max(tl.where(ok, t, lo), axis=0))
-        hi = tl.minimum(hi, tl.min(tl.where(ok, hi, t - 1), axis=0))
+        lo0 = lo
+        w = hi - lo + 1
+        packed = tl.zeros(bits.shape, dtype=tl.int64)
+        for k in tl.static_range(1, K + 1):
+            t = (lo0 + (k * w) // (K + 1)).to(tl.int32)
+            packed += (bits >= t).to(tl.int64) << (16 * (k - 1))
+        tot = tl.sum(packed, axis=0)
+        for k in tl.static_range(1, K + 1):
+            t = lo0 + (k * w) // (K + 1)
+            ok = ((tot >> (16 * (k - 1))) & 65535) >= n_sel   # true for a prefix of the thresholds
+            lo = tl.where(ok, tl.maximum(lo, t), lo)
+            hi = tl.where(ok, hi, tl.minimum(hi, t - 1))
     return lo.to(tl.int32)
 
 
@@ -353,7 +360,6 @@ def workspace(cache, H: int):
     SPB = max(4, _cdiv(NSLOT * rows, 264))
     p["SPB"] = SPB = min(SPB_BLOCKS or SPB, NSLOT)
     p["NSPLIT"] = _cdiv(NSLOT, SPB)
-    # merge chunk: fewer dependent merge steps (8: 104 regs, no spill at 8 warps, bench/aot_decode_fast.py)
     p["SPC"] = min(MERGE_CHUNK, _pow2(p["NSPLIT"]))
     p["BN"] = max(16, _pow2(bs))
     assert p["NCH"] <= 65535 and p["S2"] <= 65535 and p["NSPLIT"] <= 65535 and Hkv <= 65535
@@ -418,6 +424,7 @@ class _LaunchPlan:
         key = (radix, k, warps)
         cx = self.sel_cx.get(key)
         if cx is None:
+            k = k if self.sel_cx0["NBP"] < 65536 and 1 <= k <= 4 else 1  # 16-bit count fields
             cx = self.sel_cx[key] = dict(self.sel_cx0, RADIX=radix, K=k, NIT=search_steps(k), num_warps=warps)
         return cx
 
