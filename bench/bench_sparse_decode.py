@@ -10,7 +10,7 @@ is the baseline. Medians of triton.testing.do_bench, eager and CUDA-graph replay
 
     python bench/bench_sparse_decode.py [--quick] [--out DIR] [--sweep] [--profile] [--variant sort]
 
-"ours" is the default path (SALA_SPARSE_DECODE unset: the 3-launch kernel, sparse_decode_fast.py).
+"ours" is the default path (SALA_SPARSE_DECODE unset: the 4-launch kernel, sparse_decode_fast.py).
 --variant sort|fast also times that path on the same cache, side by side: alt_ms / alt_graph_ms,
 alt_ratio / alt_graph_ratio (SDPA / alt), alt_same_idx (its selected blocks equal the default's),
 alt_max_diff (max |o_alt - o_default|).
@@ -186,7 +186,7 @@ def profile_case(B, L, variant=None):
     print(f"\nprofile B={B} L={L} variant={variant or 'default'} (20 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     if (variant or os.environ.get("SALA_SPARSE_DECODE", "fast")) != "sort":
-        # where the 3-launch step goes: per score-dot precision, with and without the select tail; the
+        # where the fast step goes: per score-dot precision, with and without the select tail; the
         # selection of each precision against the ieee one on the same q (same_idx)
         from sala_ops.triton import sparse_decode_fast as FAST
         saved = FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT
