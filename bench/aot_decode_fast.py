@@ -1,6 +1,6 @@
 """sm_90 AOT compile of the fast sparse-decode kernels (sala_ops/triton/sparse_decode_fast.py) at the 9B
 configuration (bf16 q / K / V, fp32 compressed keys, D = 128, G = 16): registers, spills, shared memory of
-the score pass (per score-dot precision), the select launch (radix / bisect, 32K and 1M) and the attention
+the score pass (per score-dot precision), the select launch (32K and 1M) and the attention
 + merge, as a launch would specialise them. No GPU needed; also shows that triton 3.6 compiles them.
 
     python bench/aot_decode_fast.py --triton /tmp/t36
@@ -41,18 +41,21 @@ def main():
 
     cfg = dict(KS=32, ST=16, BS=64, INIT=1, WB=32, R=4, E=1, KSEL=96, KSP=128, BG=16, BD=128, G=16)
     for nbp, nsub, s2 in ((512, 1, 32), (16384, 4, 128)):
-        [comp(f"score NBP {nbp} {prec} keys_m={km}", F._score_select_kernel,
-                 dict(q="*bf16", c1="*fp32", lens="*i32", m_in="*fp32", l_in="*fp32", bscore="*fp32", sel="*i32",
-                      counter="*i32"),
-                 dict(s_qb=4096, s_qh=128, s_1b=256 * 4096, s_1t=256, s_1h=128, D=128, DENSE_LEN=8192, NBMAX=nbp),
-                 ("scale",), dict(cfg, S2=s2, S2P=s2, SB=16, NSUB=nsub, NBP=nbp, PREC=prec, SELECT=False,
-                           KEYS_M=km), nw)
-            for nw in (4, 8) for prec in ("ieee", "tf32x3") for km in (False, True)]
-        for radix in (True, False):
+        for nw in (4, 8):
+            for prec in ("ieee", "tf32x3"):
+                for km in (False, True):
+                    comp(f"score NBP {nbp} {prec} keys_m={km}", F._score_select_kernel,
+                         dict(q="*bf16", c1="*fp32", lens="*i32", m_in="*fp32", l_in="*fp32", bscore="*fp32",
+                              sel="*i32", counter="*i32"),
+                         dict(s_qb=4096, s_qh=128, s_1b=256 * 4096, s_1t=256, s_1h=128, D=128, DENSE_LEN=8192,
+                              NBMAX=nbp),
+                         ("scale",), dict(cfg, S2=s2, S2P=s2, SB=16, NSUB=nsub, NBP=nbp, PREC=prec, SELECT=False,
+                                          KEYS_M=km), nw)
+        for k in (1, 4):
             for nw in sorted({max(4, min(16, nbp // 1024)), 8, 32 if nbp > 4096 else 8}):
-                comp(f"select NBP {nbp} radix={radix}", F._select_kernel,
+                comp(f"select NBP {nbp} K={k}", F._select_kernel,
                      dict(bscore="*fp32", lens="*i32", sel="*i32"), dict(DENSE_LEN=8192, NBMAX=nbp, HKV=2), (),
-                     dict(BS=64, INIT=1, WB=32, KSEL=96, KSP=128, NBP=nbp, RADIX=radix, K=4, NIT=14), nw)
+                     dict(BS=64, INIT=1, WB=32, KSEL=96, KSP=128, NBP=nbp, K=k, NIT=F.search_steps(k)), nw)
     for spc in (2, 4):
         comp(f"attend_combine SPC {spc}", F._attend_combine_kernel,
              dict(q="*bf16", kc="*bf16", vc="*bf16", lens="*i32", sel="*i32", o="*bf16", o_part="*fp32",

@@ -185,31 +185,6 @@ def profile_case(B, L, variant=None):
     prof = _profiled(lambda: sparse_decode(q, cache), 5)
     print(f"\nprofile B={B} L={L} variant={variant or 'default'} (20 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-    if (variant or os.environ.get("SALA_SPARSE_DECODE", "fast")) != "sort":
-        # where the fast step goes: per score-dot precision, with and without the select tail; the
-        # selection of each precision against the ieee one on the same q (same_idx)
-        from sala_ops.triton import sparse_decode_fast as FAST
-        saved = FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT
-        base = None
-        for prec in ("ieee", "tf32x3", "tf32"):
-            for skip in (False, True):
-                FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT = skip, prec
-                try:
-                    same = ""
-                    if not skip:
-                        o, idx = sparse_decode(q, cache, return_indices=True)
-                        if base is None:
-                            base = (o.clone(), idx.clone())
-                        same = (f" same_idx={torch.equal(idx, base[1])}"
-                                f" max_diff={(o.float() - base[0].float()).abs().max().item():.2e}")
-                    prof = _profiled(lambda: sparse_decode(q, cache), 3)
-                    us = {e.key: e.device_time_total / e.count for e in prof.key_averages() if e.count}
-                    print(f"profile B={B} L={L} skip_select={skip} score_dot={prec}{same}: "
-                          + ", ".join(f"{k} {v:.1f} us" for k, v in us.items() if k.startswith("_")), flush=True)
-                except Exception:
-                    traceback.print_exc()
-                finally:
-                    FAST.PROFILE_SKIP_SELECT, FAST.SCORE_DOT = saved
 
 
 # (select mode, score-dot precision, keys as the MMA's M, score-pass warps, select thresholds per step,

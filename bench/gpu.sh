@@ -5,8 +5,8 @@
 #   bash bench/gpu.sh bench    # every benchmark against its peer, table last (~8 min)
 #   bash bench/gpu.sh extra    # decode profile, host overhead (normal / cached launch), sparse on locally
 #                              # correlated q/k, tiled dq vs one-token dq, 1M fast selection (~9 min)
-#   bash bench/gpu.sh diag     # sparse decode score-dot precision split (ieee / tf32x3 / tf32), host
-#                              # overhead, the small-shape lightning diag, lightning fp32 vs fla (~9 min)
+#   bash bench/gpu.sh diag     # decode host overhead, the small-shape lightning diag, lightning fp32 vs
+#                              # fla (~6 min)
 #   bash bench/gpu.sh decode   # sparse decode: modes sweep, gpu tests, the benchmark (~8 min)
 #   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
@@ -42,7 +42,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 bench/summary.py "$OUT" | tee -a "$log"
 fi
 if [ "$what" = extra ] || [ "$what" = all ]; then
-  step 60 "sparse decode profile (score pass split)" python3 bench/bench_sparse_decode.py --quick --profile --no-graphs
+  step 60 "sparse decode profile (kernel split)" python3 bench/bench_sparse_decode.py --quick --profile --no-graphs
   step 40 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda
   SALA_OPS_FAST_LAUNCH=1 step 40 "decode host overhead, cached launch" python3 bench/bench_host_overhead.py --cuda
   step "${T_SPARSE_SMOOTH:-100}" "bench_sparse, locally correlated q/k" python3 bench/bench_sparse.py --seqlens 131072 32768 \
@@ -61,10 +61,6 @@ if [ "$what" = decode ]; then
   grep -E "^== |mode|passed|failed|Error| \| " "$log" | head -n 80
 fi
 if [ "$what" = diag ]; then
-  step 120 "sparse decode (ieee score dots): graph timings + profile split" python3 bench/bench_sparse_decode.py --quick \
-    --profile --out "$OUT/decode_ieee"
-  SALA_SPARSE_DECODE_SCORE_DOT=tf32x3 step 50 "sparse decode (tf32x3 score dots): graph timings" \
-    python3 bench/bench_sparse_decode.py --quick --out "$OUT/decode_tf32x3"
   step 35 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda
   SALA_OPS_FAST_LAUNCH=1 step 35 "decode host overhead, cached launch" python3 bench/bench_host_overhead.py --cuda
   TRITON_PRINT_AUTOTUNING=1 CUDA_LAUNCH_BLOCKING=1 DIAG_TIMEOUT=70 step 80 "lightning diag bf16 (small shapes)" \

@@ -398,11 +398,12 @@ def test_gpu_fast_variant_9b_and_graph(monkeypatch):
 
 @pytest.mark.parametrize("n,spread,n_sel", [(300, "wide", 7), (300, "dups", 50), (4096, "wide", 96), (4096, "dups", 96),
                                             (1000, "one", 1), (64, "dups", 64)])
-def test_fast_kth_largest_radix_and_bisect(n, spread, n_sel):
-    """The two threshold searches of the fast select (sparse_decode_fast._kth_largest_radix / _bisect) give the
-    exact n_sel-th largest of non-negative fp32 score bits (+inf included), with heavy ties and with values
-    spread over every exponent, as torch.topk does."""
+def test_fast_kth_largest_bisect(n, spread, n_sel):
+    """The fast select's threshold search (sparse_decode_fast._kth_largest_bisect), for every number of
+    thresholds per step, gives the exact n_sel-th largest of non-negative fp32 score bits (+inf included),
+    with heavy ties and with values spread over every exponent, as torch.topk does."""
     from kth_probe import kth_kernel
+    from sala_ops.triton.sparse_decode_fast import search_steps
     g = torch.Generator().manual_seed(n + n_sel)
     if spread == "wide":  # every exponent from 2^-60 to 2^60, random mantissas
         x = torch.exp2(torch.rand(n, generator=g) * 120 - 60)
@@ -414,9 +415,8 @@ def test_fast_kth_largest_radix_and_bisect(n, spread, n_sel):
     x[0] = 0.0
     want = torch.topk(x, n_sel).values[-1]
     np2 = 1 << (n - 1).bit_length()
-    from sala_ops.triton.sparse_decode_fast import search_steps
-    for radix, k in ((True, 1), (False, 1), (False, 2), (False, 3), (False, 4)):
+    for k in (1, 2, 3, 4):
         out = torch.zeros(1, dtype=torch.int32, device=DEV)
-        kth_kernel[(1,)](x.to(DEV), out, n, n_sel, NP=np2, RADIX=radix, K=k, NIT=search_steps(k))
+        kth_kernel[(1,)](x.to(DEV), out, n, n_sel, NP=np2, K=k, NIT=search_steps(k))
         got = out.cpu().view(torch.float32)[0]
-        assert got == want, f"radix={radix} K={k}: {got} != {want}"
+        assert got == want, f"K={k}: {got} != {want}"

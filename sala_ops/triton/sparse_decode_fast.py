@@ -31,6 +31,7 @@ All offsets that scale with the cache length are int64.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,26 +45,29 @@ import triton.language as tl
 SCORE_DOT = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "tf32x3")
 # SALA_SPARSE_DECODE_KEYS_M=1: the stage-1 products with the keys as the MMA's M dimension (wgmma-sized)
 KEYS_M = os.environ.get("SALA_SPARSE_DECODE_KEYS_M", "1") == "1"
-# warps of the score pass when it does not select (SELECT_MODE radix / bisect)
+# warps of the score pass when it does not select (SELECT_MODE bisect)
 SCORE_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SCORE_WARPS", "4"))
 if SCORE_DOT not in ("ieee", "tf32x3", "tf32"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SCORE_DOT must be ieee, tf32x3 or tf32, got {SCORE_DOT!r}")
 # Where the top-k runs (SALA_SPARSE_DECODE_SELECT, read at import):
-#   "bisect": its own launch, one program per (b, KV head), a 9-ary search for the n_sel-th largest score
-#             (the H200 run 3 default);
-#   "radix":  its own launch, three histogram levels (10 / 11 / 10 bits of the fp32 score): measured 6x
-#             slower than bisect on the H200 (tl.histogram), kept for the record;
-#   "tail":   the last score program of each (b, KV head) selects (binary search, no extra launch): the H200
-#             run 3 profile put 40-80 us of the 1M step in this tail, and it forces the score pass to the
-#             select's 16 warps (one program per SM).
+#   "bisect": its own launch (_select_kernel), one program per (b, KV head), a (SELECT_K + 1)-ary search
+#             for the n_sel-th largest score up to 4096 blocks, halving above (the H200 run 3 default);
+#   "tail":   the last score program of each (b, KV head) selects (halving, no extra launch): the H200 run 3
+#             profile put 40-80 us of the 1M step in this tail, and it forces the score pass to the select's
+#             16 warps (one program per SM).
+# (A radix select with tl.histogram measured 6x slower than bisect on the H200: bench/NOTES_sparse_decode.md.)
 SELECT_MODE = os.environ.get("SALA_SPARSE_DECODE_SELECT", "bisect")
-if SELECT_MODE not in ("radix", "bisect", "tail"):
-    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT must be radix, bisect or tail, got {SELECT_MODE!r}")
-# thresholds per step of the bisect search (1 = plain binary search) and the select launch's warps (0: by size)
+if SELECT_MODE not in ("bisect", "tail"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT must be bisect or tail, got {SELECT_MODE!r}")
+# thresholds per step of the bisect search (1 = plain halving; at most 4: 16-bit count fields in an int64) and
+# the select launch's warps (0: by size)
 SELECT_K = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_K", "4"))
+if not 1 <= SELECT_K <= 4:
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_K must be 1..4, got {SELECT_K}")
 SELECT_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_WARPS", "0"))
 
 
+@functools.lru_cache(maxsize=None)
 def search_steps(k: int) -> int:
     """Steps of the (k + 1)-ary search until [0, +inf bits] (2139095041 values) is down to one value."""
     w, n = 2139095041, 0
@@ -71,9 +75,6 @@ def search_steps(k: int) -> int:
         w, n = -(-w // (k + 1)), n + 1
     return n
 
-
-# Profiling only: skip the selection (the step's outputs are then meaningless).
-PROFILE_SKIP_SELECT = False
 
 from ._launch import launch as _launch
 from .sparse_decode_kernels import _attend_split, _lse_partial_kernel, combined_lse, key_head_scores
@@ -146,7 +147,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
             bb = bb0 + si
             tl.store(bscore + row * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
     # the last program of (b, g) selects (stores above are released by the acq_rel atomic)
-    if SELECT:  # SELECT_MODE "tail" (else the selection is its own launch, or skipped for profiling)
+    if SELECT:  # SELECT_MODE "tail" (else the selection is its own launch)
         _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP)
 
 
@@ -157,24 +158,24 @@ def _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX,
     done = tl.atomic_add(counter + row, 1)
     if done == NCH - 1:
         tl.atomic_xchg(counter + row, 0)
-        _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP, False)
+        _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP)
 
 
 @triton.jit
 def _select_kernel(bscore, lens, sel, DENSE_LEN, NBMAX, HKV,
                    BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
-                   NBP: tl.constexpr, RADIX: tl.constexpr, K: tl.constexpr = 4, NIT: tl.constexpr = 14):
-    """The top-k of one (b, KV head) row of block scores, as its own launch (SELECT_MODE radix / bisect)."""
+                   NBP: tl.constexpr, K: tl.constexpr = 4, NIT: tl.constexpr = 14):
+    """The top-k of one (b, KV head) row of block scores, as its own launch (SELECT_MODE bisect)."""
     row = tl.program_id(0).to(tl.int64)
     L = tl.load(lens + row // HKV)
     qb = tl.maximum(L - 1, 0) // BS
-    _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP, RADIX, K, NIT)
+    _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP, K, NIT)
 
 
 @triton.jit
 def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
                 INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr,
-                RADIX: tl.constexpr, K: tl.constexpr = 1, NIT: tl.constexpr = 31):
+                K: tl.constexpr = 1, NIT: tl.constexpr = 31):
     """sel[row] = the n_sel = min(qb + 1, KSEL) best blocks <= qb (forced init / window blocks first, then
     the highest scores, ties to the lower index), ascending, -1 padded; all -1 below dense_len."""
     ki = tl.arange(0, KSP)
@@ -187,10 +188,7 @@ def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
         sc = tl.where(forced, float("inf"), sc)
         # scores are >= 0 (or +inf), so their int32 bits order as the floats; invalid entries -1
         bits = tl.where(valid, sc.to(tl.int32, bitcast=True), -1)
-        if RADIX:
-            lo = _kth_largest_radix(bits, valid, n_sel)
-        else:
-            lo = _kth_largest_bisect(bits, n_sel, K, NIT)
+        lo = _kth_largest_bisect(bits, n_sel, K, NIT)
         gt = bits > lo
         eq = bits == lo
         need = n_sel - tl.sum(gt.to(tl.int32), axis=0)  # ties at the threshold taken, lowest index first
@@ -228,29 +226,6 @@ def _kth_largest_bisect(bits, n_sel, K: tl.constexpr = 4, NIT: tl.constexpr = 14
             lo = tl.where(ok, tl.maximum(lo, t), lo)
             hi = tl.where(ok, hi, tl.minimum(hi, t - 1))
     return lo.to(tl.int32)
-
-
-@triton.jit
-def _kth_largest_radix(bits, valid, n_sel):
-    """The n_sel-th largest of the valid (>= 0) bits, exactly: the bin of each of three digit levels (bits
-    31..21, 20..10, 9..0) that holds it, each from a histogram of the entries that matched the levels above."""
-    d1 = bits >> 21
-    b1, above1 = _bin_of_rank(tl.histogram(d1, 1024, mask=valid), n_sel, 1024)
-    m2 = valid & (d1 == b1)
-    d2 = (bits >> 10) & 2047
-    b2, above2 = _bin_of_rank(tl.histogram(d2, 2048, mask=m2), n_sel - above1, 2048)
-    m3 = m2 & (d2 == b2)
-    b3, _ = _bin_of_rank(tl.histogram(bits & 1023, 1024, mask=m3), n_sel - above1 - above2, 1024)
-    return (b1 << 21) | (b2 << 10) | b3
-
-
-@triton.jit
-def _bin_of_rank(h, need, NB: tl.constexpr):
-    """(bin holding the need-th largest entry of histogram h, number of entries in the bins above it)."""
-    suffix = tl.cumsum(h, axis=0, reverse=True)
-    bi = tl.sum((suffix >= need).to(tl.int32), axis=0) - 1
-    above = tl.sum(tl.where(tl.arange(0, NB) > bi, h, 0), axis=0)
-    return bi, above
 
 
 @triton.jit
@@ -383,10 +358,11 @@ def workspace(cache, H: int):
 
 
 class _LaunchPlan:
-    """The grids, workspace pointers and constexprs of decode()'s three launches for one workspace
-    (they depend only on the cache's config and capacity and on H): built once, kept in the workspace."""
-    __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx0", "sc_cx",
-                 "sel_grid", "sel_ws", "sel_tail", "sel_cx0", "sel_cx", "att_grid", "att_ws", "att_tail", "att_cx")
+    """The grids, workspace pointers and constexprs of decode()'s launches for one workspace (they depend
+    only on the cache's config and capacity and on H): built once, kept in the workspace. The module knobs
+    (SCORE_DOT, KEYS_M, ...) are read per call and joined to the base constexprs by constexprs()."""
+    __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx", "sel_grid", "sel_ws",
+                 "sel_tail", "sel_cx", "sel_k_max", "att_grid", "att_ws", "att_tail", "att_cx", "memo")
 
     def __init__(self, cache, ws):
         p, cfg = ws["p"], cache.config
@@ -398,47 +374,32 @@ class _LaunchPlan:
         self.lse_cx = dict(G=p["G"], KS2=ks2, ST2=st2, S2=p["S2"], BG=p["BG"], BD=p["BD"], BJ=p["BJ"], num_warps=4)
         self.sc_grid = (B, Hkv, p["NCH"])
         self.sc_ws = (ws["m2"], ws["l2"], ws["bscore"], ws["sel"], ws["cnt_sel"])
-        self.sc_cx0 = dict(G=p["G"], KS=cfg.kernel_size, ST=cfg.kernel_stride, BS=cfg.block_size,
-                           INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size, S2=p["S2"], S2P=p["S2P"],
-                           R=p["R"], E=p["E"], SB=p["SB"], NSUB=p["NSUB"], KSEL=cfg.num_selected, KSP=p["KSP"],
-                           NBP=p["NBP"], BG=p["BG"], BD=p["BD"])
-        self.sc_cx = {}  # (SCORE_DOT, PROFILE_SKIP_SELECT) -> constexprs: module knobs, read per call
+        self.sc_cx = dict(G=p["G"], KS=cfg.kernel_size, ST=cfg.kernel_stride, BS=cfg.block_size,
+                          INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size, S2=p["S2"], S2P=p["S2P"],
+                          R=p["R"], E=p["E"], SB=p["SB"], NSUB=p["NSUB"], KSEL=cfg.num_selected, KSP=p["KSP"],
+                          NBP=p["NBP"], BG=p["BG"], BD=p["BD"])
         self.sel_grid = (B * Hkv,)
         self.sel_ws = (ws["bscore"], cache.lengths, ws["sel"])
         self.sel_tail = (cfg.dense_len, p["NBMAX"], Hkv)
-        self.sel_cx0 = dict(BS=cfg.block_size, INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size,
-                            KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"])
-        self.sel_cx = {}
+        self.sel_cx = dict(BS=cfg.block_size, INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size,
+                           KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"])
+        # packed counts paid off up to a few thousand blocks only: H200 run 3, select at 32K 6.2 us (K 4)
+        # vs 7.7 (K 1), at 1M (16 warps) 43 vs 33 us
+        self.sel_k_max = 4 if p["NBP"] <= 4096 else 1
         self.att_grid = (B, Hkv, p["NSPLIT"])
         self.att_tail = (cfg.dense_len, p["NSLOT"], p["SPB"])
         self.att_cx = {ieee: dict(G=p["G"], BS=cfg.block_size, KSEL=cfg.num_selected, NSPLIT=p["NSPLIT"], SPC=p["SPC"],
                                   BG=p["BG"], BD=p["BD"], BN=p["BN"], IEEE=ieee, num_warps=8)
                        for ieee in (False, True)}
         self.att_ws = (ws["sel"], ws["o_part"], ws["m_part"], ws["l_part"], ws["cnt_att"])
+        self.memo = {}
 
-    def score_constexprs(self, prec, tail, sw):
-        key = (prec, tail, KEYS_M, SCORE_WARPS)
-        cx = self.sc_cx.get(key)
+    def constexprs(self, base, **knobs):
+        """One of the base constexpr dicts above with this call's knob values, built once per combination."""
+        key = (id(base), *knobs.items())
+        cx = self.memo.get(key)
         if cx is None:
-            cx = self.sc_cx[key] = dict(self.sc_cx0, PREC=prec, SELECT=tail, KEYS_M=KEYS_M,
-                                        num_warps=sw if tail else SCORE_WARPS)
-        return cx
-
-    def select_constexprs(self, radix, k, warps):
-        key = (radix, k, warps)
-        cx = self.sel_cx.get(key)
-        if cx is None:
-            # packed counts (16-bit fields) paid off up to a few thousand blocks only: H200 run 3, select at
-            # 32K 6.2 us (K 4) vs 7.7 (K 1), at 1M (16 warps) 43 vs 33 us
-            k = k if self.sel_cx0["NBP"] <= 4096 and 1 <= k <= 4 else 1
-            cx = self.sel_cx[key] = dict(self.sel_cx0, RADIX=radix, K=k, NIT=search_steps(k), num_warps=warps)
-        return cx
-
-    def lse_constexprs(self, prec):
-        key = ("lse", prec, KEYS_M)
-        cx = self.sc_cx.get(key)
-        if cx is None:
-            cx = self.sc_cx[key] = dict(self.lse_cx, PREC=prec, KEYS_M=KEYS_M)
+            cx = self.memo[key] = dict(base, **knobs)
         return cx
 
 
@@ -453,15 +414,19 @@ def decode(q, cache, scale):
     s_qb, s_qh = q.stride(0), q.stride(1)
     c1, c2, kc, lens = cache.c1, cache.c2, cache.k, cache.lengths
     s2, s1, sk = c2.stride(), c1.stride(), kc.stride()
+    p = ws["p"]
     _launch(_lse_partial_kernel, lp.lse_grid, (q, c2, lens, *lp.lse_ws),
-            (s_qb, s_qh, s2[0], s2[1], s2[2], scale, D, *lp.lse_tail), lp.lse_constexprs(SCORE_DOT))
-    tail = SELECT_MODE == "tail" and not PROFILE_SKIP_SELECT
+            (s_qb, s_qh, s2[0], s2[1], s2[2], scale, D, *lp.lse_tail),
+            lp.constexprs(lp.lse_cx, PREC=SCORE_DOT, KEYS_M=KEYS_M))
+    tail = SELECT_MODE == "tail"
     _launch(_score_select_kernel, lp.sc_grid, (q, c1, lens, *lp.sc_ws),
-            (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, ws["p"]["NBMAX"]),
-            lp.score_constexprs(SCORE_DOT, tail, ws["p"]["SW"]))
-    if SELECT_MODE != "tail" and not PROFILE_SKIP_SELECT:
+            (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, p["NBMAX"]),
+            lp.constexprs(lp.sc_cx, PREC=SCORE_DOT, KEYS_M=KEYS_M, SELECT=tail,
+                          num_warps=p["SW"] if tail else SCORE_WARPS))
+    if not tail:
+        k = min(SELECT_K, lp.sel_k_max)
         _launch(_select_kernel, lp.sel_grid, lp.sel_ws, lp.sel_tail,
-                lp.select_constexprs(SELECT_MODE == "radix", SELECT_K, SELECT_WARPS or ws["p"]["SELW"]))
+                lp.constexprs(lp.sel_cx, K=k, NIT=search_steps(k), num_warps=SELECT_WARPS or p["SELW"]))
     _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),
             (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
             lp.att_cx[q.dtype == torch.float32])

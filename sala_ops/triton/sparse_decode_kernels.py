@@ -279,8 +279,8 @@ def _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
     kbase = kc + b * s_cb + g * s_ch
     vbase = vc + b * s_cb + g * s_ch
     # No branch on `live`: a dead slot loads nothing (masked) and leaves m/l/acc unchanged (its scores are
-    # -inf; for L = 0 every row is masked too), so the loop has no data-dependent control flow and the pipeliner can prefetch slot i + 1's
-    # index and K/V rows while slot i computes.
+    # -inf; for L = 0 every row is masked too), so the loop has no data-dependent control flow and the
+    # pipeliner can prefetch slot i + 1's index and K/V rows while slot i computes.
     for i in range(SPB):
         slot = s * SPB + i
         sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1))
