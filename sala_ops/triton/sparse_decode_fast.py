@@ -77,7 +77,7 @@ def search_steps(k: int) -> int:
 
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import _attend_split, _lse_partial_kernel, combined_lse, key_head_scores
+from .sparse_decode_kernels import _attend_split, _lse_partial_kernel, combined_lse, group_heads, key_head_scores
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
 SB_BLOCKS = None       # overrides (tests: small configs with several sub-tiles and ranges)
@@ -108,11 +108,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
     b0 = c * (NSUB * SB)
     if (L >= DENSE_LEN) & (b0 <= qb):
         n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
-        rg = tl.arange(0, BG)
-        gm = rg < G
-        d = tl.arange(0, BD)
-        dm = d < D
-        h = g * G + rg
+        h, gm, d, dm = group_heads(g, D, G, BG, BD)
         lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P)
         qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
@@ -242,11 +238,7 @@ def _attend_combine_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part, coun
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         HKV = tl.num_programs(1)
-        rg = tl.arange(0, BG)
-        gm = rg < G
-        d = tl.arange(0, BD)
-        dm = d < D
-        h = g * G + rg
+        h, gm, d, dm = group_heads(g, D, G, BG, BD)
         tl.debug_barrier()
         done = tl.atomic_add(counter + b * HKV + g, 1)
         if done == NSPLIT - 1:

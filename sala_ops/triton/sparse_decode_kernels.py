@@ -83,6 +83,18 @@ def _append_token_kernel(k_new, v_new, kc, vc, c1, c2, lens, overflow,
 
 
 @triton.jit
+def group_heads(g, D, G: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    """The tile indices every decode kernel works with: the G query heads h of KV head g (rows gm valid, of
+    BG) and the head-dim lanes d (dm valid, of BD)."""
+    rg = tl.arange(0, BG)
+    gm = rg < G
+    d = tl.arange(0, BD)
+    dm = d < D
+    h = g * G + rg
+    return h, gm, d, dm
+
+
+@triton.jit
 def key_head_scores(qt, k, PREC: tl.constexpr, KEYS_M: tl.constexpr):
     """k [N, D] . qt [BG, D]^T as [N, BG] (keys x query heads). KEYS_M puts the keys in the MMA's M
     dimension (N = 64 keys: a Hopper wgmma tile) instead of the BG = 16 heads (mma.sync m16), same values."""
@@ -108,11 +120,7 @@ def _lse_partial_kernel(q, c2, lens, m_out, l_out,
     L = tl.load(lens + b)
     if L >= DENSE_LEN:
         n2 = tl.where(L >= KS2, (tl.maximum(L - KS2, 0)) // ST2 + 1, 0)
-        rg = tl.arange(0, BG)
-        gm = rg < G
-        d = tl.arange(0, BD)
-        dm = d < D
-        h = g * G + rg
+        h, gm, d, dm = group_heads(g, D, G, BG, BD)
         qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
         m_i = tl.full([BG], float("-inf"), tl.float32)
@@ -173,11 +181,7 @@ def _score_chunk_kernel(q, c1, lens, m_in, l_in, pbuf, cand,
     b0 = c * CB
     if (L >= DENSE_LEN) & (b0 <= qb):
         n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
-        rg = tl.arange(0, BG)
-        gm = rg < G
-        d = tl.arange(0, BD)
-        dm = d < D
-        h = g * G + rg
+        h, gm, d, dm = group_heads(g, D, G, BG, BD)
         lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P)
         qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
@@ -266,11 +270,7 @@ def _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     dense = L < DENSE_LEN
-    rg = tl.arange(0, BG)
-    gm = rg < G
-    d = tl.arange(0, BD)
-    dm = d < D
-    h = g * G + rg
+    h, gm, d, dm = group_heads(g, D, G, BG, BD)
     qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], dtype=tl.float32)
