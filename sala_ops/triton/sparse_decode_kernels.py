@@ -29,6 +29,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _cached_rows_sum(base, s_ct, Lnew, flag, r, d, dm, KS: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """fp32 sum over the cached rows [Lnew - KS, Lnew - 1) of one KV head (base), in BR-row steps; nothing
+    loaded unless flag > 0 (a compressed key completes with this token)."""
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for r0 in range(0, KS - 1, BR):
+        rows = Lnew - KS + r0 + r
+        m = (r0 + r < KS - 1) & (r * 0 + flag > 0)
+        x = tl.load(base + rows[:, None] * s_ct + d[None, :], mask=m[:, None] & dm[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    return acc
+
+
+@triton.jit
 def _append_token_kernel(k_new, v_new, kc, vc, c1, c2, lens, overflow,
                          s_nb, s_nh,                  # k_new/v_new [B, Hkv, D] strides (batch, head), dim stride 1
                          s_cb, s_ct, s_ch,            # K/V cache strides (batch, token, head)
@@ -62,20 +75,10 @@ def _append_token_kernel(k_new, v_new, kc, vc, c1, c2, lens, overflow,
         tl.store(vc + b * s_cb + g * s_ch + pos * s_ct + d, vn.to(vc.dtype.element_ty), mask=okd)
         # the new row in its stored precision (the compressed keys are means of the stored keys)
         knf = kn.to(kc.dtype.element_ty).to(tl.float32)
-        # C1: mean of rows [Lnew - KS, Lnew) = the KS - 1 cached rows before pos, plus the new row
-        acc = tl.zeros([BD], dtype=tl.float32)
-        for r0 in range(0, KS - 1, BR):
-            rows = Lnew - KS + r0 + r
-            m = (r0 + r < KS - 1) & (r * 0 + f1 > 0)
-            x = tl.load(base + rows[:, None] * s_ct + d[None, :], mask=m[:, None] & dm[None, :], other=0.0)
-            acc += tl.sum(x.to(tl.float32), axis=0)
+        # C1 / C2: mean of rows [Lnew - KS, Lnew) = the KS - 1 cached rows before pos, plus the new row
+        acc = _cached_rows_sum(base, s_ct, Lnew, f1, r, d, dm, KS, BD, BR)
         tl.store(c1 + b * s_1b + j1 * s_1t + g * s_1h + d, (acc + knf) / KS, mask=okd1)
-        acc2 = tl.zeros([BD], dtype=tl.float32)
-        for r0 in range(0, KS2 - 1, BR):
-            rows = Lnew - KS2 + r0 + r
-            m = (r0 + r < KS2 - 1) & (r * 0 + f2 > 0)
-            x = tl.load(base + rows[:, None] * s_ct + d[None, :], mask=m[:, None] & dm[None, :], other=0.0)
-            acc2 += tl.sum(x.to(tl.float32), axis=0)
+        acc2 = _cached_rows_sum(base, s_ct, Lnew, f2, r, d, dm, KS2, BD, BR)
         tl.store(c2 + b * s_2b + j2 * s_2t + g * s_2h + d, (acc2 + knf) / KS2, mask=okd2)
     tl.store(lens + b, tl.where(ok, Lnew, pos).to(tl.int32))
     ov = tl.load(overflow + b)
