@@ -42,7 +42,7 @@ def main():
     cfg = dict(KS=32, ST=16, BS=64, INIT=1, WB=32, R=4, E=1, KSEL=96, KSP=128, BG=16, BD=128, G=16)
     for nbp, nsub, s2 in ((512, 1, 32), (16384, 4, 128)):
         for nw in (4, 8):
-            for prec in ("ieee", "tf32x3"):
+            for prec in ("ieee", "tf32x3", "split2"):
                 for km in (False, True):
                     comp(f"score NBP {nbp} {prec} keys_m={km}", F._score_select_kernel,
                          dict(q="*bf16", c1="*fp32", lens="*i32", m_in="*fp32", l_in="*fp32", bscore="*fp32",
@@ -51,7 +51,7 @@ def main():
                               NBMAX=nbp),
                          ("scale",), dict(cfg, S2=s2, S2P=s2, SB=16, NSUB=nsub, NBP=nbp, PREC=prec, SELECT=False,
                                           KEYS_M=km), nw)
-        for k in (1, 4):
+        for k in (1, 2, 4):
             for nw in sorted({max(4, min(16, nbp // 1024)), 8, 32 if nbp > 4096 else 8}):
                 comp(f"select NBP {nbp} K={k}", F._select_kernel,
                      dict(bscore="*fp32", lens="*i32", sel="*i32"), dict(DENSE_LEN=8192, NBMAX=nbp, HKV=2), (),

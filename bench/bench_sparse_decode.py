@@ -187,34 +187,53 @@ def profile_case(B, L, variant=None):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
-# (select mode, score-dot precision, keys as the MMA's M, score-pass warps, select thresholds per step,
-# select warps (0: by size)) of the fast path, for --modes
-MODES = [("tail", "ieee", False, 4, 1, 0), ("bisect", "tf32x3", True, 4, 1, 0), ("bisect", "tf32x3", True, 4, 4, 0),
-         ("bisect", "tf32x3", True, 4, 2, 0), ("bisect", "tf32x3", True, 4, 4, 32), ("bisect", "tf32x3", True, 8, 4, 0),
-         ("bisect", "tf32", True, 4, 4, 0)]
-KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS")
+# Modes of the fast path for --modes: each entry sets these module knobs of sparse_decode_fast (the rest at
+# their defaults); the first entry is the baseline the others' selection and output are compared with.
+# SELECT_MODE, SCORE_DOT, KEYS_M, SCORE_WARPS, SELECT_K (0: by size), SELECT_WARPS (0: by size) are read per
+# call; CB_BLOCKS (score range), SPB_BLOCKS (attention blocks per split), MERGE_CHUNK shape the workspace,
+# which every mode rebuilds.
+MODES = [dict(),
+         dict(SCORE_DOT="split2"),
+         dict(SCORE_DOT="split2", SELECT_K=2),
+         dict(SCORE_DOT="split2", SELECT_K=4),
+         dict(SCORE_DOT="split2", SELECT_K=2, SELECT_WARPS=8),
+         dict(SCORE_DOT="split2", SELECT_K=4, SELECT_WARPS=8),
+         dict(SCORE_DOT="split2", SELECT_K=2, SCORE_WARPS=8),
+         dict(SCORE_DOT="split2", SELECT_K=2, CB_BLOCKS=32),
+         dict(SCORE_DOT="split2", SELECT_K=2, CB_BLOCKS=128),
+         dict(SCORE_DOT="split2", SELECT_K=2, SPB_BLOCKS=2),
+         dict(SCORE_DOT="split2", SELECT_K=2, SPB_BLOCKS=8),
+         dict(SCORE_DOT="split2", SELECT_K=2, MERGE_CHUNK=4),
+         dict(SCORE_DOT="tf32", SELECT_K=2)]
+if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of the list above
+    MODES = json.loads(os.environ["SALA_DECODE_MODES"])
+KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",
+         "SPB_BLOCKS", "MERGE_CHUNK")
 
 
 def modes_case(B, L, rows):
     """Every MODES entry on one cache and one q: CUDA-graph ms per step, the selection and output against the
-    first entry (the H200 run 2 default), and the kernel split (torch.profiler, eager)."""
+    first entry, and the kernel split (torch.profiler, eager)."""
     from sala_ops.triton import sparse_decode_fast as FAST
     cache = make_cache(B, L)
     q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
-    saved = [getattr(FAST, k) for k in KNOBS]
+    saved = {k: getattr(FAST, k) for k in KNOBS}
     base = None
     try:
         for mode in MODES:
-            for k, v in zip(KNOBS, mode):
-                setattr(FAST, k, v)
-            name = "/".join(str(x) for x in mode)
+            for k in KNOBS:
+                setattr(FAST, k, mode.get(k, saved[k]))
+            cache._ws.clear()  # workspace knobs: rebuilt for this mode
+            name = ",".join(f"{k}={v}" for k, v in mode.items()) or "default"
             try:
                 o, idx = (x.clone() for x in sparse_decode(q, cache, return_indices=True))
                 if base is None:
                     base = (o, idx)
                 ms = bench_graph(lambda: sparse_decode(q, cache))
-                prof = _profiled(lambda: sparse_decode(q, cache), 3)
-                us = {e.key: e.device_time_total / e.count for e in prof.key_averages() if e.count}
+                us = {}
+                if not DRY:  # the profiler's CUDA activity needs a GPU
+                    prof = _profiled(lambda: sparse_decode(q, cache), 3)
+                    us = {e.key: e.device_time_total / e.count for e in prof.key_averages() if e.count}
                 row = dict(B=B, L=L, mode=name, graph_ms=ms, same_idx=bool(torch.equal(idx, base[1])),
                            max_diff=(o.float() - base[0].float()).abs().max().item(),
                            kernels_us={k: round(v, 1) for k, v in us.items() if k.startswith("_")})
@@ -224,8 +243,9 @@ def modes_case(B, L, rows):
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
-        for k, v in zip(KNOBS, saved):
+        for k, v in saved.items():
             setattr(FAST, k, v)
+        cache._ws.clear()
     del cache
     torch.cuda.empty_cache()
 
@@ -268,7 +288,7 @@ def main():
     print(info, flush=True)
     rows = []
     if args.modes:
-        for L in (1024 * 1024, 32 * 1024):
+        for L in ((9000,) if DRY else (1024 * 1024, 32 * 1024)):
             modes_case(1, L, rows)
         if args.out:
             os.makedirs(args.out, exist_ok=True)

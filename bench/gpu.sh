@@ -8,6 +8,7 @@
 #   bash bench/gpu.sh diag     # decode host overhead, the small-shape lightning diag, lightning fp32 vs
 #                              # fla (~6 min)
 #   bash bench/gpu.sh decode   # sparse decode: modes sweep, gpu tests, the benchmark (~8 min)
+#   bash bench/gpu.sh tune     # sparse decode knob sweep + every lightning forward config timed (~9 min)
 #   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
 # call copy FILES_AT/triton_cache.part* into .triton_cache/ for the next one. Logs in $OUT/gpu_log.txt,
@@ -59,6 +60,13 @@ if [ "$what" = decode ]; then
     --durations=5 || tests_rc=$?
   step 150 bench_sparse_decode python3 bench/bench_sparse_decode.py --variant sort --out "$OUT"
   grep -E "^== |mode|passed|failed|Error| \| " "$log" | head -n 80
+fi
+if [ "$what" = tune ]; then
+  step "${T_MODES:-240}" "sparse decode modes (knob sweep) at 1M and 32K" python3 bench/bench_sparse_decode.py \
+    --modes --out "$OUT/modes"
+  step "${T_LCFG:-300}" "lightning forward: every kernel config timed, fp32 and bf16" python3 bench/diag_lightning_configs.py \
+    --T 131072 --dtypes "${LCFG_DTYPES:-fp32,bf16}" --budget "${LCFG_BUDGET:-260}" --out "$OUT"
+  grep -E "^== |\"mode\"|^pass|^chunk_out|^local_state|^forward|Error" "$log" | cut -c1-400 | head -n 120
 fi
 if [ "$what" = diag ]; then
   step 35 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda

@@ -42,13 +42,15 @@ import triton.language as tl
 # "ieee" (fp32 FMA), "tf32x3" (three TF32 tensor-core products: fp32-level error) or "tf32" (profiling
 # only: TF32 rounding reorders near-ties against the fp32 reference). SALA_SPARSE_DECODE_SCORE_DOT, read
 # at import. The H200 run 2 profile put 271 us of the 1M step in the ieee score pass (67 MB: 0.25 TB/s).
+# "split2" (16-bit q only, else tf32x3): two TF32 products of the exact-in-TF32 q against C1 split in
+# hi + lo parts (fp32-level error, one product less than tf32x3).
 SCORE_DOT = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "tf32x3")
 # SALA_SPARSE_DECODE_KEYS_M=1: the stage-1 products with the keys as the MMA's M dimension (wgmma-sized)
 KEYS_M = os.environ.get("SALA_SPARSE_DECODE_KEYS_M", "1") == "1"
 # warps of the score pass when it does not select (SELECT_MODE bisect)
 SCORE_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SCORE_WARPS", "4"))
-if SCORE_DOT not in ("ieee", "tf32x3", "tf32"):
-    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SCORE_DOT must be ieee, tf32x3 or tf32, got {SCORE_DOT!r}")
+if SCORE_DOT not in ("ieee", "tf32x3", "tf32", "split2"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SCORE_DOT must be ieee, tf32x3, tf32 or split2, got {SCORE_DOT!r}")
 # Where the top-k runs (SALA_SPARSE_DECODE_SELECT, read at import):
 #   "bisect": its own launch (_select_kernel), one program per (b, KV head), a (SELECT_K + 1)-ary search
 #             for the n_sel-th largest score up to 4096 blocks, halving above (the H200 run 3 default);
@@ -59,11 +61,11 @@ if SCORE_DOT not in ("ieee", "tf32x3", "tf32"):
 SELECT_MODE = os.environ.get("SALA_SPARSE_DECODE_SELECT", "bisect")
 if SELECT_MODE not in ("bisect", "tail"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT must be bisect or tail, got {SELECT_MODE!r}")
-# thresholds per step of the bisect search (1 = plain halving; at most 4: 16-bit count fields in an int64) and
-# the select launch's warps (0: by size)
-SELECT_K = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_K", "4"))
-if not 1 <= SELECT_K <= 4:
-    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_K must be 1..4, got {SELECT_K}")
+# thresholds per step of the bisect search (1 = plain halving; at most 4: 16-bit count fields; 0 = by size)
+# and the select launch's warps (0: by size)
+SELECT_K = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_K", "0"))
+if not 0 <= SELECT_K <= 4:
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_K must be 0..4, got {SELECT_K}")
 SELECT_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_WARPS", "0"))
 
 
@@ -203,19 +205,22 @@ def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
 def _kth_largest_bisect(bits, n_sel, K: tl.constexpr = 4, NIT: tl.constexpr = 14):
     """The largest S with #(bits >= S) >= n_sel, bits >= 0 where valid (else -1): a (K + 1)-ary search of
     [0, +inf bits]. Each step counts K thresholds in ONE block-wide reduction (the counts packed in 16-bit
-    fields of an int64: needs fewer than 65536 entries, K <= 4), since on the H200 a reduction costs ~1 us
-    of barriers whatever it carries: 14 steps instead of 31 halvings. A step takes the interval from w
+    fields: of an int32 for K <= 2, of an int64 for K = 3, 4; needs fewer than 65536 entries), since on the
+    H200 a reduction costs ~1 us of barriers whatever it carries. The thresholds increase with k, so an
+    entry passes a prefix of them: its packed contribution is one of K + 1 constants, picked by a chain of
+    compare-and-selects (no per-threshold shift and 64-bit add per entry). A step takes the interval from w
     values to at most ceil(w / (K + 1)); NIT = search_steps(K) brings it to one."""
     lo = tl.zeros([], dtype=tl.int64)
     hi = tl.full([], 2139095040, tl.int64)  # +inf
     for _ in range(NIT):
         lo0 = lo
         w = hi - lo + 1
-        packed = tl.zeros(bits.shape, dtype=tl.int64)
+        # an entry passing thresholds 1..k adds 1 to fields 1..k: (65536^k - 1) / 65535
+        packed = tl.zeros(bits.shape, dtype=tl.int32 if K <= 2 else tl.int64)
         for k in tl.static_range(1, K + 1):
             t = (lo0 + (k * w) // (K + 1)).to(tl.int32)
-            packed += (bits >= t).to(tl.int64) << (16 * (k - 1))
-        tot = tl.sum(packed, axis=0)
+            packed = tl.where(bits >= t, ((1 << (16 * k)) - 1) // 65535, packed)
+        tot = tl.sum(packed, axis=0).to(tl.int64)
         for k in tl.static_range(1, K + 1):
             t = lo0 + (k * w) // (K + 1)
             ok = ((tot >> (16 * (k - 1))) & 65535) >= n_sel   # true for a prefix of the thresholds
@@ -354,7 +359,7 @@ class _LaunchPlan:
     only on the cache's config and capacity and on H): built once, kept in the workspace. The module knobs
     (SCORE_DOT, KEYS_M, ...) are read per call and joined to the base constexprs by constexprs()."""
     __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx", "sel_grid", "sel_ws",
-                 "sel_tail", "sel_cx", "sel_k_max", "att_grid", "att_ws", "att_tail", "att_cx", "memo")
+                 "sel_tail", "sel_cx", "sel_k_auto", "sel_k_ok", "att_grid", "att_ws", "att_tail", "att_cx", "memo")
 
     def __init__(self, cache, ws):
         p, cfg = ws["p"], cache.config
@@ -377,7 +382,8 @@ class _LaunchPlan:
                            KSEL=cfg.num_selected, KSP=p["KSP"], NBP=p["NBP"])
         # packed counts paid off up to a few thousand blocks only: H200 run 3, select at 32K 6.2 us (K 4)
         # vs 7.7 (K 1), at 1M (16 warps) 43 vs 33 us
-        self.sel_k_max = 4 if p["NBP"] <= 4096 else 1
+        self.sel_k_auto = 4 if p["NBP"] <= 4096 else 1
+        self.sel_k_ok = p["NBP"] < 65536  # the packed 16-bit count fields
         self.att_grid = (B, Hkv, p["NSPLIT"])
         self.att_tail = (cfg.dense_len, p["NSLOT"], p["SPB"])
         self.att_cx = {ieee: dict(G=p["G"], BS=cfg.block_size, KSEL=cfg.num_selected, NSPLIT=p["NSPLIT"], SPC=p["SPC"],
@@ -407,16 +413,17 @@ def decode(q, cache, scale):
     c1, c2, kc, lens = cache.c1, cache.c2, cache.k, cache.lengths
     s2, s1, sk = c2.stride(), c1.stride(), kc.stride()
     p = ws["p"]
+    prec = "tf32x3" if SCORE_DOT == "split2" and q.dtype == torch.float32 else SCORE_DOT
     _launch(_lse_partial_kernel, lp.lse_grid, (q, c2, lens, *lp.lse_ws),
             (s_qb, s_qh, s2[0], s2[1], s2[2], scale, D, *lp.lse_tail),
-            lp.constexprs(lp.lse_cx, PREC=SCORE_DOT, KEYS_M=KEYS_M))
+            lp.constexprs(lp.lse_cx, PREC=prec, KEYS_M=KEYS_M))
     tail = SELECT_MODE == "tail"
     _launch(_score_select_kernel, lp.sc_grid, (q, c1, lens, *lp.sc_ws),
             (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, p["NBMAX"]),
-            lp.constexprs(lp.sc_cx, PREC=SCORE_DOT, KEYS_M=KEYS_M, SELECT=tail,
+            lp.constexprs(lp.sc_cx, PREC=prec, KEYS_M=KEYS_M, SELECT=tail,
                           num_warps=p["SW"] if tail else SCORE_WARPS))
     if not tail:
-        k = min(SELECT_K, lp.sel_k_max)
+        k = (SELECT_K or lp.sel_k_auto) if lp.sel_k_ok else 1
         _launch(_select_kernel, lp.sel_grid, lp.sel_ws, lp.sel_tail,
                 lp.constexprs(lp.sel_cx, K=k, NIT=search_steps(k), num_warps=SELECT_WARPS or p["SELW"]))
     _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),

@@ -101,7 +101,19 @@ def group_heads(g, D, G: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
 def key_head_scores(qt, k, PREC: tl.constexpr, KEYS_M: tl.constexpr):
     """k [N, D] . qt [BG, D]^T as [N, BG] (keys x query heads). KEYS_M puts the keys in the MMA's M
     dimension (N = 64 keys: a Hopper wgmma tile) instead of the BG = 16 heads (mma.sync m16), same values."""
-    if KEYS_M:
+    if PREC == "split2":
+        # q came from a 16-bit tensor, so it is exact in TF32: k = hi + lo (hi = k with its low 13 mantissa
+        # bits cleared, exact in TF32; lo = k - hi exactly, truncated to TF32 in the product: an error below
+        # 2^-21 |k|) needs two TF32 products instead of tf32x3's three (which also splits q)
+        hi = (k.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        lo = k - hi
+        if KEYS_M:
+            return (tl.dot(hi, tl.trans(qt), input_precision="tf32")
+                    + tl.dot(lo, tl.trans(qt), input_precision="tf32"))
+        else:
+            return tl.trans(tl.dot(qt, tl.trans(hi), input_precision="tf32")
+                            + tl.dot(qt, tl.trans(lo), input_precision="tf32"))
+    elif KEYS_M:
         return tl.dot(k, tl.trans(qt), input_precision=PREC)
     else:
         return tl.trans(tl.dot(qt, tl.trans(k), input_precision=PREC))
