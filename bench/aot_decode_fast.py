@@ -56,6 +56,13 @@ def main():
                 comp(f"select NBP {nbp} K={k}", F._select_kernel,
                      dict(bscore="*fp32", lens="*i32", sel="*i32"), dict(DENSE_LEN=8192, NBMAX=nbp, HKV=2), (),
                      dict(BS=64, INIT=1, WB=32, KSEL=96, KSP=128, NBP=nbp, K=k, NIT=F.search_steps(k)), nw)
+    for nr, p_, k in ((1024, 16, 2), (1024, 16, 4), (512, 32, 2), (2048, 8, 2)):  # two-level select at 1M
+        comp(f"select_local NR {nr} K={k}", F._select_local_kernel,
+             dict(bscore="*fp32", lens="*i32", cand_bits="*i32", cand_idx="*i32"), dict(DENSE_LEN=8192, NBMAX=16384, HKV=2),
+             (), dict(BS=64, INIT=1, WB=32, KSEL=96, KSP=128, NR=nr, K=k, NIT=F.search_steps(k)), max(4, min(16, nr // 256)))
+        comp(f"select_merge P {p_} K={k}", F._select_merge_kernel,
+             dict(cand_bits="*i32", cand_idx="*i32", lens="*i32", sel="*i32"), dict(DENSE_LEN=8192, HKV=2), (),
+             dict(BS=64, KSEL=96, KSP=128, NR=nr, P=p_, K=k, NIT=F.search_steps(k)), max(4, min(16, p_ * 128 // 256)))
     for spc in (2, 4):
         comp(f"attend_combine SPC {spc}", F._attend_combine_kernel,
              dict(q="*bf16", kc="*bf16", vc="*bf16", lens="*i32", sel="*i32", o="*bf16", o_part="*fp32",

@@ -192,23 +192,19 @@ def profile_case(B, L, variant=None):
 # SELECT_MODE, SCORE_DOT, KEYS_M, SCORE_WARPS, SELECT_K (0: by size), SELECT_WARPS (0: by size) are read per
 # call; CB_BLOCKS (score range), SPB_BLOCKS (attention blocks per split), MERGE_CHUNK shape the workspace,
 # which every mode rebuilds.
-MODES = [dict(),
-         dict(SCORE_DOT="split2"),
-         dict(SCORE_DOT="split2", SELECT_K=2),
-         dict(SCORE_DOT="split2", SELECT_K=4),
-         dict(SCORE_DOT="split2", SELECT_K=2, SELECT_WARPS=8),
-         dict(SCORE_DOT="split2", SELECT_K=4, SELECT_WARPS=8),
-         dict(SCORE_DOT="split2", SELECT_K=2, SCORE_WARPS=8),
-         dict(SCORE_DOT="split2", SELECT_K=2, CB_BLOCKS=32),
-         dict(SCORE_DOT="split2", SELECT_K=2, CB_BLOCKS=128),
-         dict(SCORE_DOT="split2", SELECT_K=2, SPB_BLOCKS=2),
-         dict(SCORE_DOT="split2", SELECT_K=2, SPB_BLOCKS=8),
-         dict(SCORE_DOT="split2", SELECT_K=2, MERGE_CHUNK=4),
-         dict(SCORE_DOT="tf32", SELECT_K=2)]
+MODES = [dict(SELECT_RANGE=0),  # one-level select: the baseline for same_idx
+         dict(),
+         dict(SELECT_RANGE=512),
+         dict(SELECT_RANGE=2048),
+         dict(SELECT_K=4),
+         dict(SELECT_K=1),
+         dict(SCORE_DOT="tf32x3"),
+         dict(SCORE_PROGRAMS=528),
+         dict(SELECT_RANGE=0, SCORE_PROGRAMS=528, SCORE_DOT="tf32x3")]  # the H200 run 3 default
 if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of the list above
     MODES = json.loads(os.environ["SALA_DECODE_MODES"])
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",
-         "SPB_BLOCKS", "MERGE_CHUNK")
+         "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS")
 
 
 def modes_case(B, L, rows):

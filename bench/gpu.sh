@@ -64,9 +64,14 @@ fi
 if [ "$what" = tune ]; then
   step "${T_MODES:-240}" "sparse decode modes (knob sweep) at 1M and 32K" python3 bench/bench_sparse_decode.py \
     --modes --out "$OUT/modes"
-  step "${T_LCFG:-300}" "lightning forward: every kernel config timed, fp32 and bf16" python3 bench/diag_lightning_configs.py \
+  [ -n "${TUNE_DECODE_FULL:-}" ] && step 150 "gpu tests: sparse_decode, layers" python3 -m pytest -q -m gpu \
+    tests/test_sparse_decode.py tests/test_layers.py -p no:cacheprovider -rfE --durations=5
+  [ -n "${TUNE_DECODE_FULL:-}" ] && step 150 bench_sparse_decode python3 bench/bench_sparse_decode.py --out "$OUT"
+  step "${T_LCFG:-300}" "lightning forward: every kernel config timed" python3 bench/diag_lightning_configs.py \
     --T 131072 --dtypes "${LCFG_DTYPES:-fp32,bf16}" --budget "${LCFG_BUDGET:-260}" --out "$OUT"
-  grep -E "^== |\"mode\"|^pass|^chunk_out|^local_state|^forward|Error" "$log" | cut -c1-400 | head -n 120
+  [ -n "${TUNE_LIGHTNING_FLA:-}" ] && step 200 "lightning fwd vs fla (fp32 and bf16)" python3 bench/bench_lightning.py \
+    --T 32768,131072 --cases float32:fwd:high,bfloat16:fwd:highest --out "$OUT/lightning_fwd"
+  grep -E "^== |\"mode\"|^pass|^chunk_out|^local_state|^forward|Error|passed|failed| \| " "$log" | cut -c1-400 | head -n 150
 fi
 if [ "$what" = diag ]; then
   step 35 "decode host overhead (plain call vs graph)" python3 bench/bench_host_overhead.py --cuda

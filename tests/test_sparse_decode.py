@@ -322,15 +322,18 @@ def test_triton_fp16_within_twice_torch_error():
 
 
 # ---------------------------------------------------------------- fast variant (SALA_SPARSE_DECODE=fast)
-def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2):
+def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2, select_range=None):
     from sala_ops.triton import sparse_decode_fast as FAST
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+    if select_range is not None:
+        monkeypatch.setattr(FAST, "SELECT_RANGE", select_range)
     monkeypatch.setattr(FAST, "MERGE_CHUNK", merge)
     monkeypatch.setattr(FAST, "SB_BLOCKS", sb)
     monkeypatch.setattr(FAST, "CB_BLOCKS", cb)
     monkeypatch.setattr(FAST, "SPB_BLOCKS", spb)
     if programs is not None:
         monkeypatch.setattr(FAST, "TARGET_PROGRAMS", programs)
+        monkeypatch.setattr(FAST, "SCORE_PROGRAMS", programs)
 
 
 @pytest.mark.parametrize("topk,heads,prompts,steps,D,lse,knobs,expect", [
@@ -341,6 +344,8 @@ def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2)
     (4, (8, 2), [150], 12, 24, (16, 8), dict(sb=4, cb=8, spb=1, programs=4096), dict(NCH=2, NSUB=2, NSPLIT=6, SPC=2)),
     # G = 1, 3 ranges of one sub-tile each, batch with different lengths (one still dense at first)
     (2, (2, 2), [150, 60], 14, 32, (16, 8), dict(sb=4, cb=4, programs=4096), dict(NCH=3, NSUB=1)),
+    # the two-level select: 4 ranges of 4 blocks, the shorter sequence's last ranges past its query block
+    (2, (2, 2), [150, 60], 14, 32, (16, 8), dict(sb=4, cb=4, programs=4096, select_range=4), dict(NR=4, P=4)),
 ])
 def test_fast_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, knobs, expect):
     H, Hkv = heads
@@ -359,7 +364,7 @@ def test_fast_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, l
 def test_fast_nan_poisoned_workspace(monkeypatch):
     """Every workspace entry read in a step is written in that step: NaN / garbage before each step
     changes nothing (the self-resetting counters are the only state kept between steps)."""
-    _fast_knobs(monkeypatch, sb=4, cb=4, spb=2, programs=4096)
+    _fast_knobs(monkeypatch, sb=4, cb=4, spb=2, programs=4096, select_range=2)
     import sys
     orig = sparse_decode
     mod = sys.modules[__name__]
@@ -370,22 +375,27 @@ def test_fast_nan_poisoned_workspace(monkeypatch):
             for name in ("m2", "l2", "bscore", "o_part", "m_part", "l_part"):
                 ws[name].fill_(float("nan"))
             ws["sel"].fill_(12345)
+            ws["cand_bits"].fill_(2139095040)  # +inf: a stale candidate would win every selection
+            ws["cand_idx"].fill_(12345)
         return orig(q, cache, *a, **kw)
     monkeypatch.setattr(mod, "sparse_decode", poisoned)
     cfg = dict(SMALL, topk=3, dense_len=50, lse_kernel_size=16, lse_kernel_stride=8)
     cache, _ = _run("triton", cfg, [20, 120, 45], 8, 4, 2, 16, device=DEV, seed=31)
     ws = cache._ws[("fast", 4)]
+    assert ws["p"]["P"] == 4, ws["p"]  # the two-level select's candidates are poisoned too
     assert int(ws["cnt_sel"].abs().sum()) == 0 and int(ws["cnt_att"].abs().sum()) == 0, "counters not reset"
 
 
-def test_fast_long_sequence_many_ranges(monkeypatch):
-    """A longer sequence (many score ranges, many LSE splits, many ties between neighbouring blocks):
-    blocks and outputs equal the reference's."""
-    _fast_knobs(monkeypatch, sb=8, cb=8, programs=4096)
+@pytest.mark.parametrize("select_range", [0, 16])
+def test_fast_long_sequence_many_ranges(monkeypatch, select_range):
+    """A longer sequence (many score ranges, many LSE splits, many ties between neighbouring blocks), with
+    the one-level and the two-level select (8 ranges of 16 blocks): blocks and outputs equal the reference's."""
+    _fast_knobs(monkeypatch, sb=8, cb=8, programs=4096, select_range=select_range)
     cfg = dict(SMALL, topk=6, dense_len=64, lse_kernel_size=16, lse_kernel_stride=8)
     cache, _ = _run("triton", cfg, [1500], 4, 8, 2, 16, device=DEV, seed=77)
     p = cache._ws[("fast", 8)]["p"]
     assert p["NCH"] >= 10 and p["S2"] >= 8, p
+    assert p["P"] == (8 if select_range else 0), p
 
 
 @pytest.mark.gpu

@@ -63,14 +63,33 @@ def _configs(bvs, warps, stages):
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in bvs for w in warps for s in stages]
 
 
-def _prune_wide(configs, named_args, **kwargs):
-    """fp32 operands: only BV <= 64 and 2 stages. Why: on the H200 (triton 3.6) each fp32/TF32 config
-    takes seconds to compile, and the wide ones (twice the shared memory of bf16) never win; the
-    full list made the first fp32 call spend minutes in the autotuner (bench/results, 2026-11-30)."""
-    if named_args["k_ptr"].element_size() < 4:
-        return configs
-    kept = [c for c in configs if c.kwargs["BV"] <= 64 and c.num_stages <= 2]
-    return kept or configs[:1]
+# fp32 operands get their own short lists. H200 run 4 (bench/diag_lightning_configs.py, T = 128K, every config
+# timed): chunk outputs BV=128 / 8 warps / 1 stage 6.60 ms, 2 stages 7.74, BV=64 / 8 warps / 1 stage 8.44, the rest
+# 8.6-15.5; local states BV=128 / 8 warps 3.16 ms (1 or 3 stages), BV=64 / 4 warps / 1 stage 3.62, the rest up to
+# 4.1. (fp32 products reduce over tokens with both operands token-major in memory, a layout TF32 wgmma does not
+# take, so they are 2-3x slower per byte than bf16.) 16-bit operands never use 1 stage (not measured on the H200).
+_F32_OUT = ((128, 8, 1), (128, 8, 2), (64, 8, 1))
+_F32_LOCAL = ((128, 8, 1), (128, 8, 3), (64, 4, 1))
+
+
+def _f32_configs(table):
+    if _PINNED:
+        return []
+    return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in table]
+
+
+def _by_dtype(table):
+    keep32 = set(table)
+
+    def prune(configs, named_args, **kwargs):
+        """fp32 operands: only the configs of `table` (each TF32 config compiles for seconds on the H200, and the
+        bf16 ones never won in fp32); 16-bit operands: every config but the fp32-only 1-stage ones."""
+        if named_args["k_ptr"].element_size() < 4:
+            kept = [c for c in configs if c.num_stages > 1]
+        else:
+            kept = [c for c in configs if (c.kwargs["BV"], c.num_warps, c.num_stages) in keep32]
+        return kept or configs[:1]
+    return prune
 
 
 @triton.jit
@@ -104,8 +123,8 @@ def _program_chunk(DV, BV: tl.constexpr, H, decay_ptr, chunk_start_ptr, chunk_en
     return i_v, h, c, a, b, s2
 
 
-@triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]), key=["DK", "DV", "BT", "REVERSE"],
-                 prune_configs_by={"early_config_prune": _prune_wide})
+@triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]) + _f32_configs(_F32_LOCAL), key=["DK", "DV", "BT", "REVERSE"],
+                 prune_configs_by={"early_config_prune": _by_dtype(_F32_LOCAL)})
 @triton.jit
 def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
                         T, NSS, L, H, GK, GV, stride_k, stride_v, kv_mult, DK, DV,
@@ -207,8 +226,9 @@ def _scan_kernel(ds_ptr, init_ptr, final_ptr, decay_ptr, chunk_start_ptr, chunk_
         tl.store(final_ptr + seq_base + tile, S, mask=msk)
 
 
-@triton.autotune(configs=_configs([64, 32], [4, 8], [2, 3]) + ([] if _PINNED else _configs([128], [8], [2, 3])),
-                 key=["DK", "DV", "BT", "REVERSE"], prune_configs_by={"early_config_prune": _prune_wide})
+@triton.autotune(configs=_configs([64, 32], [4, 8], [2, 3]) + ([] if _PINNED else _configs([128], [8], [2, 3]))
+                 + _f32_configs(_F32_OUT),
+                 key=["DK", "DV", "BT", "REVERSE"], prune_configs_by={"early_config_prune": _by_dtype(_F32_OUT)})
 @triton.jit
 def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
                       T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,

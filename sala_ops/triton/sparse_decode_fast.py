@@ -42,9 +42,10 @@ import triton.language as tl
 # "ieee" (fp32 FMA), "tf32x3" (three TF32 tensor-core products: fp32-level error) or "tf32" (profiling
 # only: TF32 rounding reorders near-ties against the fp32 reference). SALA_SPARSE_DECODE_SCORE_DOT, read
 # at import. The H200 run 2 profile put 271 us of the 1M step in the ieee score pass (67 MB: 0.25 TB/s).
-# "split2" (16-bit q only, else tf32x3): two TF32 products of the exact-in-TF32 q against C1 split in
-# hi + lo parts (fp32-level error, one product less than tf32x3).
-SCORE_DOT = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "tf32x3")
+# "split2" (the default; with an fp32 q it runs as tf32x3): two TF32 products of the 16-bit q, exact in TF32,
+# against C1 split in hi + lo parts: fp32-level error, one product less than tf32x3 (H200 run 4 at 1M: score
+# pass 31.3 vs 37.1 us, LSE 8.6 vs 9.9 us, same selection).
+SCORE_DOT = os.environ.get("SALA_SPARSE_DECODE_SCORE_DOT", "split2")
 # SALA_SPARSE_DECODE_KEYS_M=1: the stage-1 products with the keys as the MMA's M dimension (wgmma-sized)
 KEYS_M = os.environ.get("SALA_SPARSE_DECODE_KEYS_M", "1") == "1"
 # warps of the score pass when it does not select (SELECT_MODE bisect)
@@ -67,6 +68,12 @@ SELECT_K = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_K", "0"))
 if not 0 <= SELECT_K <= 4:
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_K must be 0..4, got {SELECT_K}")
 SELECT_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_WARPS", "0"))
+# Two-level select for long caches (bisect mode): ranges of SELECT_RANGE blocks each keep their own top-k
+# (_select_local_kernel, one program per range), then one program per row picks the top-k of those candidates
+# (_select_merge_kernel); used when the cache holds at least 4 ranges of blocks. 0: always one level.
+SELECT_RANGE = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_RANGE", "1024"))
+if SELECT_RANGE and SELECT_RANGE & (SELECT_RANGE - 1):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_RANGE must be 0 or a power of two, got {SELECT_RANGE}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +88,10 @@ def search_steps(k: int) -> int:
 from ._launch import launch as _launch
 from .sparse_decode_kernels import _attend_split, _lse_partial_kernel, combined_lse, group_heads, key_head_scores
 
-TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs) for the score pass
+TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs); the LSE pass takes half
+# the score pass: ~2 per SM, what fits at once (sm_90: 182-210 registers x 128 threads, 74 KB shared); H200 run
+# 4 at 1M: 26 us with 264 programs (128-block ranges) vs 31 us with 528
+SCORE_PROGRAMS = 264
 SB_BLOCKS = None       # overrides (tests: small configs with several sub-tiles and ranges)
 CB_BLOCKS = None
 SPB_BLOCKS = None
@@ -180,22 +190,85 @@ def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
     if L >= DENSE_LEN:
         n_sel = tl.minimum(qb + 1, KSEL)
         bb = tl.arange(0, NBP)
-        valid = (bb <= qb) & (bb < NBMAX)
-        sc = tl.load(bscore + row * NBMAX + bb, mask=valid, other=0.0, cache_modifier=".cg")
-        forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
-        sc = tl.where(forced, float("inf"), sc)
-        # scores are >= 0 (or +inf), so their int32 bits order as the floats; invalid entries -1
-        bits = tl.where(valid, sc.to(tl.int32, bitcast=True), -1)
-        lo = _kth_largest_bisect(bits, n_sel, K, NIT)
-        gt = bits > lo
-        eq = bits == lo
-        need = n_sel - tl.sum(gt.to(tl.int32), axis=0)  # ties at the threshold taken, lowest index first
-        # one scan for both running counts (each < 2^16): ties so far (low half), blocks above so far (high)
-        run = tl.cumsum(eq.to(tl.int32) + (gt.to(tl.int32) << 16), axis=0)
-        n_eq = run & 65535
-        chosen = gt | (eq & (n_eq <= need))
-        pos = (run >> 16) + tl.minimum(n_eq, need) - 1                  # chosen blocks before this one
+        bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
+        chosen, pos = _choose(bits, n_sel, K, NIT)
         tl.store(sel + row * KSEL + pos, bb, mask=chosen)
+        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
+    else:
+        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
+
+
+@triton.jit
+def _row_bits(bscore, row, bb, qb, NBMAX, INIT: tl.constexpr, WB: tl.constexpr):
+    """The int32 bits of row's block scores at blocks bb (forced init / window blocks +inf; the scores are
+    >= 0, so their bits order as the floats), -1 where bb is past the query's block; and that validity."""
+    valid = (bb <= qb) & (bb < NBMAX)
+    sc = tl.load(bscore + row * NBMAX + bb, mask=valid, other=0.0, cache_modifier=".cg")
+    forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
+    sc = tl.where(forced, float("inf"), sc)
+    return tl.where(valid, sc.to(tl.int32, bitcast=True), -1), valid
+
+
+@triton.jit
+def _choose(bits, n_sel, K: tl.constexpr, NIT: tl.constexpr):
+    """The n_sel largest entries of bits (>= 0 where valid, -1 where not), ties at the threshold to the lowest
+    positions; all valid entries when fewer than n_sel are valid. Returns (chosen mask, rank among the
+    chosen in position order)."""
+    lo = _kth_largest_bisect(bits, n_sel, K, NIT)
+    gt = bits > lo
+    eq = bits == lo
+    need = n_sel - tl.sum(gt.to(tl.int32), axis=0)  # ties at the threshold taken, lowest position first
+    # one scan for both running counts (each < 2^16): ties so far (low half), entries above so far (high)
+    run = tl.cumsum(eq.to(tl.int32) + (gt.to(tl.int32) << 16), axis=0)
+    n_eq = run & 65535
+    chosen = gt | (eq & (n_eq <= need))
+    pos = (run >> 16) + tl.minimum(n_eq, need) - 1                  # chosen entries before this one
+    return chosen, pos
+
+
+@triton.jit
+def _select_local_kernel(bscore, lens, cand_bits, cand_idx, DENSE_LEN, NBMAX, HKV,
+                         BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr,
+                         KSP: tl.constexpr, NR: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr):
+    """Two-level select, level 1, grid (B * Hkv, P): range r of NR blocks of a row keeps its own n_sel best
+    (forced blocks +inf, ties to the lower index) as (score bits, block) candidates in ascending block order at
+    cand[row, r * KSP ...], -1 bits after them. The row's n_sel best are among the P ranges' candidates."""
+    row = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)
+    L = tl.load(lens + row // HKV)
+    qb = tl.maximum(L - 1, 0) // BS
+    if (L >= DENSE_LEN) & (r * NR <= qb):
+        n_sel = tl.minimum(qb + 1, KSEL)
+        bb = r * NR + tl.arange(0, NR)
+        bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
+        chosen, pos = _choose(bits, n_sel, K, NIT)
+        base = (row * tl.num_programs(1) + r) * KSP
+        tl.store(cand_bits + base + pos, bits, mask=chosen)
+        tl.store(cand_idx + base + pos, bb, mask=chosen)
+        n_kept = tl.minimum(n_sel, tl.sum(valid.to(tl.int32), axis=0))
+        ki = tl.arange(0, KSP)
+        tl.store(cand_bits + base + ki, tl.full([KSP], -1, tl.int32), mask=ki >= n_kept)
+
+
+@triton.jit
+def _select_merge_kernel(cand_bits, cand_idx, lens, sel, DENSE_LEN, HKV,
+                         BS: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr, NR: tl.constexpr,
+                         P: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr):
+    """Two-level select, level 2, one program per row: the n_sel best of the P * KSP candidates (ranges past
+    the query's block hold none), ties to the lower index (the candidates are in ascending block order), so
+    exactly the one-level select's blocks, ascending, -1 padded; all -1 below dense_len."""
+    row = tl.program_id(0).to(tl.int64)
+    L = tl.load(lens + row // HKV)
+    qb = tl.maximum(L - 1, 0) // BS
+    ki = tl.arange(0, KSP)
+    if L >= DENSE_LEN:
+        n_sel = tl.minimum(qb + 1, KSEL)
+        c = tl.arange(0, P * KSP)
+        live = (c // KSP) * NR <= qb
+        bits = tl.load(cand_bits + row * (P * KSP) + c, mask=live, other=-1, cache_modifier=".cg")
+        idx = tl.load(cand_idx + row * (P * KSP) + c, mask=live, other=0, cache_modifier=".cg")
+        chosen, pos = _choose(bits, n_sel, K, NIT)
+        tl.store(sel + row * KSEL + pos, idx, mask=chosen)
         tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
     else:
         tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
@@ -318,7 +391,7 @@ def workspace(cache, H: int):
     p["NBMAX"] = nb
     p["NBP"] = _pow2(nb)
     p["SB"] = SB = max(_pow2(SB_BLOCKS), _cdiv(16, R)) if SB_BLOCKS else max(16, 64 // R)  # SB * R >= 16
-    tgt = max(1, TARGET_PROGRAMS // rows)
+    tgt = max(1, SCORE_PROGRAMS // rows)
     CB = max(SB, _pow2(_cdiv(nb, tgt)))
     if CB_BLOCKS:
         CB = max(SB, _pow2(CB_BLOCKS))
@@ -331,6 +404,11 @@ def workspace(cache, H: int):
     p["SW"] = 4 if p["NBP"] <= 4096 else 16
     # the select's own launch: ~32 scores per thread
     p["SELW"] = max(4, min(16, p["NBP"] // 1024))
+    # two-level select: P ranges of NR blocks, KSP candidate slots each; ~8 entries per thread per level
+    p["NR"] = NR = SELECT_RANGE if SELECT_MODE == "bisect" and SELECT_RANGE and p["NBP"] >= 4 * SELECT_RANGE else 0
+    p["P"] = P = p["NBP"] // NR if NR else 0
+    p["SELW1"] = max(4, min(16, NR // 256))
+    p["SELW2"] = max(4, min(16, P * p["KSP"] // 256))
     # attention slots: the selected blocks, or every block of a sequence still below dense_len
     p["NSLOT"] = NSLOT = max(ksel, _cdiv(cfg.dense_len, bs))
     SPB = max(4, _cdiv(NSLOT * rows, 264))
@@ -345,6 +423,8 @@ def workspace(cache, H: int):
               l2=torch.empty(B, H, p["S2"], dtype=f32, device=dev),
               bscore=torch.empty(B, Hkv, nb, dtype=f32, device=dev),
               sel=torch.full((B, Hkv, ksel), -1, dtype=torch.int32, device=dev),
+              cand_bits=torch.empty(rows, max(1, P * p["KSP"]), dtype=torch.int32, device=dev),
+              cand_idx=torch.empty(rows, max(1, P * p["KSP"]), dtype=torch.int32, device=dev),
               cnt_sel=torch.zeros(rows, dtype=torch.int32, device=dev),
               cnt_att=torch.zeros(rows, dtype=torch.int32, device=dev),
               o_part=torch.empty(B, H, p["NSPLIT"], D, dtype=f32, device=dev),
@@ -359,7 +439,7 @@ class _LaunchPlan:
     only on the cache's config and capacity and on H): built once, kept in the workspace. The module knobs
     (SCORE_DOT, KEYS_M, ...) are read per call and joined to the base constexprs by constexprs()."""
     __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx", "sel_grid", "sel_ws",
-                 "sel_tail", "sel_cx", "sel_k_auto", "sel_k_ok", "att_grid", "att_ws", "att_tail", "att_cx", "memo")
+                 "sel_tail", "sel_cx", "sel_k_auto", "sel_k_ok", "sel2", "att_grid", "att_ws", "att_tail", "att_cx", "memo")
 
     def __init__(self, cache, ws):
         p, cfg = ws["p"], cache.config
@@ -383,6 +463,15 @@ class _LaunchPlan:
         # packed counts paid off up to a few thousand blocks only: H200 run 3, select at 32K 6.2 us (K 4)
         # vs 7.7 (K 1), at 1M (16 warps) 43 vs 33 us
         self.sel_k_auto = 4 if p["NBP"] <= 4096 else 1
+        self.sel2 = None
+        if p["NR"]:
+            sel_ws = (ws["bscore"], cache.lengths, ws["cand_bits"], ws["cand_idx"])
+            self.sel2 = ((B * Hkv, p["P"]), sel_ws, (cfg.dense_len, p["NBMAX"], Hkv),
+                         dict(BS=cfg.block_size, INIT=cfg.init_blocks, WB=cfg.window_size // cfg.block_size,
+                              KSEL=cfg.num_selected, KSP=p["KSP"], NR=p["NR"], num_warps=p["SELW1"]),
+                         (B * Hkv,), (ws["cand_bits"], ws["cand_idx"], cache.lengths, ws["sel"]), (cfg.dense_len, Hkv),
+                         dict(BS=cfg.block_size, KSEL=cfg.num_selected, KSP=p["KSP"], NR=p["NR"], P=p["P"],
+                              num_warps=p["SELW2"]))
         self.sel_k_ok = p["NBP"] < 65536  # the packed 16-bit count fields
         self.att_grid = (B, Hkv, p["NSPLIT"])
         self.att_tail = (cfg.dense_len, p["NSLOT"], p["SPB"])
@@ -422,7 +511,12 @@ def decode(q, cache, scale):
             (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, p["NBMAX"]),
             lp.constexprs(lp.sc_cx, PREC=prec, KEYS_M=KEYS_M, SELECT=tail,
                           num_warps=p["SW"] if tail else SCORE_WARPS))
-    if not tail:
+    if not tail and lp.sel2 is not None:  # two-level select
+        g1, ws1, t1, cx1, g2, ws2, t2, cx2 = lp.sel2
+        k = SELECT_K or 2
+        _launch(_select_local_kernel, g1, ws1, t1, lp.constexprs(cx1, K=k, NIT=search_steps(k)))
+        _launch(_select_merge_kernel, g2, ws2, t2, lp.constexprs(cx2, K=k, NIT=search_steps(k)))
+    elif not tail:
         k = (SELECT_K or lp.sel_k_auto) if lp.sel_k_ok else 1
         _launch(_select_kernel, lp.sel_grid, lp.sel_ws, lp.sel_tail,
                 lp.constexprs(lp.sel_cx, K=k, NIT=search_steps(k), num_warps=SELECT_WARPS or p["SELW"]))
