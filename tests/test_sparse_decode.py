@@ -382,7 +382,7 @@ def test_fast_nan_poisoned_workspace(monkeypatch):
     cfg = dict(SMALL, topk=3, dense_len=50, lse_kernel_size=16, lse_kernel_stride=8)
     cache, _ = _run("triton", cfg, [20, 120, 45], 8, 4, 2, 16, device=DEV, seed=31)
     ws = cache._ws[("fast", 4)]
-    assert ws["p"]["P"] == 4, ws["p"]  # the two-level select's candidates are poisoned too
+    assert ws["p"]["P"] >= 4, ws["p"]  # the two-level select's candidates are poisoned too
     assert int(ws["cnt_sel"].abs().sum()) == 0 and int(ws["cnt_att"].abs().sum()) == 0, "counters not reset"
 
 
