@@ -10,7 +10,7 @@ is the baseline. Medians of triton.testing.do_bench, eager and CUDA-graph replay
 
     python bench/bench_sparse_decode.py [--quick] [--out DIR] [--sweep] [--profile] [--variant sort]
 
-"ours" is the default path (SALA_SPARSE_DECODE unset: the 4-launch kernel, sparse_decode_fast.py).
+"ours" is the default path (SALA_SPARSE_DECODE unset: the fast kernel, sparse_decode_fast.py).
 --variant sort|fast also times that path on the same cache, side by side: alt_ms / alt_graph_ms,
 alt_ratio / alt_graph_ratio (SDPA / alt), alt_same_idx (its selected blocks equal the default's),
 alt_max_diff (max |o_alt - o_default|).

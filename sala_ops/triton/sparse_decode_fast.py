@@ -1,26 +1,30 @@
-"""Fast sparse decode (the default; SALA_SPARSE_DECODE=sort selects the older 5-launch path): 4 launches,
-many programs, no sort.
+"""Fast sparse decode (the default; SALA_SPARSE_DECODE=sort selects the older 5-launch path): 4 launches
+(5 with the two-level select of long caches), many programs, no sort.
 
 Same cache, same results as sparse_decode_kernels (selection exactly the reference's, ties to the
 lower block index), a different schedule (bench/NOTES_sparse_decode.md has the design and the numbers):
 
   1. _lse_partial_kernel (shared with the sort path) with ~264 / (B Hkv) splits per (b, KV head):
      per query head (max, sum exp) of q.C2 * scale over its C2 keys.
-  2. _score_select_kernel, grid (B, Hkv, NCH), ~528 programs at B = 1: each takes a contiguous
-     range of CB blocks, combines the LSE partials, and walks it in sub-tiles of SB blocks: one
-     tl.dot of the SB*R contiguous C1 windows that start inside the sub-tile (R = block_size /
-     kernel_stride; the keys are the MMA's M dimension: a wgmma tile) against the G query heads, in
-     3xTF32 (fp32-level error), exp(s - lse) summed over the heads, the [SB, R] reshape max-pooled;
-     the E = (kernel_size - 1) // kernel_stride windows that start in the previous block come from
-     the previous block's row (a shift, exact), at the range's start from one extra dot laid out
-     exactly as the previous program's last sub-tile (so the shared window has bit-identical P in
+  2. _score_select_kernel, grid (B, Hkv, NCH), ~264 programs at B = 1 (two per SM): each takes a
+     contiguous range of CB blocks, combines the LSE partials, and walks it in sub-tiles of SB blocks:
+     one tl.dot of the SB*R contiguous C1 windows that start inside the sub-tile (R = block_size /
+     kernel_stride; the keys are the MMA's M dimension: a wgmma tile) against the G query heads, with
+     fp32-level error ("split2": two TF32 products of the 16-bit q, exact in TF32, against C1's hi and
+     lo parts; tf32x3 for an fp32 q), exp(s - lse) summed over the heads, the [SB, R] reshape
+     max-pooled; the E = (kernel_size - 1) // kernel_stride windows that start in the previous block
+     come from the previous block's row (a shift, exact), at the range's start from one extra dot laid
+     out exactly as the previous program's last sub-tile (so the shared window has bit-identical P in
      both programs). Block scores go to a small fp32 scratch [B, Hkv, NBMAX].
   3. _select_kernel, one program per (b, KV head): the n_sel-th largest score by a search over the
      int32 bits of the scores held in registers (forced blocks = +inf, future blocks excluded; 5-ary
      with packed counts up to 4096 blocks, halving above), then the blocks above it plus the
-     lowest-index ties, compacted ascending with one cumsum: no sort at all. (SELECT_MODE "tail" runs
-     it in the last score program instead: one launch less, but the score pass then carries the
-     select's 16 warps and registers, measured 3x slower at 1M.)
+     lowest-index ties, compacted ascending with one cumsum: no sort at all. Long caches (at least 4
+     ranges of SELECT_RANGE = 1024 blocks, i.e. 256K tokens) select in two levels instead, which cut
+     the 1M select from 30.5 to 17 us on the H200: _select_local_kernel keeps each range's own top-k
+     (grid (B Hkv, ranges)), _select_merge_kernel picks the row's top-k among those candidates.
+     (SELECT_MODE "tail" runs the one-level select in the last score program instead: one launch less,
+     but the score pass then carries the select's 16 warps and registers, measured 3x slower at 1M.)
   4. _attend_combine_kernel: flash-decoding split-K over the selected blocks (as _attend_kernel);
      the last split program of each (b, KV head) (atomic counter) merges the NSPLIT partials.
 
@@ -491,7 +495,8 @@ class _LaunchPlan:
 
 
 def decode(q, cache, scale):
-    """One decode step, 4 launches (3 with SELECT_MODE tail). q [B, H, D] contiguous. Returns (o, sel)."""
+    """One decode step, 4 launches (5 with the two-level select, 3 with SELECT_MODE tail). q [B, H, D]
+    contiguous. Returns (o, sel)."""
     B, H, D = q.shape
     ws = cache._ws.get(("fast", H)) or workspace(cache, H)
     lp = ws.get("launch")
