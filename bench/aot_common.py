@@ -76,3 +76,27 @@ def fingerprint(kernel):
     # $L__tmpN: labels that only delimit debug scopes (inlined @triton.jit helpers add some)
     keep = [ln for ln in ptx.splitlines() if not re.match(r"\s*(\.loc|\.file|//|\$L__tmp\d+:)", ln)]
     return hashlib.sha1("\n".join(keep).encode()).hexdigest()[:12]
+
+
+def sm90_compiler(width=52):
+    """comp(name, kernel, ptrs, ints, floats, constexprs, num_warps, num_stages=3): compile `kernel` (a
+    JITFunction; triton imported by the caller after any --triton path) for sm_90 as a launch would specialise
+    it, print its stats line and return the compiled kernel (None on failure, with the error printed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    tool = cubin_tool(triton)
+    print(f"triton {triton.__version__}, sm_90 (regs/thread, spill bytes, shared bytes)")
+
+    def comp(name, K, ptrs, ints, floats, const, nw, ns=3):
+        sig, c0, attrs = signature(K, ptrs, ints, floats)
+        c0.update(const)
+        label = f"{name:<{width}} warps {nw:>2} stages {ns}"
+        try:
+            k = triton.compile(ASTSource(K, sig, c0, attrs), target=GPUTarget("cuda", 90, 64),
+                               options=dict(num_warps=nw, num_stages=ns))
+            print(f"{label}: {stats(k, tool)}", flush=True)
+            return k
+        except Exception as e:  # noqa: BLE001
+            print(f"{label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return comp

@@ -21,23 +21,9 @@ def main():
     if a.triton:
         sys.path.insert(0, a.triton)
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from sala_ops.triton import sparse_decode_fast as F
-    from aot_common import cubin_tool, signature, stats
-    tool = cubin_tool(triton)
-    print(f"triton {triton.__version__}, sm_90 (regs/thread, spill bytes, shared bytes)")
-
-    def comp(name, K, ptrs, ints, floats, const, nw, ns=3):
-        sig, c0, attrs = signature(K, ptrs, ints, floats)
-        c0.update(const)
-        try:
-            k = triton.compile(ASTSource(K, sig, c0, attrs), target=GPUTarget("cuda", 90, 64),
-                               options=dict(num_warps=nw, num_stages=ns))
-            print(f"{name:<52} warps {nw:>2}: {stats(k, tool)}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"{name:<52} warps {nw:>2}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    from aot_common import sm90_compiler
+    comp = sm90_compiler()
 
     cfg = dict(KS=32, ST=16, BS=64, INIT=1, WB=32, R=4, E=1, KSEL=96, KSP=128, BG=16, BD=128, G=16)
     for nbp, nsub, s2 in ((512, 1, 32), (16384, 4, 128)):

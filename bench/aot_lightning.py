@@ -23,24 +23,9 @@ def main():
     if a.triton:
         sys.path.insert(0, a.triton)
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from sala_ops.triton import lightning_chunk as LC
-    from aot_common import cubin_tool, signature, stats
-    tool = cubin_tool(triton)
-    print(f"triton {triton.__version__}, sm_90")
-
-    def comp(name, K, ptrs, ints, floats, const, nw, ns):
-        sig, c0, attrs = signature(K, ptrs, ints, floats)
-        c0.update(const)
-        try:
-            k = triton.compile(ASTSource(K, sig, c0, attrs), target=GPUTarget("cuda", 90, 64),
-                               options=dict(num_warps=nw, num_stages=ns))
-            print(f"{name:<40} warps {nw} stages {ns}: {stats(k, tool)}", flush=True)
-            return k
-        except Exception as e:  # noqa: BLE001
-            print(f"{name:<40} warps {nw} stages {ns}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    from aot_common import sm90_compiler
+    comp = sm90_compiler(40)
 
     H, D = 32, 128
     for dt in a.dtypes.split(","):
