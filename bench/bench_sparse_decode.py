@@ -204,7 +204,7 @@ MODES = [dict(SELECT_RANGE=0),  # one-level select: the baseline for same_idx
 if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of the list above
     MODES = json.loads(os.environ["SALA_DECODE_MODES"])
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",
-         "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS")
+         "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS", "ATTEND_MERGE")
 
 
 def modes_case(B, L, rows):
@@ -284,7 +284,8 @@ def main():
     print(info, flush=True)
     rows = []
     if args.modes:
-        for L in ((9000,) if DRY else (1024 * 1024, 32 * 1024)):
+        sizes_m = [int(x) for x in os.environ.get("SALA_DECODE_MODES_SIZES", "1048576,32768").split(",")]
+        for L in ((9000,) if DRY else sizes_m):
             modes_case(1, L, rows)
         if args.out:
             os.makedirs(args.out, exist_ok=True)

@@ -322,9 +322,11 @@ def test_triton_fp16_within_twice_torch_error():
 
 
 # ---------------------------------------------------------------- fast variant (SALA_SPARSE_DECODE=fast)
-def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2, select_range=None):
+def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2, select_range=None, merge_in=None):
     from sala_ops.triton import sparse_decode_fast as FAST
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+    if merge_in is not None:
+        monkeypatch.setattr(FAST, "ATTEND_MERGE", merge_in)
     if select_range is not None:
         monkeypatch.setattr(FAST, "SELECT_RANGE", select_range)
     monkeypatch.setattr(FAST, "MERGE_CHUNK", merge)
@@ -346,6 +348,8 @@ def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2,
     (2, (2, 2), [150, 60], 14, 32, (16, 8), dict(sb=4, cb=4, programs=4096), dict(NCH=3, NSUB=1)),
     # the two-level select: 4 ranges of 4 blocks, the shorter sequence's last ranges past its query block
     (2, (2, 2), [150, 60], 14, 32, (16, 8), dict(sb=4, cb=4, programs=4096, select_range=4), dict(NR=4, P=4)),
+    # the attention partials merged by a launch of their own (one program per query head), 6 splits
+    (4, (8, 2), [150], 12, 24, (16, 8), dict(sb=4, cb=8, spb=1, programs=4096, merge_in="kernel"), dict(NSPLIT=6)),
 ])
 def test_fast_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, knobs, expect):
     H, Hkv = heads

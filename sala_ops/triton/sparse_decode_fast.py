@@ -76,6 +76,11 @@ SELECT_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_WARPS", "0"))
 # (_select_local_kernel, one program per range), then one program per row picks the top-k of those candidates
 # (_select_merge_kernel); used when the cache holds at least 4 ranges of blocks. 0: always one level.
 SELECT_RANGE = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_RANGE", "1024"))
+# Where the split-K attention partials are merged: "last" (the last split program of each (b, KV head), in the
+# attention launch) or "kernel" (a launch of its own, one program per (b, query head): _combine_kernel).
+ATTEND_MERGE = os.environ.get("SALA_SPARSE_DECODE_MERGE", "last")
+if ATTEND_MERGE not in ("last", "kernel"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_MERGE must be last or kernel, got {ATTEND_MERGE!r}")
 if SELECT_RANGE and SELECT_RANGE & (SELECT_RANGE - 1):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_RANGE must be 0 or a power of two, got {SELECT_RANGE}")
 
@@ -90,7 +95,8 @@ def search_steps(k: int) -> int:
 
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import _attend_split, _lse_partial_kernel, combined_lse, group_heads, key_head_scores
+from .sparse_decode_kernels import (_attend_kernel, _attend_split, _combine_kernel, _lse_partial_kernel, combined_lse,
+                                    group_heads, key_head_scores)
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs); the LSE pass takes half
 # the score pass: ~2 per SM, what fits at once (sm_90: 182-210 registers x 128 threads, 74 KB shared); H200 run
@@ -443,7 +449,7 @@ class _LaunchPlan:
     only on the cache's config and capacity and on H): built once, kept in the workspace. The module knobs
     (SCORE_DOT, KEYS_M, ...) are read per call and joined to the base constexprs by constexprs()."""
     __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx", "sel_grid", "sel_ws",
-                 "sel_tail", "sel_cx", "sel_k_auto", "sel_k_ok", "sel2", "att_grid", "att_ws", "att_tail", "att_cx", "memo")
+                 "sel_tail", "sel_cx", "sel_k_auto", "sel_k_ok", "sel2", "att_grid", "att_ws", "att_tail", "att_cx", "comb", "memo")
 
     def __init__(self, cache, ws):
         p, cfg = ws["p"], cache.config
@@ -483,6 +489,10 @@ class _LaunchPlan:
                                   BG=p["BG"], BD=p["BD"], BN=p["BN"], IEEE=ieee, num_warps=8)
                        for ieee in (False, True)}
         self.att_ws = (ws["sel"], ws["o_part"], ws["m_part"], ws["l_part"], ws["cnt_att"])
+        # ATTEND_MERGE "kernel": the same split programs without the merge, then one merge program per query head
+        self.comb = ((B, p["G"] * Hkv), (ws["o_part"], ws["m_part"], ws["l_part"]),
+                     dict(NSPLIT=p["NSPLIT"], NSP=_pow2(p["NSPLIT"]), BD=p["BD"], num_warps=8),
+                     {ieee: {k: v for k, v in cx.items() if k != "SPC"} for ieee, cx in self.att_cx.items()})
         self.memo = {}
 
     def constexprs(self, base, **knobs):
@@ -525,7 +535,14 @@ def decode(q, cache, scale):
         k = (SELECT_K or lp.sel_k_auto) if lp.sel_k_ok else 1
         _launch(_select_kernel, lp.sel_grid, lp.sel_ws, lp.sel_tail,
                 lp.constexprs(lp.sel_cx, K=k, NIT=search_steps(k), num_warps=SELECT_WARPS or p["SELW"]))
-    _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),
-            (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
-            lp.att_cx[q.dtype == torch.float32])
+    att_cx = lp.att_cx[q.dtype == torch.float32]
+    if ATTEND_MERGE == "kernel" and p["NSPLIT"] > 1:
+        _launch(_attend_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:4]),
+                (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
+                lp.comb[3][q.dtype == torch.float32])
+        g, ws_, cx, _ = lp.comb
+        _launch(_combine_kernel, g, (o, *ws_), (o.stride(0), o.stride(1), D), cx)
+    else:
+        _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),
+                (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail), att_cx)
     return o, ws["sel"]
