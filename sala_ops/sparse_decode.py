@@ -442,7 +442,7 @@ def _import_fast():
 
 
 def _decode_triton(q, cache: SparseLayerCache, scale):
-    # Default: the fast kernel (sparse_decode_fast.py, 4-5 launches), 2.3-6x faster than the 5-launch "sort" path on the
+    # Default: the fast kernel (sparse_decode_fast.py, 5-6 launches), 2.3-6x faster than the 5-launch "sort" path on the
     # H200 (bench/NOTES_sparse_decode.md); SALA_SPARSE_DECODE=sort selects the latter (kept: it has no config limits).
     if getenv("SALA_SPARSE_DECODE", "fast") != "sort":
         FAST = _FAST or _import_fast()

@@ -343,7 +343,8 @@ def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2,
     (3, (4, 2), [40, 55], 30, 16, None, {}, dict(NCH=1)),
     # G = 4, odd head dim, 2 sub-tiles per range (carry), 2 ranges (boundary dot), 2+ LSE splits,
     # 6 attention splits merged in 3 chunks by the last split program
-    (4, (8, 2), [150], 12, 24, (16, 8), dict(sb=4, cb=8, spb=1, programs=4096), dict(NCH=2, NSUB=2, NSPLIT=6, SPC=2)),
+    (4, (8, 2), [150], 12, 24, (16, 8), dict(sb=4, cb=8, spb=1, programs=4096, merge_in="last"),
+     dict(NCH=2, NSUB=2, NSPLIT=6, SPC=2)),
     # G = 1, 3 ranges of one sub-tile each, batch with different lengths (one still dense at first)
     (2, (2, 2), [150, 60], 14, 32, (16, 8), dict(sb=4, cb=4, programs=4096), dict(NCH=3, NSUB=1)),
     # the two-level select: 4 ranges of 4 blocks, the shorter sequence's last ranges past its query block
@@ -365,10 +366,11 @@ def test_fast_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, l
         assert p["S2"] >= 2, "several LSE splits not exercised"
 
 
-def test_fast_nan_poisoned_workspace(monkeypatch):
+@pytest.mark.parametrize("merge_in", ["kernel", "last"])
+def test_fast_nan_poisoned_workspace(monkeypatch, merge_in):
     """Every workspace entry read in a step is written in that step: NaN / garbage before each step
     changes nothing (the self-resetting counters are the only state kept between steps)."""
-    _fast_knobs(monkeypatch, sb=4, cb=4, spb=2, programs=4096, select_range=2)
+    _fast_knobs(monkeypatch, sb=4, cb=4, spb=2, programs=4096, select_range=2, merge_in=merge_in)
     import sys
     orig = sparse_decode
     mod = sys.modules[__name__]

@@ -1,5 +1,5 @@
-"""Fast sparse decode (the default; SALA_SPARSE_DECODE=sort selects the older 5-launch path): 4 launches
-(5 with the two-level select of long caches), many programs, no sort.
+"""Fast sparse decode (the default; SALA_SPARSE_DECODE=sort selects the older 5-launch path): 5 launches
+(6 with the two-level select of long caches), many programs, no sort.
 
 Same cache, same results as sparse_decode_kernels (selection exactly the reference's, ties to the
 lower block index), a different schedule (bench/NOTES_sparse_decode.md has the design and the numbers):
@@ -25,8 +25,10 @@ lower block index), a different schedule (bench/NOTES_sparse_decode.md has the d
      (grid (B Hkv, ranges)), _select_merge_kernel picks the row's top-k among those candidates.
      (SELECT_MODE "tail" runs the one-level select in the last score program instead: one launch less,
      but the score pass then carries the select's 16 warps and registers, measured 3x slower at 1M.)
-  4. _attend_combine_kernel: flash-decoding split-K over the selected blocks (as _attend_kernel);
-     the last split program of each (b, KV head) (atomic counter) merges the NSPLIT partials.
+  4. _attend_kernel: flash-decoding split-K over the selected blocks, ~264 programs (one block each at
+     B = 1), then _combine_kernel merges the NSPLIT partials, one program per (b, query head). (With
+     ATTEND_MERGE "last", _attend_combine_kernel: the last split program of each (b, KV head), by an
+     atomic counter, merges instead: one launch less, but a serial merge of all G heads.)
 
 Requirements (else the default path runs): block_size % kernel_stride == 0, R a power of two,
 1 <= E <= R (the 9B config: R = 4, E = 1). Every buffer is preallocated (SparseLayerCache._ws),
@@ -76,9 +78,12 @@ SELECT_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_WARPS", "0"))
 # (_select_local_kernel, one program per range), then one program per row picks the top-k of those candidates
 # (_select_merge_kernel); used when the cache holds at least 4 ranges of blocks. 0: always one level.
 SELECT_RANGE = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_RANGE", "1024"))
-# Where the split-K attention partials are merged: "last" (the last split program of each (b, KV head), in the
-# attention launch) or "kernel" (a launch of its own, one program per (b, query head): _combine_kernel).
-ATTEND_MERGE = os.environ.get("SALA_SPARSE_DECODE_MERGE", "last")
+# Where the split-K attention partials are merged: "kernel" (the default: a launch of its own, one program per
+# (b, query head), _combine_kernel, so the split programs can each take one block) or "last" (the last split
+# program of each (b, KV head), in the attention launch; it serialises the merge of all G heads in one program).
+# H200 run 4, B=1: attention + merge 9.1 / 7.9 / 8.2 us (kernel, 1 block per split) vs 15.1 / 14.5 / 14.3 (last,
+# 4 blocks per split) at 1M / 128K / 32K; the whole step 71.7 / 41.3 / 32.6 vs 76.8 / 46.6 / 37.9 us.
+ATTEND_MERGE = os.environ.get("SALA_SPARSE_DECODE_MERGE", "kernel")
 if ATTEND_MERGE not in ("last", "kernel"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_MERGE must be last or kernel, got {ATTEND_MERGE!r}")
 if SELECT_RANGE and SELECT_RANGE & (SELECT_RANGE - 1):
@@ -421,7 +426,8 @@ def workspace(cache, H: int):
     p["SELW2"] = max(4, min(16, P * p["KSP"] // 256))
     # attention slots: the selected blocks, or every block of a sequence still below dense_len
     p["NSLOT"] = NSLOT = max(ksel, _cdiv(cfg.dense_len, bs))
-    SPB = max(4, _cdiv(NSLOT * rows, 264))
+    # ~264 attention programs (2 per SM); the in-launch merge ("last") wants at least 4 blocks per split
+    SPB = max(1 if ATTEND_MERGE == "kernel" else 4, _cdiv(NSLOT * rows, 264))
     p["SPB"] = SPB = min(SPB_BLOCKS or SPB, NSLOT)
     p["NSPLIT"] = _cdiv(NSLOT, SPB)
     p["SPC"] = min(MERGE_CHUNK, _pow2(p["NSPLIT"]))
@@ -505,8 +511,8 @@ class _LaunchPlan:
 
 
 def decode(q, cache, scale):
-    """One decode step, 4 launches (5 with the two-level select, 3 with SELECT_MODE tail). q [B, H, D]
-    contiguous. Returns (o, sel)."""
+    """One decode step, 5 launches (one more with the two-level select, one less with SELECT_MODE tail or
+    ATTEND_MERGE last). q [B, H, D] contiguous. Returns (o, sel)."""
     B, H, D = q.shape
     ws = cache._ws.get(("fast", H)) or workspace(cache, H)
     lp = ws.get("launch")
