@@ -192,19 +192,16 @@ def profile_case(B, L, variant=None):
 # SELECT_MODE, SCORE_DOT, KEYS_M, SCORE_WARPS, SELECT_K (0: by size), SELECT_WARPS (0: by size) are read per
 # call; CB_BLOCKS (score range), SPB_BLOCKS (attention blocks per split), MERGE_CHUNK shape the workspace,
 # which every mode rebuilds.
-MODES = [dict(SELECT_RANGE=0),  # one-level select: the baseline for same_idx
-         dict(),
-         dict(SELECT_RANGE=512),
-         dict(SELECT_RANGE=2048),
-         dict(SELECT_K=4),
-         dict(SELECT_K=1),
-         dict(SCORE_DOT="tf32x3"),
-         dict(SCORE_PROGRAMS=528),
-         dict(SELECT_RANGE=0, SCORE_PROGRAMS=528, SCORE_DOT="tf32x3")]  # the H200 run 3 default
+MODES = [dict(),
+         dict(PDL=True),  # programmatic dependent launch: not measured yet
+         dict(ATTEND_MERGE="last"),
+         dict(SPB_BLOCKS=2),
+         dict(SELECT_RANGE=0),
+         dict(SCORE_DOT="tf32x3")]
 if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of the list above
     MODES = json.loads(os.environ["SALA_DECODE_MODES"])
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",
-         "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS", "ATTEND_MERGE")
+         "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS", "ATTEND_MERGE", "PDL")
 
 
 def modes_case(B, L, rows):

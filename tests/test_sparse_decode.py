@@ -10,6 +10,8 @@ GPU-marked: the real 9B configuration in bf16, and a CUDA-graph replay of the de
 """
 import math
 
+import os
+
 import pytest
 import torch
 
@@ -402,6 +404,20 @@ def test_fast_long_sequence_many_ranges(monkeypatch, select_range):
     p = cache._ws[("fast", 8)]["p"]
     assert p["NCH"] >= 10 and p["S2"] >= 8, p
     assert p["P"] == (8 if select_range else 0), p
+
+
+def test_fast_pdl_knob(monkeypatch):
+    """SALA_SPARSE_DECODE_PDL asks for programmatic dependent launch; it engages only for compiled kernels on
+    sm_90+ (the interpreter cannot run griddepcontrol), and the results stay the reference's either way."""
+    from sala_ops.triton import sparse_decode_fast as FAST
+    _fast_knobs(monkeypatch, sb=4, cb=4, programs=4096)
+    monkeypatch.setattr(FAST, "PDL", True)
+    cfg = dict(SMALL, topk=3, dense_len=50)
+    cache, _ = _run("triton", cfg, [70, 20], 6, 4, 2, 16, device=DEV, seed=5)
+    lp = cache._ws[("fast", 4)]["launch"]
+    on_gpu = (DEV != "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+              and torch.cuda.get_device_capability()[0] >= 9)
+    assert lp.pdl == (dict(PDL=True, launch_pdl=True) if on_gpu else {}), lp.pdl
 
 
 @pytest.mark.gpu

@@ -84,6 +84,11 @@ SELECT_RANGE = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_RANGE", "1024"))
 # H200 run 4, B=1: attention + merge 9.1 / 7.9 / 8.2 us (kernel, 1 block per split) vs 15.1 / 14.5 / 14.3 (last,
 # 4 blocks per split) at 1M / 128K / 32K; the whole step 71.7 / 41.3 / 32.6 vs 76.8 / 46.6 / 37.9 us.
 ATTEND_MERGE = os.environ.get("SALA_SPARSE_DECODE_MERGE", "kernel")
+# SALA_SPARSE_DECODE_PDL=1: launch the step's kernels with programmatic dependent launch (sm_90+, compiled only):
+# each kernel starts with griddepcontrol.wait + launch_dependents (pdl_enter), so the next launch of the step is
+# scheduled while this one runs, hiding part of the ~1.5-2 us gap between dependent launches (about 9 us of the
+# 32K step in H200 run 4). Off by default: not measured on the H200 yet.
+PDL = os.environ.get("SALA_SPARSE_DECODE_PDL", "0") == "1"
 if ATTEND_MERGE not in ("last", "kernel"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_MERGE must be last or kernel, got {ATTEND_MERGE!r}")
 if SELECT_RANGE and SELECT_RANGE & (SELECT_RANGE - 1):
@@ -101,7 +106,7 @@ def search_steps(k: int) -> int:
 
 from ._launch import launch as _launch
 from .sparse_decode_kernels import (_attend_kernel, _attend_split, _combine_kernel, _lse_partial_kernel, combined_lse,
-                                    group_heads, key_head_scores)
+                                    group_heads, key_head_scores, pdl_enter)
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs); the LSE pass takes half
 # the score pass: ~2 per SM, what fits at once (sm_90: 182-210 registers x 128 threads, 74 KB shared); H200 run
@@ -122,7 +127,8 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
                          R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
                          KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr,
                          BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr = True,
-                         KEYS_M: tl.constexpr = False):
+                         KEYS_M: tl.constexpr = False, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     c = tl.program_id(2)
@@ -187,8 +193,9 @@ def _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX,
 @triton.jit
 def _select_kernel(bscore, lens, sel, DENSE_LEN, NBMAX, HKV,
                    BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
-                   NBP: tl.constexpr, K: tl.constexpr = 4, NIT: tl.constexpr = 14):
+                   NBP: tl.constexpr, K: tl.constexpr = 4, NIT: tl.constexpr = 14, PDL: tl.constexpr = False):
     """The top-k of one (b, KV head) row of block scores, as its own launch (SELECT_MODE bisect)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     L = tl.load(lens + row // HKV)
     qb = tl.maximum(L - 1, 0) // BS
@@ -244,10 +251,12 @@ def _choose(bits, n_sel, K: tl.constexpr, NIT: tl.constexpr):
 @triton.jit
 def _select_local_kernel(bscore, lens, cand_bits, cand_idx, DENSE_LEN, NBMAX, HKV,
                          BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr,
-                         KSP: tl.constexpr, NR: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr):
+                         KSP: tl.constexpr, NR: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr,
+                         PDL: tl.constexpr = False):
     """Two-level select, level 1, grid (B * Hkv, P): range r of NR blocks of a row keeps its own n_sel best
     (forced blocks +inf, ties to the lower index) as (score bits, block) candidates in ascending block order at
     cand[row, r * KSP ...], -1 bits after them. The row's n_sel best are among the P ranges' candidates."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1)
     L = tl.load(lens + row // HKV)
@@ -268,10 +277,11 @@ def _select_local_kernel(bscore, lens, cand_bits, cand_idx, DENSE_LEN, NBMAX, HK
 @triton.jit
 def _select_merge_kernel(cand_bits, cand_idx, lens, sel, DENSE_LEN, HKV,
                          BS: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr, NR: tl.constexpr,
-                         P: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr):
+                         P: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr, PDL: tl.constexpr = False):
     """Two-level select, level 2, one program per row: the n_sel best of the P * KSP candidates (ranges past
     the query's block hold none), ties to the lower index (the candidates are in ascending block order), so
     exactly the one-level select's blocks, ascending, -1 padded; all -1 below dense_len."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     L = tl.load(lens + row // HKV)
     qb = tl.maximum(L - 1, 0) // BS
@@ -323,8 +333,9 @@ def _attend_combine_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part, coun
                            scale, D, DENSE_LEN, NSLOT, SPB,
                            G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr,
                            SPC: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-                           IEEE: tl.constexpr):
+                           IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """_attend_kernel's split-K, then the last split program of (b, g) merges the partials."""
+    pdl_enter(PDL)
     _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
                   scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NSPLIT, BG, BD, BN, IEEE)
     if NSPLIT > 1:
@@ -455,7 +466,7 @@ class _LaunchPlan:
     only on the cache's config and capacity and on H): built once, kept in the workspace. The module knobs
     (SCORE_DOT, KEYS_M, ...) are read per call and joined to the base constexprs by constexprs()."""
     __slots__ = ("lse_grid", "lse_ws", "lse_tail", "lse_cx", "sc_grid", "sc_ws", "sc_cx", "sel_grid", "sel_ws",
-                 "sel_tail", "sel_cx", "sel_k_auto", "sel_k_ok", "sel2", "att_grid", "att_ws", "att_tail", "att_cx", "comb", "memo")
+                 "sel_tail", "sel_cx", "sel_k_auto", "sel_k_ok", "sel2", "att_grid", "att_ws", "att_tail", "att_cx", "comb", "pdl", "memo")
 
     def __init__(self, cache, ws):
         p, cfg = ws["p"], cache.config
@@ -499,6 +510,12 @@ class _LaunchPlan:
         self.comb = ((B, p["G"] * Hkv), (ws["o_part"], ws["m_part"], ws["l_part"]),
                      dict(NSPLIT=p["NSPLIT"], NSP=_pow2(p["NSPLIT"]), BD=p["BD"], num_warps=8),
                      {ieee: {k: v for k, v in cx.items() if k != "SPC"} for ieee, cx in self.att_cx.items()})
+        # PDL needs sm_90+ and compiled kernels (the interpreter cannot run griddepcontrol)
+        dev = torch.device(cache.device)
+        self.pdl = {}
+        if (dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+                and torch.cuda.get_device_capability(dev)[0] >= 9):
+            self.pdl = dict(PDL=True, launch_pdl=True)
         self.memo = {}
 
     def constexprs(self, base, **knobs):
@@ -524,31 +541,33 @@ def decode(q, cache, scale):
     s2, s1, sk = c2.stride(), c1.stride(), kc.stride()
     p = ws["p"]
     prec = "tf32x3" if SCORE_DOT == "split2" and q.dtype == torch.float32 else SCORE_DOT
+    pdl = lp.pdl if PDL else {}
     _launch(_lse_partial_kernel, lp.lse_grid, (q, c2, lens, *lp.lse_ws),
             (s_qb, s_qh, s2[0], s2[1], s2[2], scale, D, *lp.lse_tail),
-            lp.constexprs(lp.lse_cx, PREC=prec, KEYS_M=KEYS_M))
+            lp.constexprs(lp.lse_cx, PREC=prec, KEYS_M=KEYS_M, **pdl))
     tail = SELECT_MODE == "tail"
     _launch(_score_select_kernel, lp.sc_grid, (q, c1, lens, *lp.sc_ws),
             (s_qb, s_qh, s1[0], s1[1], s1[2], scale, D, cache.config.dense_len, p["NBMAX"]),
             lp.constexprs(lp.sc_cx, PREC=prec, KEYS_M=KEYS_M, SELECT=tail,
-                          num_warps=p["SW"] if tail else SCORE_WARPS))
+                          num_warps=p["SW"] if tail else SCORE_WARPS, **pdl))
     if not tail and lp.sel2 is not None:  # two-level select
         g1, ws1, t1, cx1, g2, ws2, t2, cx2 = lp.sel2
         k = SELECT_K or 2
-        _launch(_select_local_kernel, g1, ws1, t1, lp.constexprs(cx1, K=k, NIT=search_steps(k)))
-        _launch(_select_merge_kernel, g2, ws2, t2, lp.constexprs(cx2, K=k, NIT=search_steps(k)))
+        _launch(_select_local_kernel, g1, ws1, t1, lp.constexprs(cx1, K=k, NIT=search_steps(k), **pdl))
+        _launch(_select_merge_kernel, g2, ws2, t2, lp.constexprs(cx2, K=k, NIT=search_steps(k), **pdl))
     elif not tail:
         k = (SELECT_K or lp.sel_k_auto) if lp.sel_k_ok else 1
         _launch(_select_kernel, lp.sel_grid, lp.sel_ws, lp.sel_tail,
-                lp.constexprs(lp.sel_cx, K=k, NIT=search_steps(k), num_warps=SELECT_WARPS or p["SELW"]))
+                lp.constexprs(lp.sel_cx, K=k, NIT=search_steps(k), num_warps=SELECT_WARPS or p["SELW"], **pdl))
     att_cx = lp.att_cx[q.dtype == torch.float32]
     if ATTEND_MERGE == "kernel" and p["NSPLIT"] > 1:
         _launch(_attend_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:4]),
                 (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
-                lp.comb[3][q.dtype == torch.float32])
+                lp.constexprs(lp.comb[3][q.dtype == torch.float32], **pdl))
         g, ws_, cx, _ = lp.comb
-        _launch(_combine_kernel, g, (o, *ws_), (o.stride(0), o.stride(1), D), cx)
+        _launch(_combine_kernel, g, (o, *ws_), (o.stride(0), o.stride(1), D), lp.constexprs(cx, **pdl))
     else:
         _launch(_attend_combine_kernel, lp.att_grid, (q, kc, cache.v, lens, lp.att_ws[0], o, *lp.att_ws[1:]),
-                (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail), att_cx)
+                (s_qb, s_qh, sk[0], sk[1], sk[2], o.stride(0), o.stride(1), scale, D, *lp.att_tail),
+                lp.constexprs(att_cx, **pdl))
     return o, ws["sel"]

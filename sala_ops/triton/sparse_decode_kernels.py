@@ -24,8 +24,21 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # 2147483647 = 2^31 - 1: low half of a selection key is 2^31 - 1 - block (ties -> lower block)
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """Programmatic dependent launch (the kernel launched with launch_pdl=True, sm_90+): wait until the previous
+    kernel in the stream has completed and its writes are visible, then let the next PDL kernel start launching
+    (its programs get resident and wait in their own pdl_enter), which hides the launch gap between the dependent
+    launches of a decode step. Every global access of the kernel comes after this call. Off (a no-op) unless PDL:
+    the interpreter cannot run the inline PTX."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -126,9 +139,10 @@ def _lse_partial_kernel(q, c2, lens, m_out, l_out,
                         scale, D, DENSE_LEN, CH2,
                         G: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, S2: tl.constexpr,
                         BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr,
-                        KEYS_M: tl.constexpr = False):
+                        KEYS_M: tl.constexpr = False, PDL: tl.constexpr = False):
     """(max, sum exp) of q_h.C2_j * scale over this program's C2 keys, per query head h of group g.
     m_out/l_out [B, H, S2] fp32."""
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -339,15 +353,17 @@ def _attend_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
                    s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
                    scale, D, DENSE_LEN, NSLOT, SPB,
                    G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr,
-                   BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+                   BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """Split-K attention over the selected blocks (see _attend_split); _combine_kernel merges."""
+    pdl_enter(PDL)
     _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
                   scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NSPLIT, BG, BD, BN, IEEE)
 
 
 @triton.jit
 def _combine_kernel(o, o_part, m_part, l_part, s_ob, s_oh, D,
-                    NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr):
+                    NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = tl.num_programs(1)
