@@ -194,6 +194,9 @@ def profile_case(B, L, variant=None):
 # which every mode rebuilds.
 MODES = [dict(),
          dict(PDL=True),  # programmatic dependent launch: not measured yet
+         dict(SELECT_WARPS=1),  # one warp: the select's reductions become shuffles only (32K, 128K): not measured yet
+         dict(SELECT_WARPS=2),
+         dict(PDL=True, SELECT_WARPS=1),
          dict(ATTEND_MERGE="last"),
          dict(SPB_BLOCKS=2),
          dict(SELECT_RANGE=0),
@@ -266,7 +269,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table at 1M, B=1")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--modes", action="store_true",
-                    help="only: the fast path's select / score-dot / layout / warps modes at 1M and 32K, B=1")
+                    help="only: the fast path's knob modes (MODES) at 1M, 128K and 32K, B=1")
     ap.add_argument("--variant", default=None, choices=["fast", "sort"],
                     help="also time this SALA_SPARSE_DECODE variant side by side with the default")
     args = ap.parse_args()
@@ -281,7 +284,7 @@ def main():
     print(info, flush=True)
     rows = []
     if args.modes:
-        sizes_m = [int(x) for x in os.environ.get("SALA_DECODE_MODES_SIZES", "1048576,32768").split(",")]
+        sizes_m = [int(x) for x in os.environ.get("SALA_DECODE_MODES_SIZES", "1048576,131072,32768").split(",")]
         for L in ((9000,) if DRY else sizes_m):
             modes_case(1, L, rows)
         if args.out:
