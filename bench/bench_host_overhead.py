@@ -48,8 +48,11 @@ def _noop(*args, **kwargs):
 def stubbed_kernels():
     """Replace every decode kernel by a stub (restored on exit)."""
     from sala_ops.triton import lightning_step as LS, sparse_decode_fast as FAST, sparse_decode_kernels as SK
-    names = [(LS, "_lightning_step_kernel"), (FAST, "_lse_partial_kernel"), (FAST, "_score_select_kernel"),
-             (FAST, "_attend_combine_kernel"), (SK, "_append_token_kernel")]
+    # the kernels a decode step launches (the fast path's, in every select / merge mode), as the decode modules
+    # see them
+    names = [(LS, "_lightning_step_kernel"), (SK, "_append_token_kernel")] + [
+        (FAST, n) for n in ("_lse_partial_kernel", "_score_select_kernel", "_select_kernel", "_select_local_kernel",
+                            "_select_merge_kernel", "_attend_kernel", "_combine_kernel", "_attend_combine_kernel")]
     saved = [(m, n, getattr(m, n)) for m, n in names]
     try:
         for m, n in names:
