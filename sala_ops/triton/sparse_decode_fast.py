@@ -84,13 +84,13 @@ SELECT_RANGE = int(os.environ.get("SALA_SPARSE_DECODE_SELECT_RANGE", "1024"))
 # H200 run 4, B=1: attention + merge 9.1 / 7.9 / 8.2 us (kernel, 1 block per split) vs 15.1 / 14.5 / 14.3 (last,
 # 4 blocks per split) at 1M / 128K / 32K; the whole step 71.7 / 41.3 / 32.6 vs 76.8 / 46.6 / 37.9 us.
 ATTEND_MERGE = os.environ.get("SALA_SPARSE_DECODE_MERGE", "kernel")
+if ATTEND_MERGE not in ("last", "kernel"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_MERGE must be last or kernel, got {ATTEND_MERGE!r}")
 # SALA_SPARSE_DECODE_PDL=1: launch the step's kernels with programmatic dependent launch (sm_90+, compiled only):
 # each kernel starts with griddepcontrol.wait + launch_dependents (pdl_enter), so the next launch of the step is
 # scheduled while this one runs, hiding part of the ~1.5-2 us gap between dependent launches (about 9 us of the
 # 32K step in H200 run 4). Off by default: not measured on the H200 yet.
 PDL = os.environ.get("SALA_SPARSE_DECODE_PDL", "0") == "1"
-if ATTEND_MERGE not in ("last", "kernel"):
-    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_MERGE must be last or kernel, got {ATTEND_MERGE!r}")
 if SELECT_RANGE and SELECT_RANGE & (SELECT_RANGE - 1):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_RANGE must be 0 or a power of two, got {SELECT_RANGE}")
 
