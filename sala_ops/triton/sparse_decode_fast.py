@@ -213,11 +213,18 @@ def _select_row(bscore, sel, row, L, qb, DENSE_LEN, NBMAX,
         n_sel = tl.minimum(qb + 1, KSEL)
         bb = tl.arange(0, NBP)
         bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
-        chosen, pos = _choose(bits, n_sel, K, NIT)
-        tl.store(sel + row * KSEL + pos, bb, mask=chosen)
-        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
+        _store_selection(sel, row, bits, bb, n_sel, ki, KSEL, K, NIT)
     else:
         tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
+
+
+@triton.jit
+def _store_selection(sel, row, bits, ids, n_sel, ki, KSEL: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr):
+    """sel[row] = ids of the n_sel largest bits (ties to the lowest position), in position order, -1 after them
+    (ki = tl.arange(0, KSP), the padded slot range)."""
+    chosen, pos = _choose(bits, n_sel, K, NIT)
+    tl.store(sel + row * KSEL + pos, ids, mask=chosen)
+    tl.store(sel + row * KSEL + ki, tl.full(ki.shape, -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
 
 
 @triton.jit
@@ -292,9 +299,7 @@ def _select_merge_kernel(cand_bits, cand_idx, lens, sel, DENSE_LEN, HKV,
         live = (c // KSP) * NR <= qb
         bits = tl.load(cand_bits + row * (P * KSP) + c, mask=live, other=-1, cache_modifier=".cg")
         idx = tl.load(cand_idx + row * (P * KSP) + c, mask=live, other=0, cache_modifier=".cg")
-        chosen, pos = _choose(bits, n_sel, K, NIT)
-        tl.store(sel + row * KSEL + pos, idx, mask=chosen)
-        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
+        _store_selection(sel, row, bits, idx, n_sel, ki, KSEL, K, NIT)
     else:
         tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
 
