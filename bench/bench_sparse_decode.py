@@ -193,32 +193,32 @@ def profile_case(B, L, variant=None):
 # call; CB_BLOCKS (score range), SPB_BLOCKS (attention blocks per split), MERGE_CHUNK shape the workspace,
 # which every mode rebuilds.
 MODES = [dict(),
-         dict(PDL=True),  # programmatic dependent launch: not measured yet
-         dict(SELECT_WARPS=1),  # one warp: the select's reductions become shuffles only (32K, 128K): not measured yet
-         dict(SELECT_WARPS=2),
-         dict(PDL=True, SELECT_WARPS=1),
-         dict(ATTEND_MERGE="last"),
-         dict(SPB_BLOCKS=2),
-         dict(SELECT_RANGE=0),
-         dict(SCORE_DOT="tf32x3")]
+         dict(PDL=True),  # programmatic dependent launch (H200 run 5: 32K 29.6 vs 32.5 us, 1M 75.3 vs 71.7)
+         dict(FUSED=True),  # the one-launch step with row barriers (<= 256K tokens): not measured yet
+         dict(FUSED=True, FUSED_PROGRAMS=32),
+         dict(FUSED=True, FUSED_PROGRAMS=128),
+         dict(SPB_BLOCKS=2)]
 if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of the list above
     MODES = json.loads(os.environ["SALA_DECODE_MODES"])
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",
-         "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS", "ATTEND_MERGE", "PDL")
+         "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS", "ATTEND_MERGE", "PDL", "FUSED",
+         "FUSED_PROGRAMS")  # FUSED_PROGRAMS lives in sparse_decode_fused, the rest in sparse_decode_fast
 
 
 def modes_case(B, L, rows):
     """Every MODES entry on one cache and one q: CUDA-graph ms per step, the selection and output against the
     first entry, and the kernel split (torch.profiler, eager)."""
     from sala_ops.triton import sparse_decode_fast as FAST
+    from sala_ops.triton import sparse_decode_fused as FUSED
+    home = {k: FUSED if k == "FUSED_PROGRAMS" else FAST for k in KNOBS}
     cache = make_cache(B, L)
     q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
-    saved = {k: getattr(FAST, k) for k in KNOBS}
+    saved = {k: getattr(home[k], k) for k in KNOBS}
     base = None
     try:
         for mode in MODES:
             for k in KNOBS:
-                setattr(FAST, k, mode.get(k, saved[k]))
+                setattr(home[k], k, mode.get(k, saved[k]))
             cache._ws.clear()  # workspace knobs: rebuilt for this mode
             name = ",".join(f"{k}={v}" for k, v in mode.items()) or "default"
             try:
@@ -240,7 +240,7 @@ def modes_case(B, L, rows):
             print(json.dumps(row), flush=True)
     finally:
         for k, v in saved.items():
-            setattr(FAST, k, v)
+            setattr(home[k], k, v)
         cache._ws.clear()
     del cache
     torch.cuda.empty_cache()

@@ -420,12 +420,111 @@ def test_fast_pdl_knob(monkeypatch):
     assert lp.pdl == (dict(PDL=True, launch_pdl=True) if on_gpu else {}), lp.pdl
 
 
+def _fused_knobs(monkeypatch, programs):
+    from sala_ops.triton import sparse_decode_fast as FAST
+    from sala_ops.triton import sparse_decode_fused as FUSED
+    monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+    monkeypatch.setattr(FAST, "FUSED", True)
+    monkeypatch.setattr(FUSED, "FUSED_PROGRAMS", programs)
+
+
+@pytest.mark.parametrize("topk,heads,prompts,steps,D,lse,programs,sb,expect", [
+    # G = 2, two sequences of different lengths cross dense_len = 64 (one row dense, one not);
+    # 5 programs per row: a count that is not a power of two
+    (3, (4, 2), [40, 55], 30, 16, None, 5, None, dict(NP=5)),
+    # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles, the 6 attention slots 2 per program
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, dict(NP=3, NSUB=2)),
+    # G = 8 heads per row merged by 2 programs (4 heads each), several LSE key tiles per program
+    (2, (8, 1), [300], 10, 32, (16, 8), 2, 4, dict(NP=2, NSUB=4)),
+])
+def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, programs, sb, expect):
+    """The one-launch step (sparse_decode_fused.py), run as its four phase launches under the interpreter:
+    selection exactly the reference's, outputs and compressed keys as in _run."""
+    from sala_ops.triton import sparse_decode_fast as FAST
+    H, Hkv = heads
+    _fused_knobs(monkeypatch, programs)
+    monkeypatch.setattr(FAST, "SB_BLOCKS", sb)
+    cfg = dict(SMALL, topk=topk, dense_len=64)
+    if lse is not None:
+        cfg.update(lse_kernel_size=lse[0], lse_kernel_stride=lse[1])
+    cache, _ = _run("triton", cfg, prompts, steps, H, Hkv, D, device=DEV, seed=300 + topk)
+    ws = cache._ws[("fused", H, programs)]
+    assert ("fast", H) not in cache._ws, "the 5-launch step ran instead of the fused one"
+    for k, v in expect.items():
+        assert ws["cx"][k] == v, f"plan {k} = {ws['cx'][k]}, expected {v}: the case does not exercise what it should"
+
+
+def test_fast_fused_nan_poisoned_workspace(monkeypatch):
+    """Every workspace entry the fused step reads is written earlier in the same step: NaN / garbage in all of
+    them before each step changes nothing (the barrier counters only grow and are not poisoned)."""
+    _fused_knobs(monkeypatch, 3)
+    import sys
+    orig = sparse_decode
+    mod = sys.modules[__name__]
+
+    def poisoned(q, cache, *a, **kw):
+        ws = cache._ws.get(("fused", q.shape[-2], 3))
+        if ws is not None:
+            for name in ("m2", "l2", "bscore", "o_part", "m_part", "l_part"):
+                ws[name].fill_(float("nan"))
+            ws["sel"].fill_(12345)
+        return orig(q, cache, *a, **kw)
+    monkeypatch.setattr(mod, "sparse_decode", poisoned)
+    cfg = dict(SMALL, topk=3, dense_len=50, lse_kernel_size=16, lse_kernel_stride=8)
+    _run("triton", cfg, [20, 120, 45], 8, 4, 2, 16, device=DEV, seed=41)
+
+
+def test_fast_fused_falls_back_past_its_block_limit(monkeypatch):
+    """A cache with more padded blocks than FUSED_MAX_BLOCKS takes the multi-launch step (same results)."""
+    from sala_ops.triton import sparse_decode_fused as FUSED
+    _fused_knobs(monkeypatch, 4)
+    monkeypatch.setattr(FUSED, "FUSED_MAX_BLOCKS", 8)
+    cfg = dict(SMALL, topk=2, dense_len=64)
+    cache, _ = _run("triton", cfg, [150], 4, 4, 2, 16, device=DEV, seed=9)
+    assert cache._ws[("fused", 4, 4)] is None and ("fast", 4) in cache._ws
+
+
 @pytest.mark.gpu
 def test_gpu_fast_variant_9b_and_graph(monkeypatch):
     """The fast variant on the 9B config: reference selection + 2x-bf16 error bound, graph replay == eager."""
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
     test_gpu_9b_config_decode_crosses_dense_len()
     test_gpu_cuda_graph_replay_equals_eager()
+
+
+@pytest.mark.gpu
+def test_gpu_fast_fused_9b_and_graph(monkeypatch):
+    """The one-launch step on the 9B config (caches of 16K tokens, 4 and 6 rows: 33 and 22 programs per row):
+    reference selection + 2x-bf16 error bound, graph replay == eager; then B = 1 at 128K and 32K cached
+    tokens (64 programs per row, 3 row barriers per step): the one launch == its four phase launches
+    (bitwise: the same code per phase) == the multi-launch step's selection, over 20 steps."""
+    from sala_ops.triton import sparse_decode_fused as FUSED
+    _fused_knobs(monkeypatch, 64)
+    calls = []
+    orig = FUSED.decode
+    monkeypatch.setattr(FUSED, "decode", lambda *a: calls.append(1) or orig(*a))
+    test_gpu_9b_config_decode_crosses_dense_len()
+    test_gpu_cuda_graph_replay_equals_eager()
+    assert calls, "the fused step did not run"
+    torch.manual_seed(3)
+    H, Hkv, D, dtype = 32, 2, 128, torch.bfloat16
+    for L in (131072, 32768):
+        cache = SparseLayerCache(1, L + 32, Hkv, D, dtype=dtype, device="cuda")
+        cache.append(torch.randn(1, L, Hkv, D, device="cuda").to(dtype), torch.randn(1, L, Hkv, D, device="cuda").to(dtype))
+        assert FUSED.plan(cache, H)["grid"] == (1, Hkv, 64)
+        for i in range(20):
+            q, kt, vt = (torch.randn(1, h, D, device="cuda").to(dtype) for h in (H, Hkv, Hkv))
+            cache.append_token(kt, vt)
+            o1, i1 = (x.clone() for x in sparse_decode(q, cache, return_indices=True))
+            monkeypatch.setattr(FUSED, "FUSED_PHASES", True)
+            o2, i2 = (x.clone() for x in sparse_decode(q, cache, return_indices=True))
+            monkeypatch.setattr(FUSED, "FUSED_PHASES", False)
+            monkeypatch.setenv("SALA_SPARSE_DECODE", "sort")
+            _, i3 = sparse_decode(q, cache, return_indices=True)
+            monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+            assert torch.equal(i1, i2) and torch.equal(o1, o2), f"L={L} step {i}: one launch != four launches"
+            assert torch.equal(i1, i3), f"L={L} step {i}: fused selection != the sort path's"
+        assert int(FUSED.plan(cache, H)["cnt"][0]) == 3 * 64 * 20, "row barrier counter"
 
 
 @pytest.mark.parametrize("n,spread,n_sel", [(300, "wide", 7), (300, "dups", 50), (4096, "wide", 96), (4096, "dups", 96),

@@ -91,6 +91,9 @@ if ATTEND_MERGE not in ("last", "kernel"):
 # scheduled while this one runs, hiding part of the ~1.5-2 us gap between dependent launches (about 9 us of the
 # 32K step in H200 run 4). Off by default: not measured on the H200 yet.
 PDL = os.environ.get("SALA_SPARSE_DECODE_PDL", "0") == "1"
+# SALA_SPARSE_DECODE_FUSED=1: caches of up to 4096 blocks (256K tokens) run the whole step as one launch with row
+# barriers (sparse_decode_fused.py). Off by default: not measured on the H200 yet.
+FUSED = os.environ.get("SALA_SPARSE_DECODE_FUSED", "0") == "1"
 if SELECT_RANGE and SELECT_RANGE & (SELECT_RANGE - 1):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_RANGE must be 0 or a power of two, got {SELECT_RANGE}")
 
@@ -131,9 +134,25 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
     pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
-    c = tl.program_id(2)
     HKV = tl.num_programs(1)
     NCH = tl.num_programs(2)
+    row = b * HKV + g
+    L = tl.load(lens + b)
+    qb = (L - 1) // BS
+    score_range(q, c1, lens, m_in, l_in, bscore, b, g, tl.program_id(2), HKV, s_qb, s_qh, s_1b, s_1t, s_1h,
+                scale, D, DENSE_LEN, NBMAX, G, KS, ST, BS, S2, S2P, R, E, SB, NSUB, BG, BD, PREC, KEYS_M)
+    # the last program of (b, g) selects (stores above are released by the acq_rel atomic)
+    if SELECT:  # SELECT_MODE "tail" (else the selection is its own launch)
+        _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP)
+
+
+@triton.jit
+def score_range(q, c1, lens, m_in, l_in, bscore, b, g, c, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN, NBMAX,
+                G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, S2: tl.constexpr,
+                S2P: tl.constexpr, R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
+                BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, KEYS_M: tl.constexpr, CACHE: tl.constexpr = ""):
+    """Block scores of range c (blocks [c * NSUB * SB, ...)) of (b, KV head g) into bscore (the score pass's body;
+    see the module docstring). CACHE: the LSE partials' load modifier (combined_lse)."""
     row = b * HKV + g
     L = tl.load(lens + b)
     t = L - 1
@@ -142,7 +161,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
     if (L >= DENSE_LEN) & (b0 <= qb):
         n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
         h, gm, d, dm = group_heads(g, D, G, BG, BD)
-        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P)
+        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P, CACHE)
         qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
         base = c1 + b * s_1b + g * s_1h
@@ -175,9 +194,6 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
             carry = tl.max(tl.where(si == SB - 1, tail, 0.0), axis=0)
             bb = bb0 + si
             tl.store(bscore + row * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
-    # the last program of (b, g) selects (stores above are released by the acq_rel atomic)
-    if SELECT:  # SELECT_MODE "tail" (else the selection is its own launch)
-        _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP)
 
 
 @triton.jit
@@ -386,6 +402,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def sub_tile_blocks(R: int) -> int:
+    """Blocks per score sub-tile: SB * R = 64 windows per dot (a wgmma tile), or the SB_BLOCKS override (tests;
+    SB * R >= 16)."""
+    return max(_pow2(SB_BLOCKS), _cdiv(16, R)) if SB_BLOCKS else max(16, 64 // R)
+
+
 def supported(cfg) -> bool:
     """The fast path's config requirements (the 9B config and the tests' small config meet them)."""
     bs, ks, st = cfg.block_size, cfg.kernel_size, cfg.kernel_stride
@@ -421,7 +443,7 @@ def workspace(cache, H: int):
     nb = _cdiv(cache.max_len, bs)
     p["NBMAX"] = nb
     p["NBP"] = _pow2(nb)
-    p["SB"] = SB = max(_pow2(SB_BLOCKS), _cdiv(16, R)) if SB_BLOCKS else max(16, 64 // R)  # SB * R >= 16
+    p["SB"] = SB = sub_tile_blocks(R)
     tgt = max(1, SCORE_PROGRAMS // rows)
     CB = max(SB, _pow2(_cdiv(nb, tgt)))
     if CB_BLOCKS:
@@ -536,6 +558,11 @@ def decode(q, cache, scale):
     """One decode step, 5 launches (one more with the two-level select, one less with SELECT_MODE tail or
     ATTEND_MERGE last). q [B, H, D] contiguous. Returns (o, sel)."""
     B, H, D = q.shape
+    if FUSED:
+        from . import sparse_decode_fused as FUSED_STEP
+        fws = FUSED_STEP.plan(cache, H)
+        if fws is not None:
+            return FUSED_STEP.decode(q, cache, scale, fws)
     ws = cache._ws.get(("fast", H)) or workspace(cache, H)
     lp = ws.get("launch")
     if lp is None:

@@ -143,9 +143,16 @@ def _lse_partial_kernel(q, c2, lens, m_out, l_out,
     """(max, sum exp) of q_h.C2_j * scale over this program's C2 keys, per query head h of group g.
     m_out/l_out [B, H, S2] fp32."""
     pdl_enter(PDL)
-    b = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    s = tl.program_id(2)
+    lse_partial(q, c2, lens, m_out, l_out, tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2),
+                tl.num_programs(1), s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN, CH2,
+                G, KS2, ST2, S2, BG, BD, BJ, PREC, KEYS_M)
+
+
+@triton.jit
+def lse_partial(q, c2, lens, m_out, l_out, b, g, s, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN, CH2,
+                G: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, S2: tl.constexpr,
+                BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr, KEYS_M: tl.constexpr):
+    """The body of _lse_partial_kernel for split s of (b, KV head g): C2 keys [s * CH2, s * CH2 + CH2)."""
     L = tl.load(lens + b)
     if L >= DENSE_LEN:
         n2 = tl.where(L >= KS2, (tl.maximum(L - KS2, 0)) // ST2 + 1, 0)
@@ -168,20 +175,21 @@ def _lse_partial_kernel(q, c2, lens, m_out, l_out,
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe[None, :]), axis=0)
             m_i = m_new
-        o = (b * (G * tl.num_programs(1)) + h) * S2 + s
+        o = (b * (G * HKV) + h) * S2 + s
         tl.store(m_out + o, m_i, mask=gm)
         tl.store(l_out + o, l_i, mask=gm)
 
 
 @triton.jit
-def combined_lse(m_in, l_in, b, h, gm, G, HKV, S2: tl.constexpr, S2P: tl.constexpr):
+def combined_lse(m_in, l_in, b, h, gm, G, HKV, S2: tl.constexpr, S2P: tl.constexpr, CACHE: tl.constexpr = ""):
     """Stage-1 LSE of query heads h (rows gm valid) of sequence b from the S2 partial (max, sum) pairs
-    that _lse_partial_kernel wrote per (b, head) (natural log; 0 when no C2 key is complete yet)."""
+    that _lse_partial_kernel wrote per (b, head) (natural log; 0 when no C2 key is complete yet). CACHE:
+    the loads' cache modifier (".cg" where other programs of the same launch wrote the partials)."""
     sp = tl.arange(0, S2P)
     po = (b * (G * HKV) + h)[:, None] * S2 + sp[None, :]
     pm = gm[:, None] & (sp[None, :] < S2)
-    mp = tl.load(m_in + po, mask=pm, other=float("-inf"))
-    lp = tl.load(l_in + po, mask=pm, other=0.0)
+    mp = tl.load(m_in + po, mask=pm, other=float("-inf"), cache_modifier=CACHE)
+    lp = tl.load(l_in + po, mask=pm, other=0.0, cache_modifier=CACHE)
     M = tl.max(mp, axis=1)
     Ms = tl.where(M == float("-inf"), 0.0, M)
     tot = tl.sum(lp * tl.exp(mp - Ms[:, None]), axis=1)
@@ -364,17 +372,22 @@ def _attend_kernel(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
 def _combine_kernel(o, o_part, m_part, l_part, s_ob, s_oh, D,
                     NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    H = tl.num_programs(1)
+    combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, tl.program_id(0).to(tl.int64), tl.program_id(1),
+                 tl.num_programs(1), NSPLIT, NSP, BD)
+
+
+@triton.jit
+def combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, h, H,
+                 NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr, CACHE: tl.constexpr = ""):
+    """o[b, h] = the merge of the NSPLIT split-K partials of query head h (CACHE as in combined_lse)."""
     sp = tl.arange(0, NSP)
     spm = sp < NSPLIT
     d = tl.arange(0, BD)
     dm = d < D
     r = (b * H + h) * NSPLIT + sp
-    m = tl.load(m_part + r, mask=spm, other=float("-inf"))
-    l = tl.load(l_part + r, mask=spm, other=0.0)
-    a = tl.load(o_part + r[:, None] * D + d[None, :], mask=spm[:, None] & dm[None, :], other=0.0)
+    m = tl.load(m_part + r, mask=spm, other=float("-inf"), cache_modifier=CACHE)
+    l = tl.load(l_part + r, mask=spm, other=0.0, cache_modifier=CACHE)
+    a = tl.load(o_part + r[:, None] * D + d[None, :], mask=spm[:, None] & dm[None, :], other=0.0, cache_modifier=CACHE)
     M = tl.max(m, axis=0)
     Ms = tl.where(M == float("-inf"), 0.0, M)
     w = tl.exp(m - Ms)

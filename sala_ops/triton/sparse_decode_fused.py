@@ -1,0 +1,203 @@
+"""One-launch sparse decode step for short caches (SALA_SPARSE_DECODE_FUSED=1; up to FUSED_MAX_BLOCKS blocks).
+
+Why: at 32K cached tokens the five launches of sparse_decode_fast take 23 us of kernel time, about 9 us of gaps
+between dependent launches and a ramp-up per kernel, for very little work each (H200 run 4: 32.5 us per step
+against 22.4 us for SDPA). Every dependency of the step stays inside one (sequence b, KV head g) row: the LSE
+partials, the block scores, the selection and the split-K partials of row (b, g) are only read by programs of
+the same row. So one launch of NP programs per row can run the whole step with three row barriers:
+
+  phase 1  program p: LSE partials of the C2 keys [p * CH2, p * CH2 + CH2)          (lse_partial)
+  -------- row barrier
+  phase 2  program p: block scores of the blocks [p * CB, p * CB + CB)                (score_range)
+  -------- row barrier
+  phase 3  every program computes the row's whole selection from the block scores (the same bits, the same
+           search: the same result in each), keeps the slots [p * SPB, p * SPB + SPB) of it (writes them to
+           sel, the op's index output) and attends to those blocks (_attend_split)
+  -------- row barrier
+  phase 4  program p merges the split-K partials of query heads p, p + NP, ... of the group (combine_head)
+
+Redundant selection instead of a fourth barrier: the programs would otherwise wait for one program to select;
+each holds at most FUSED_MAX_BLOCKS int32 scores in registers.
+
+The row barrier (_row_barrier) spins on an int64 counter that only ever grows (one barrier = the NP increments
+from a multiple of NP to the next), so nothing resets it and CUDA-graph replays need no host work. A spin
+barrier needs every program of a row resident at once: the plan caps the grid at one program per SM
+(B * Hkv * NP <= SM count; a program needs far less than an SM) and uses the fused step only then.
+
+The Triton interpreter runs programs one after the other, so it cannot run a spin barrier: there (and with
+FUSED_PHASES) the same kernel runs as four launches, PHASE = 1..4, one per phase, which tests everything but
+the barrier itself (the GPU tests cover that: fused == the phase launches == the reference).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import launch as _launch
+from .sparse_decode_kernels import _attend_split, combine_head, lse_partial
+from . import sparse_decode_fast as FAST
+from .sparse_decode_fast import _choose, _row_bits, score_range, search_steps
+
+# query programs per (b, KV head) row; the plan lowers it to fit one program per SM
+FUSED_PROGRAMS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PROGRAMS", "64"))
+# the largest padded block count of a cache the fused step takes (its selection holds the row's scores in
+# registers: 4096 blocks = 256K tokens of 64 = 32 int32 per thread with 4 warps)
+FUSED_MAX_BLOCKS = 4096
+# run the phases as four launches even on a GPU (debugging, and the GPU test that compares both)
+FUSED_PHASES = os.environ.get("SALA_SPARSE_DECODE_FUSED_PHASES", "0") == "1"
+FUSED_WARPS = 4
+
+
+@triton.jit
+def _row_barrier(cnt, NP):
+    """Every one of the NP programs of a row arrives here before any leaves. The counter is int64 and only
+    grows: this barrier is the NP increments from old - old % NP to the next multiple of NP. The program's
+    global stores before it are visible to the row's loads after it that bypass L1 (.cg): bar.sync orders the
+    program's threads around thread 0's release / acquire atomics (the cooperative-groups grid sync pattern)."""
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+    target = old - old % NP + NP
+    cur = old + 1
+    while cur < target:
+        cur = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt,
+                       s_qb, s_qh, s_1b, s_1t, s_1h, s_2b, s_2t, s_2h, s_cb, s_ct, s_ch, s_ob, s_oh,
+                       scale, D, DENSE_LEN, NBMAX, CH2, NSLOT, SPB,
+                       G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
+                       KS2: tl.constexpr, ST2: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr,
+                       R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
+                       KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr, NP: tl.constexpr, NSP: tl.constexpr,
+                       BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
+                       PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
+                       NIT: tl.constexpr, PHASE: tl.constexpr):
+    """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..4: that phase only."""
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    p = tl.program_id(2)
+    HKV = tl.num_programs(1)
+    row = b * HKV + g
+    if (PHASE == 0) | (PHASE == 1):
+        lse_partial(q, c2, lens, m2, l2, b, g, p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN, CH2,
+                    G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
+    if PHASE == 0:
+        _row_barrier(cnt + row, NP)
+    if (PHASE == 0) | (PHASE == 2):
+        score_range(q, c1, lens, m2, l2, bscore, b, g, p, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
+                    NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, ".cg")
+    if PHASE == 0:
+        _row_barrier(cnt + row, NP)
+    if (PHASE == 0) | (PHASE == 3):
+        _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT)
+        tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
+        _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
+                      scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, BN, IEEE)
+    if PHASE == 0:
+        _row_barrier(cnt + row, NP)
+    if (PHASE == 0) | (PHASE == 4):
+        for hl in range(p, G, NP):
+            combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, g * G + hl, G * HKV, NP, NSP, BD, ".cg")
+
+
+@triton.jit
+def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
+                  BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
+                  NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr):
+    """Slots [s_lo, s_lo + SPB) of row's selection into sel: the blocks ranked s_lo.. among the n_sel chosen
+    (ascending block order, as the one-level select stores them), -1 past n_sel; -1 below dense_len (the
+    attention then takes every block). The whole row's selection is computed to know those ranks."""
+    L = tl.load(lens + b)
+    qb = tl.maximum(L - 1, 0) // BS
+    ki = tl.arange(0, KSP)
+    mine = (ki >= s_lo) & (ki < s_lo + SPB) & (ki < KSEL)
+    if L >= DENSE_LEN:
+        if s_lo < KSEL:
+            n_sel = tl.minimum(qb + 1, KSEL)
+            bb = tl.arange(0, NBP)
+            bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
+            chosen, pos = _choose(bits, n_sel, K, NIT)
+            tl.store(sel + row * KSEL + pos, bb, mask=chosen & (pos >= s_lo) & (pos < s_lo + SPB))
+            tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=mine & (ki >= n_sel))
+    else:
+        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=mine)
+
+
+# ---------------------------------------------------------------------- host side
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def plan(cache, H: int):
+    """The fused step's workspace and launch constants for this cache and H query heads, or None when the
+    fused step does not apply (more than FUSED_MAX_BLOCKS padded blocks, or fewer than 2 programs per row fit
+    one per SM). Built once per (cache, H), kept in cache._ws."""
+    key = ("fused", H, FUSED_PROGRAMS)
+    if key in cache._ws:
+        return cache._ws[key]
+    cfg = cache.config
+    B, Hkv, D = cache.batch_size, cache.num_kv_heads, cache.head_dim
+    rows = B * Hkv
+    bs, st = cfg.block_size, cfg.kernel_stride
+    nb = FAST._cdiv(cache.max_len, bs)
+    dev = torch.device(cache.device)
+    np_ = FUSED_PROGRAMS
+    if dev.type == "cuda" and not _interpreted():
+        np_ = min(np_, torch.cuda.get_device_properties(dev).multi_processor_count // rows)
+    if FAST._pow2(nb) > FUSED_MAX_BLOCKS or np_ < 2 or not FAST.supported(cfg):
+        cache._ws[key] = None
+        return None
+    G = H // Hkv
+    R = bs // st
+    n2 = max(1, cache.n2_max)
+    ch2_raw = FAST._cdiv(n2, np_)
+    BJ = min(64, max(16, FAST._pow2(ch2_raw)))
+    SB = FAST.sub_tile_blocks(R)
+    CB = max(SB, FAST._pow2(FAST._cdiv(nb, np_)))
+    nslot = max(cfg.num_selected, FAST._cdiv(cfg.dense_len, bs))
+    nbp = FAST._pow2(nb)
+    k = 4 if nbp <= 4096 else 1
+    cx = dict(G=G, KS=cfg.kernel_size, ST=st, BS=bs, KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
+              WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
+              KSEL=cfg.num_selected, KSP=FAST._pow2(cfg.num_selected), NBP=nbp, NP=np_, NSP=FAST._pow2(np_),
+              BG=max(16, FAST._pow2(G)), BD=max(16, FAST._pow2(D)), BJ=BJ, BN=max(16, FAST._pow2(bs)),
+              K=k, NIT=search_steps(k), num_warps=FUSED_WARPS)
+    f32 = torch.float32
+    ws = dict(cx=cx, grid=(B, Hkv, np_), nb=nb, ch2=BJ * FAST._cdiv(ch2_raw, BJ), nslot=nslot,
+              spb=FAST._cdiv(nslot, np_),
+              m2=torch.empty(B, H, np_, dtype=f32, device=dev), l2=torch.empty(B, H, np_, dtype=f32, device=dev),
+              bscore=torch.empty(B, Hkv, nb, dtype=f32, device=dev),
+              sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),
+              o_part=torch.empty(B, H, np_, D, dtype=f32, device=dev),
+              m_part=torch.empty(B, H, np_, dtype=f32, device=dev), l_part=torch.empty(B, H, np_, dtype=f32, device=dev),
+              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={})
+    cache._ws[key] = ws
+    return ws
+
+
+def decode(q, cache, scale, ws):
+    """One decode step in one launch (four under the interpreter or FUSED_PHASES). q [B, H, D] contiguous;
+    ws = plan(cache, H). Returns (o, sel)."""
+    B, H, D = q.shape
+    o = torch.empty_like(q)
+    c1, c2, kc, lens = cache.c1, cache.c2, cache.k, cache.lengths
+    s1, s2, sk = c1.stride(), c2.stride(), kc.stride()
+    prec = "tf32x3" if FAST.SCORE_DOT == "split2" and q.dtype == torch.float32 else FAST.SCORE_DOT
+    ptrs = (q, c1, c2, kc, cache.v, lens, ws["m2"], ws["l2"], ws["bscore"], ws["sel"], o, ws["o_part"],
+            ws["m_part"], ws["l_part"], ws["cnt"])
+    scalars = (q.stride(0), q.stride(1), s1[0], s1[1], s1[2], s2[0], s2[1], s2[2], sk[0], sk[1], sk[2],
+               o.stride(0), o.stride(1), scale, D, cache.config.dense_len, ws["nb"], ws["ch2"], ws["nslot"], ws["spb"])
+    phases = (1, 2, 3, 4) if (FUSED_PHASES or _interpreted() or q.device.type != "cuda") else (0,)
+    for phase in phases:
+        key = (prec, FAST.KEYS_M, q.dtype == torch.float32, phase)
+        cx = ws["memo"].get(key)
+        if cx is None:
+            cx = ws["memo"][key] = dict(ws["cx"], PREC=prec, KEYS_M=FAST.KEYS_M, IEEE=q.dtype == torch.float32,
+                                        PHASE=phase)
+        _launch(_fused_step_kernel, ws["grid"], ptrs, scalars, cx)
+    return o, ws["sel"]
