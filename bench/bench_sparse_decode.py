@@ -112,8 +112,12 @@ def run_case(B, L, chunk_target=None, graphs=True, variant=None):
     ours = lambda: sparse_decode(q, cache)  # noqa: E731
     ours()
     sync()
-    ws = cache._ws.get(("fast", H)) or cache._ws[H]
-    row["plan"] = {k: v for k, v in ws["p"].items() if isinstance(v, int)}
+    fused = [v for k, v in cache._ws.items() if isinstance(k, tuple) and k[0] == "fused" and v is not None]
+    if fused:  # the one-launch step ran (SALA_SPARSE_DECODE_FUSED=1)
+        row["plan"] = dict(fused=True, **{k: v for k, v in fused[0]["cx"].items() if isinstance(v, int)})
+    else:
+        ws = cache._ws.get(("fast", H)) or cache._ws[H]
+        row["plan"] = {k: v for k, v in ws["p"].items() if isinstance(v, int)}
     row["ours_ms"] = bench(ours)
     if variant:
         fast = _with_variant(variant, lambda: sparse_decode(q, cache))
