@@ -49,6 +49,19 @@ def main():
         comp(f"select_merge P {p_} K={k}", F._select_merge_kernel,
              dict(cand_bits="*i32", cand_idx="*i32", lens="*i32", sel="*i32"), dict(DENSE_LEN=8192, HKV=2), (),
              dict(BS=64, KSEL=96, KSP=128, NR=nr, P=p_, K=k, NIT=F.search_steps(k)), max(4, min(16, p_ * 128 // 256)))
+    from sala_ops.triton import sparse_decode_kernels as K
+    for prec in ("ieee", "split2"):
+        comp(f"lse_partial {prec}", K._lse_partial_kernel,
+             dict(q="*bf16", c2="*fp32", lens="*i32", m_out="*fp32", l_out="*fp32"),
+             dict(s_qb=4096, s_qh=128, s_2b=256 * 1024, s_2t=256, s_2h=128, D=128, DENSE_LEN=8192, CH2=64), ("scale",),
+             dict(G=16, KS2=128, ST2=64, S2=128, BG=16, BD=128, BJ=64, PREC=prec, KEYS_M=True), 4)
+    comp("combine", K._combine_kernel, dict(o="*bf16", o_part="*fp32", m_part="*fp32", l_part="*fp32"),
+         dict(s_ob=4096, s_oh=128, D=128), (), dict(NSPLIT=96, NSP=128, BD=128), 8)
+    comp("score_chunk (sort path)", K._score_chunk_kernel,
+         dict(q="*bf16", c1="*fp32", lens="*i32", m_in="*fp32", l_in="*fp32", pbuf="*fp32", cand="*i64"),
+         dict(s_qb=4096, s_qh=128, s_1b=256 * 4096, s_1t=256, s_1h=128, D=128, DENSE_LEN=8192, PW=1024), ("scale",),
+         dict(G=16, KS=32, ST=16, BS=64, INIT=1, WB=32, S2=32, S2P=32, CB=128, KP=128, W=5, BG=16, BD=128, BJ=64,
+              IEEE=True), 4)
     for spc in (2, 4):
         comp(f"attend_combine SPC {spc}", F._attend_combine_kernel,
              dict(q="*bf16", kc="*bf16", vc="*bf16", lens="*i32", sel="*i32", o="*bf16", o_part="*fp32",

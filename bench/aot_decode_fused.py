@@ -25,7 +25,8 @@ def main():
     from aot_common import sm90_compiler
     comp = sm90_compiler()
     ptrs = dict(q="*bf16", c1="*fp32", c2="*fp32", kc="*bf16", vc="*bf16", lens="*i32", m2="*fp32", l2="*fp32",
-                bscore="*fp32", sel="*i32", o="*bf16", o_part="*fp32", m_part="*fp32", l_part="*fp32", cnt="*i64")
+                bscore="*fp32", sel="*i32", o="*bf16", o_part="*fp32", m_part="*fp32", l_part="*fp32", cnt="*i64",
+                tbuf="*i64")
     for nbp, np_, nsub in ((512, 64, 1), (4096, 64, 4)):
         ints = dict(s_qb=4096, s_qh=128, s_1b=256 * 4096, s_1t=256, s_1h=128, s_2b=256 * 1024, s_2t=256, s_2h=128,
                     s_cb=256 * 65536, s_ct=256, s_ch=128, s_ob=4096, s_oh=128, D=128, DENSE_LEN=8192, NBMAX=nbp,
@@ -33,6 +34,8 @@ def main():
         cx = dict(G=16, KS=32, ST=16, BS=64, KS2=128, ST2=64, INIT=1, WB=32, R=4, E=1, SB=16, NSUB=nsub, KSEL=96,
                   KSP=128, NBP=nbp, NP=np_, NSP=64, BG=16, BD=128, BJ=16, BN=64, PREC="split2", KEYS_M=True,
                   IEEE=False, K=4, NIT=search_steps(4))
+        comp(f"fused NBP {nbp} timed", F._fused_step_kernel, ptrs, ints, ("scale",), dict(cx, PHASE=0, TIMES=True),
+             F.FUSED_WARPS)
         for phase in (0, 1, 2, 3, 4):
             comp(f"fused NBP {nbp} phase {phase}", F._fused_step_kernel, ptrs, ints, ("scale",), dict(cx, PHASE=phase),
                  F.FUSED_WARPS)

@@ -72,12 +72,13 @@ if [ "$what" = knobs ]; then  # the opt-in knobs not measured yet: decode PDL / 
   grep -E "^== |\"mode\"|^chunk_out|^local_state|^forward|Error|passed|failed| \| " "$log" | cut -c1-400 | head -n 150
 fi
 if [ "$what" = fused ]; then  # the one-launch sparse decode step (SALA_SPARSE_DECODE_FUSED) against the launches
+  step 90 "fused step: time per phase" python3 bench/diag_decode_fused.py --out "$OUT"
   SALA_DECODE_MODES_SIZES=${SALA_DECODE_MODES_SIZES:-131072,32768} step 150 "sparse decode modes" \
     python3 bench/bench_sparse_decode.py --modes --out "$OUT/modes"
   step 200 "gpu tests: sparse_decode" python3 -m pytest -q -m gpu tests/test_sparse_decode.py -p no:cacheprovider -rfE \
     --durations=5 || tests_rc=$?
   SALA_SPARSE_DECODE_FUSED=1 step 150 "bench_sparse_decode, fused step" python3 bench/bench_sparse_decode.py --out "$OUT"
-  grep -E "^== |\"mode\"|passed|failed|Error| \| " "$log" | cut -c1-330 | head -n 80
+  grep -E "^== |\"mode\"|\"span_us\"|passed|failed|Error| \| " "$log" | cut -c1-600 | head -n 80
 fi
 if [ "$what" = tune ]; then
   step "${T_MODES:-240}" "sparse decode modes (knob sweep) at 1M and 32K" python3 bench/bench_sparse_decode.py \

@@ -140,7 +140,7 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     score_range(q, c1, lens, m_in, l_in, bscore, b, g, tl.program_id(2), HKV, s_qb, s_qh, s_1b, s_1t, s_1h,
-                scale, D, DENSE_LEN, NBMAX, G, KS, ST, BS, S2, S2P, R, E, SB, NSUB, BG, BD, PREC, KEYS_M)
+                scale, D, DENSE_LEN, NBMAX, G, KS, ST, BS, S2, S2P, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, False)
     # the last program of (b, g) selects (stores above are released by the acq_rel atomic)
     if SELECT:  # SELECT_MODE "tail" (else the selection is its own launch)
         _select_tail(bscore, sel, counter, row, NCH, L, qb, DENSE_LEN, NBMAX, INIT, WB, KSEL, KSP, NBP)
@@ -150,9 +150,9 @@ def _score_select_kernel(q, c1, lens, m_in, l_in, bscore, sel, counter,
 def score_range(q, c1, lens, m_in, l_in, bscore, b, g, c, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN, NBMAX,
                 G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, S2: tl.constexpr,
                 S2P: tl.constexpr, R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
-                BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, KEYS_M: tl.constexpr, CACHE: tl.constexpr = ""):
+                BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, KEYS_M: tl.constexpr, L2_ONLY: tl.constexpr):
     """Block scores of range c (blocks [c * NSUB * SB, ...)) of (b, KV head g) into bscore (the score pass's body;
-    see the module docstring). CACHE: the LSE partials' load modifier (combined_lse)."""
+    see the module docstring). L2_ONLY: the LSE partials' loads (combined_lse)."""
     row = b * HKV + g
     L = tl.load(lens + b)
     t = L - 1
@@ -161,7 +161,7 @@ def score_range(q, c1, lens, m_in, l_in, bscore, b, g, c, HKV, s_qb, s_qh, s_1b,
     if (L >= DENSE_LEN) & (b0 <= qb):
         n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
         h, gm, d, dm = group_heads(g, D, G, BG, BD)
-        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P, CACHE)
+        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P, L2_ONLY)
         qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
         base = c1 + b * s_1b + g * s_1h

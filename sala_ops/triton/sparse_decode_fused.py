@@ -67,7 +67,21 @@ def _row_barrier(cnt, NP):
 
 
 @triton.jit
-def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt,
+def _stamp(tbuf, i: tl.constexpr, TIMES: tl.constexpr):
+    """TIMES (bench/diag_decode_fused.py): tbuf[i] = this SM's cycle counter (%clock64), or for i = 0 and 9
+    %globaltimer (ns, to convert cycles to time)."""
+    if TIMES:
+        if (i == 0) | (i == 9):
+            t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [tbuf.to(tl.int64, bitcast=True)],
+                                          dtype=tl.int64, is_pure=False, pack=1)
+        else:
+            t = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,l", [tbuf.to(tl.int64, bitcast=True)],
+                                          dtype=tl.int64, is_pure=False, pack=1)
+        tl.store(tbuf + i, t)
+
+
+@triton.jit
+def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt, tbuf,
                        s_qb, s_qh, s_1b, s_1t, s_1h, s_2b, s_2t, s_2h, s_cb, s_ct, s_ch, s_ob, s_oh,
                        scale, D, DENSE_LEN, NBMAX, CH2, NSLOT, SPB,
                        G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
@@ -76,33 +90,46 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr, NP: tl.constexpr, NSP: tl.constexpr,
                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
-                       NIT: tl.constexpr, PHASE: tl.constexpr):
-    """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..4: that phase only."""
+                       NIT: tl.constexpr, PHASE: tl.constexpr, TIMES: tl.constexpr = False):
+    """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..4: that phase only. TIMES: stamps
+    at the phase boundaries into tbuf [B * Hkv, NP, 16] (int64)."""
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     p = tl.program_id(2)
     HKV = tl.num_programs(1)
     row = b * HKV + g
+    tb = tbuf + (row * NP + p) * 16
+    _stamp(tb, 0, TIMES)
+    _stamp(tb, 1, TIMES)
     if (PHASE == 0) | (PHASE == 1):
         lse_partial(q, c2, lens, m2, l2, b, g, p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN, CH2,
                     G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
+    _stamp(tb, 2, TIMES)
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
+    _stamp(tb, 3, TIMES)
     if (PHASE == 0) | (PHASE == 2):
         score_range(q, c1, lens, m2, l2, bscore, b, g, p, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
-                    NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, ".cg")
+                    NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, True)
+    _stamp(tb, 4, TIMES)
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
+    _stamp(tb, 5, TIMES)
     if (PHASE == 0) | (PHASE == 3):
         _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT)
+        _stamp(tb, 6, TIMES)
         tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
         _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
                       scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, BN, IEEE)
+    _stamp(tb, 7, TIMES)
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
+    _stamp(tb, 8, TIMES)
     if (PHASE == 0) | (PHASE == 4):
         for hl in range(p, G, NP):
-            combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, g * G + hl, G * HKV, NP, NSP, BD, ".cg")
+            combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, g * G + hl, G * HKV, NP, NSP, BD, True)
+    _stamp(tb, 10, TIMES)
+    _stamp(tb, 9, TIMES)
 
 
 @triton.jit
@@ -175,29 +202,31 @@ def plan(cache, H: int):
               sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),
               o_part=torch.empty(B, H, np_, D, dtype=f32, device=dev),
               m_part=torch.empty(B, H, np_, dtype=f32, device=dev), l_part=torch.empty(B, H, np_, dtype=f32, device=dev),
-              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={})
+              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={},
+              tbuf=torch.zeros(rows, np_, 16, dtype=torch.int64, device=dev))
     cache._ws[key] = ws
     return ws
 
 
-def decode(q, cache, scale, ws):
+def decode(q, cache, scale, ws, times=False):
     """One decode step in one launch (four under the interpreter or FUSED_PHASES). q [B, H, D] contiguous;
-    ws = plan(cache, H). Returns (o, sel)."""
+    ws = plan(cache, H); times: stamp the phase boundaries into ws["tbuf"] (compiled GPU runs only). Returns
+    (o, sel)."""
     B, H, D = q.shape
     o = torch.empty_like(q)
     c1, c2, kc, lens = cache.c1, cache.c2, cache.k, cache.lengths
     s1, s2, sk = c1.stride(), c2.stride(), kc.stride()
     prec = "tf32x3" if FAST.SCORE_DOT == "split2" and q.dtype == torch.float32 else FAST.SCORE_DOT
     ptrs = (q, c1, c2, kc, cache.v, lens, ws["m2"], ws["l2"], ws["bscore"], ws["sel"], o, ws["o_part"],
-            ws["m_part"], ws["l_part"], ws["cnt"])
+            ws["m_part"], ws["l_part"], ws["cnt"], ws["tbuf"])
     scalars = (q.stride(0), q.stride(1), s1[0], s1[1], s1[2], s2[0], s2[1], s2[2], sk[0], sk[1], sk[2],
                o.stride(0), o.stride(1), scale, D, cache.config.dense_len, ws["nb"], ws["ch2"], ws["nslot"], ws["spb"])
     phases = (1, 2, 3, 4) if (FUSED_PHASES or _interpreted() or q.device.type != "cuda") else (0,)
     for phase in phases:
-        key = (prec, FAST.KEYS_M, q.dtype == torch.float32, phase)
+        key = (prec, FAST.KEYS_M, q.dtype == torch.float32, phase, times)
         cx = ws["memo"].get(key)
         if cx is None:
             cx = ws["memo"][key] = dict(ws["cx"], PREC=prec, KEYS_M=FAST.KEYS_M, IEEE=q.dtype == torch.float32,
-                                        PHASE=phase)
+                                        PHASE=phase, TIMES=times)
         _launch(_fused_step_kernel, ws["grid"], ptrs, scalars, cx)
     return o, ws["sel"]

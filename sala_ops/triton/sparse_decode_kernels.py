@@ -181,15 +181,20 @@ def lse_partial(q, c2, lens, m_out, l_out, b, g, s, HKV, s_qb, s_qh, s_2b, s_2t,
 
 
 @triton.jit
-def combined_lse(m_in, l_in, b, h, gm, G, HKV, S2: tl.constexpr, S2P: tl.constexpr, CACHE: tl.constexpr = ""):
+def combined_lse(m_in, l_in, b, h, gm, G, HKV, S2: tl.constexpr, S2P: tl.constexpr, L2_ONLY: tl.constexpr):
     """Stage-1 LSE of query heads h (rows gm valid) of sequence b from the S2 partial (max, sum) pairs
-    that _lse_partial_kernel wrote per (b, head) (natural log; 0 when no C2 key is complete yet). CACHE:
-    the loads' cache modifier (".cg" where other programs of the same launch wrote the partials)."""
+    that _lse_partial_kernel wrote per (b, head) (natural log; 0 when no C2 key is complete yet). L2_ONLY: load
+    them past L1 (.cg), for partials that other programs of the same launch wrote. (A bool, not the modifier
+    string: triton 3.6 cannot compile a str constexpr default of a called @triton.jit function.)"""
     sp = tl.arange(0, S2P)
     po = (b * (G * HKV) + h)[:, None] * S2 + sp[None, :]
     pm = gm[:, None] & (sp[None, :] < S2)
-    mp = tl.load(m_in + po, mask=pm, other=float("-inf"), cache_modifier=CACHE)
-    lp = tl.load(l_in + po, mask=pm, other=0.0, cache_modifier=CACHE)
+    if L2_ONLY:
+        mp = tl.load(m_in + po, mask=pm, other=float("-inf"), cache_modifier=".cg")
+        lp = tl.load(l_in + po, mask=pm, other=0.0, cache_modifier=".cg")
+    else:
+        mp = tl.load(m_in + po, mask=pm, other=float("-inf"))
+        lp = tl.load(l_in + po, mask=pm, other=0.0)
     M = tl.max(mp, axis=1)
     Ms = tl.where(M == float("-inf"), 0.0, M)
     tot = tl.sum(lp * tl.exp(mp - Ms[:, None]), axis=1)
@@ -219,7 +224,7 @@ def _score_chunk_kernel(q, c1, lens, m_in, l_in, pbuf, cand,
     if (L >= DENSE_LEN) & (b0 <= qb):
         n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
         h, gm, d, dm = group_heads(g, D, G, BG, BD)
-        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P)
+        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P, False)
         qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
         # phase 1: P over the windows that touch the chunk's blocks
@@ -373,21 +378,27 @@ def _combine_kernel(o, o_part, m_part, l_part, s_ob, s_oh, D,
                     NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, tl.program_id(0).to(tl.int64), tl.program_id(1),
-                 tl.num_programs(1), NSPLIT, NSP, BD)
+                 tl.num_programs(1), NSPLIT, NSP, BD, False)
 
 
 @triton.jit
 def combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, h, H,
-                 NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr, CACHE: tl.constexpr = ""):
-    """o[b, h] = the merge of the NSPLIT split-K partials of query head h (CACHE as in combined_lse)."""
+                 NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr, L2_ONLY: tl.constexpr):
+    """o[b, h] = the merge of the NSPLIT split-K partials of query head h (L2_ONLY as in combined_lse)."""
     sp = tl.arange(0, NSP)
     spm = sp < NSPLIT
     d = tl.arange(0, BD)
     dm = d < D
     r = (b * H + h) * NSPLIT + sp
-    m = tl.load(m_part + r, mask=spm, other=float("-inf"), cache_modifier=CACHE)
-    l = tl.load(l_part + r, mask=spm, other=0.0, cache_modifier=CACHE)
-    a = tl.load(o_part + r[:, None] * D + d[None, :], mask=spm[:, None] & dm[None, :], other=0.0, cache_modifier=CACHE)
+    am = spm[:, None] & dm[None, :]
+    if L2_ONLY:
+        m = tl.load(m_part + r, mask=spm, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_part + r, mask=spm, other=0.0, cache_modifier=".cg")
+        a = tl.load(o_part + r[:, None] * D + d[None, :], mask=am, other=0.0, cache_modifier=".cg")
+    else:
+        m = tl.load(m_part + r, mask=spm, other=float("-inf"))
+        l = tl.load(l_part + r, mask=spm, other=0.0)
+        a = tl.load(o_part + r[:, None] * D + d[None, :], mask=am, other=0.0)
     M = tl.max(m, axis=0)
     Ms = tl.where(M == float("-inf"), 0.0, M)
     w = tl.exp(m - Ms)
