@@ -198,15 +198,16 @@ def profile_case(B, L, variant=None):
 # which every mode rebuilds.
 MODES = [dict(),
          dict(PDL=True),  # programmatic dependent launch (H200 run 5: 32K 29.6 vs 32.5 us, 1M 75.3 vs 71.7)
-         dict(FUSED=True),  # the one-launch step with row barriers (<= 256K tokens): not measured yet
-         dict(FUSED=True, FUSED_PROGRAMS=32),
-         dict(FUSED=True, FUSED_PROGRAMS=128),
-         dict(SPB_BLOCKS=2)]
+         # the one-launch step (<= 256K tokens; H200 run 5 call 3, bisect select, no early products: 32K 31.3 us)
+         dict(FUSED=True),
+         dict(FUSED=True, FUSED_SELECT="bisect"),
+         dict(FUSED=True, FUSED_EARLY=False),
+         dict(FUSED=True, FUSED_SELECT="bisect", FUSED_EARLY=False)]
 if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of the list above
     MODES = json.loads(os.environ["SALA_DECODE_MODES"])
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",
          "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS", "ATTEND_MERGE", "PDL", "FUSED",
-         "FUSED_PROGRAMS")  # FUSED_PROGRAMS lives in sparse_decode_fused, the rest in sparse_decode_fast
+         "FUSED_PROGRAMS", "FUSED_EARLY", "FUSED_SELECT")  # FUSED_* but FUSED itself: in sparse_decode_fused
 
 
 def modes_case(B, L, rows):
@@ -214,7 +215,7 @@ def modes_case(B, L, rows):
     first entry, and the kernel split (torch.profiler, eager)."""
     from sala_ops.triton import sparse_decode_fast as FAST
     from sala_ops.triton import sparse_decode_fused as FUSED
-    home = {k: FUSED if k == "FUSED_PROGRAMS" else FAST for k in KNOBS}
+    home = {k: FUSED if k.startswith("FUSED_") else FAST for k in KNOBS}
     cache = make_cache(B, L)
     q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
     saved = {k: getattr(home[k], k) for k in KNOBS}

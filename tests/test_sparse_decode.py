@@ -420,35 +420,48 @@ def test_fast_pdl_knob(monkeypatch):
     assert lp.pdl == (dict(PDL=True, launch_pdl=True) if on_gpu else {}), lp.pdl
 
 
-def _fused_knobs(monkeypatch, programs):
+def _fused_knobs(monkeypatch, programs, select="sort", early=True):
     from sala_ops.triton import sparse_decode_fast as FAST
     from sala_ops.triton import sparse_decode_fused as FUSED
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
     monkeypatch.setattr(FAST, "FUSED", True)
     monkeypatch.setattr(FUSED, "FUSED_PROGRAMS", programs)
+    monkeypatch.setattr(FUSED, "FUSED_SELECT", select)
+    monkeypatch.setattr(FUSED, "FUSED_EARLY", early)
 
 
-@pytest.mark.parametrize("topk,heads,prompts,steps,D,lse,programs,sb,expect", [
+def _fused_ws(cache):
+    """The fused step's workspace of this cache (None if it declined the cache)."""
+    found = [v for k, v in cache._ws.items() if isinstance(k, tuple) and k[0] == "fused"]
+    assert len(found) == 1, list(cache._ws)
+    return found[0]
+
+
+@pytest.mark.parametrize("topk,heads,prompts,steps,D,lse,programs,sb,select,early,expect", [
     # G = 2, two sequences of different lengths cross dense_len = 64 (one row dense, one not);
-    # 5 programs per row: a count that is not a power of two
-    (3, (4, 2), [40, 55], 30, 16, None, 5, None, dict(NP=5)),
-    # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles, the 6 attention slots 2 per program
-    (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, dict(NP=3, NSUB=2)),
+    # 5 programs per row (not a power of two), one score range: the products before barrier 1 (EARLY)
+    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "sort", True, dict(NP=5, EARLY=True, SORT=True)),
+    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False)),
+    # EARLY over 5 ranges of 4 blocks (the carry of the window shared with the previous range)
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True)),
+    # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles (no EARLY), the 6 attention slots 2 per program
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, "sort", True, dict(NP=3, NSUB=2, EARLY=False)),
     # G = 8 heads per row merged by 2 programs (4 heads each), several LSE key tiles per program
-    (2, (8, 1), [300], 10, 32, (16, 8), 2, 4, dict(NP=2, NSUB=4)),
+    (2, (8, 1), [300], 10, 32, (16, 8), 2, 4, "bisect", True, dict(NP=2, NSUB=4)),
 ])
-def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, programs, sb, expect):
+def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, programs, sb, select, early,
+                                        expect):
     """The one-launch step (sparse_decode_fused.py), run as its four phase launches under the interpreter:
     selection exactly the reference's, outputs and compressed keys as in _run."""
     from sala_ops.triton import sparse_decode_fast as FAST
     H, Hkv = heads
-    _fused_knobs(monkeypatch, programs)
+    _fused_knobs(monkeypatch, programs, select, early)
     monkeypatch.setattr(FAST, "SB_BLOCKS", sb)
     cfg = dict(SMALL, topk=topk, dense_len=64)
     if lse is not None:
         cfg.update(lse_kernel_size=lse[0], lse_kernel_stride=lse[1])
     cache, _ = _run("triton", cfg, prompts, steps, H, Hkv, D, device=DEV, seed=300 + topk)
-    ws = cache._ws[("fused", H, programs)]
+    ws = _fused_ws(cache)
     assert ("fast", H) not in cache._ws, "the 5-launch step ran instead of the fused one"
     for k, v in expect.items():
         assert ws["cx"][k] == v, f"plan {k} = {ws['cx'][k]}, expected {v}: the case does not exercise what it should"
@@ -463,11 +476,11 @@ def test_fast_fused_nan_poisoned_workspace(monkeypatch):
     mod = sys.modules[__name__]
 
     def poisoned(q, cache, *a, **kw):
-        ws = cache._ws.get(("fused", q.shape[-2], 3))
-        if ws is not None:
-            for name in ("m2", "l2", "bscore", "o_part", "m_part", "l_part"):
-                ws[name].fill_(float("nan"))
-            ws["sel"].fill_(12345)
+        for k, ws in cache._ws.items():
+            if k[0] == "fused" and ws is not None:
+                for name in ("m2", "l2", "bscore", "o_part", "m_part", "l_part"):
+                    ws[name].fill_(float("nan"))
+                ws["sel"].fill_(12345)
         return orig(q, cache, *a, **kw)
     monkeypatch.setattr(mod, "sparse_decode", poisoned)
     cfg = dict(SMALL, topk=3, dense_len=50, lse_kernel_size=16, lse_kernel_stride=8)
@@ -481,7 +494,7 @@ def test_fast_fused_falls_back_past_its_block_limit(monkeypatch):
     monkeypatch.setattr(FUSED, "FUSED_MAX_BLOCKS", 8)
     cfg = dict(SMALL, topk=2, dense_len=64)
     cache, _ = _run("triton", cfg, [150], 4, 4, 2, 16, device=DEV, seed=9)
-    assert cache._ws[("fused", 4, 4)] is None and ("fast", 4) in cache._ws
+    assert _fused_ws(cache) is None and ("fast", 4) in cache._ws
 
 
 @pytest.mark.gpu
@@ -522,7 +535,12 @@ def test_gpu_fast_fused_9b_and_graph(monkeypatch):
             monkeypatch.setenv("SALA_SPARSE_DECODE", "sort")
             _, i3 = sparse_decode(q, cache, return_indices=True)
             monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
-            assert torch.equal(i1, i2) and torch.equal(o1, o2), f"L={L} step {i}: one launch != four launches"
+            # the same arithmetic per phase, but one compiled function vs four: the compiler may contract and order
+            # fp32 operations differently, so the bf16 outputs may differ by one rounding (H200 run 5 call 3)
+            assert torch.equal(i1, i2), f"L={L} step {i}: one launch selected other blocks than four launches"
+            diff = (o1.float() - o2.float()).abs()
+            assert bool((diff <= 2 ** -7 * o2.float().abs() + 1e-6).all()), \
+                f"L={L} step {i}: one launch != four launches beyond one bf16 rounding: {diff.max().item():.3g}"
             assert torch.equal(i1, i3), f"L={L} step {i}: fused selection != the sort path's"
         assert int(FUSED.plan(cache, H)["cnt"][0]) == 3 * 64 * 20, "row barrier counter"
 

@@ -167,15 +167,13 @@ def score_range(q, c1, lens, m_in, l_in, bscore, b, g, c, HKV, s_qb, s_qh, s_1b,
         base = c1 + b * s_1b + g * s_1h
         wi = tl.arange(0, SB * R)
         si = tl.arange(0, SB)
-        rr = tl.arange(0, R)
         # windows b0*R - e (e = 1..E) start in block b0 - 1: one dot laid out as the previous
         # program's last sub-tile (same shape, same column), only those rows loaded
         j = (b0 - SB) * R + wi
         jm = (j >= b0 * R - E) & (j >= 0) & (j < n1)
         k1 = tl.load(base + j.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
         sc = key_head_scores(qt, k1, PREC, KEYS_M) * scale  # [SB * R, BG]
-        pj = tl.where(jm, tl.sum(tl.where(gm[None, :], tl.exp(sc - lse[None, :]), 0.0), axis=1), 0.0)
-        carry = tl.max(pj, axis=0)
+        carry = tl.max(window_p(sc, lse, jm, gm), axis=0)
         nsub = tl.minimum(NSUB, (qb - b0) // SB + 1)
         for s in range(0, nsub):
             bb0 = b0 + s * SB
@@ -184,16 +182,32 @@ def score_range(q, c1, lens, m_in, l_in, bscore, b, g, c, HKV, s_qb, s_qh, s_1b,
             k1 = tl.load(base + j.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jm[:, None] & dm[None, :],
                          other=0.0)
             sc = key_head_scores(qt, k1, PREC, KEYS_M) * scale  # [SB * R, BG]
-            pj = tl.where(jm, tl.sum(tl.where(gm[None, :], tl.exp(sc - lse[None, :]), 0.0), axis=1), 0.0)
-            p2 = tl.reshape(pj, [SB, R])
-            score = tl.max(p2, axis=1)                                          # windows bR .. bR+R-1
-            tail = tl.max(tl.where(rr[None, :] >= R - E, p2, 0.0), axis=1)     # windows (b+1)R-E .. (b+1)R-1
-            prev = tl.sum(tl.where(si[:, None] - 1 == si[None, :], tail[None, :], 0.0), axis=1)  # tail[i - 1]
-            prev = tl.where(si == 0, carry, prev)
-            score = tl.maximum(score, prev)
-            carry = tl.max(tl.where(si == SB - 1, tail, 0.0), axis=0)
+            pj = window_p(sc, lse, jm, gm)
+            score, carry = pool_subtile(pj, carry, R, E, SB)
             bb = bb0 + si
             tl.store(bscore + row * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
+
+
+@triton.jit
+def window_p(sc, lse, jm, gm):
+    """P of each window: sum over the group's heads of exp(q.C1 * scale - lse) (sc [windows, BG]), 0 where jm is off."""
+    return tl.where(jm, tl.sum(tl.where(gm[None, :], tl.exp(sc - lse[None, :]), 0.0), axis=1), 0.0)
+
+
+@triton.jit
+def pool_subtile(pj, carry, R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr):
+    """Block scores of one sub-tile of SB blocks from the P of the SB * R windows starting in it (pj) and carry, the
+    max P of the E windows that start at the end of the block before it: (scores [SB], the carry for the next)."""
+    si = tl.arange(0, SB)
+    rr = tl.arange(0, R)
+    p2 = tl.reshape(pj, [SB, R])
+    score = tl.max(p2, axis=1)                                          # windows bR .. bR+R-1
+    tail = tl.max(tl.where(rr[None, :] >= R - E, p2, 0.0), axis=1)     # windows (b+1)R-E .. (b+1)R-1
+    prev = tl.sum(tl.where(si[:, None] - 1 == si[None, :], tail[None, :], 0.0), axis=1)  # tail[i - 1]
+    prev = tl.where(si == 0, carry, prev)
+    score = tl.maximum(score, prev)
+    carry = tl.max(tl.where(si == SB - 1, tail, 0.0), axis=0)
+    return score, carry
 
 
 @triton.jit

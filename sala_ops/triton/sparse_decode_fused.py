@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import _attend_split, combine_head, lse_partial
+from .sparse_decode_kernels import _attend_split, combine_head, combined_lse, group_heads, key_head_scores, lse_partial
 from . import sparse_decode_fast as FAST
-from .sparse_decode_fast import _choose, _row_bits, score_range, search_steps
+from .sparse_decode_fast import _choose, _row_bits, pool_subtile, score_range, search_steps, window_p
 
 # query programs per (b, KV head) row; the plan lowers it to fit one program per SM
 FUSED_PROGRAMS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PROGRAMS", "64"))
@@ -49,6 +49,17 @@ FUSED_MAX_BLOCKS = 4096
 # run the phases as four launches even on a GPU (debugging, and the GPU test that compares both)
 FUSED_PHASES = os.environ.get("SALA_SPARSE_DECODE_FUSED_PHASES", "0") == "1"
 FUSED_WARPS = 4
+# EARLY: phase 1 also computes the raw q.C1 products of the program's score range (they do not need the LSE), so
+# the C1 loads and dots run before barrier 1 and phase 2 is only exp, pooling and the stores (when each program's
+# range is one sub-tile: up to NP * 16 blocks, 64K tokens at 64 programs). H200 run 5 call 3 at 32K: the score
+# phase took 5.0 us after barrier 1 (median of the active programs), the LSE phase 1.0.
+FUSED_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_EARLY", "1") == "1"
+# how each program finds the row's top-k: "bisect" (the threshold search of sparse_decode_fast, 14 block-wide
+# reductions: 7.8 us at 32K in call 3) or "sort" (one bitonic sort of (score bits, -block) int64 keys, then the
+# n_sel-th key as the threshold)
+FUSED_SELECT = os.environ.get("SALA_SPARSE_DECODE_FUSED_SELECT", "sort")
+if FUSED_SELECT not in ("bisect", "sort"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect or sort, got {FUSED_SELECT!r}")
 
 
 @triton.jit
@@ -90,7 +101,8 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr, NP: tl.constexpr, NSP: tl.constexpr,
                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
-                       NIT: tl.constexpr, PHASE: tl.constexpr, TIMES: tl.constexpr = False):
+                       NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr,
+                       TIMES: tl.constexpr = False):
     """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..4: that phase only. TIMES: stamps
     at the phase boundaries into tbuf [B * Hkv, NP, 16] (int64)."""
     b = tl.program_id(0).to(tl.int64)
@@ -101,6 +113,10 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
     tb = tbuf + (row * NP + p) * 16
     _stamp(tb, 0, TIMES)
     _stamp(tb, 1, TIMES)
+    if EARLY:  # in PHASE 0 before barrier 1; the PHASE 2 launch recomputes them
+        if (PHASE == 0) | (PHASE == 2):
+            scp, jpm, scc, jcm = _range_dots(q, c1, lens, b, g, p * SB, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D,
+                                             DENSE_LEN, G, KS, ST, BS, R, E, SB, BG, BD, PREC, KEYS_M)
     if (PHASE == 0) | (PHASE == 1):
         lse_partial(q, c2, lens, m2, l2, b, g, p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN, CH2,
                     G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
@@ -109,14 +125,19 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
         _row_barrier(cnt + row, NP)
     _stamp(tb, 3, TIMES)
     if (PHASE == 0) | (PHASE == 2):
-        score_range(q, c1, lens, m2, l2, bscore, b, g, p, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
-                    NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, True)
+        if EARLY:
+            _range_scores(scp, jpm, scc, jcm, lens, m2, l2, bscore, b, g, p * SB, HKV, D, DENSE_LEN, NBMAX,
+                          G, BS, NP, NSP, R, E, SB, BG, BD)
+        else:
+            score_range(q, c1, lens, m2, l2, bscore, b, g, p, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
+                        NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, True)
     _stamp(tb, 4, TIMES)
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
     _stamp(tb, 5, TIMES)
     if (PHASE == 0) | (PHASE == 3):
-        _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT)
+        _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT,
+                      SORT)
         _stamp(tb, 6, TIMES)
         tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
         _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
@@ -133,9 +154,55 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
 
 
 @triton.jit
+def _range_dots(q, c1, lens, b, g, b0, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
+                G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, R: tl.constexpr,
+                E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                KEYS_M: tl.constexpr):
+    """EARLY: the q.C1 * scale products of the one-sub-tile range starting at block b0, as score_range computes
+    them (the same dots, the same layouts: bit-identical P): the E windows of block b0 - 1 (scp, valid jpm) and the
+    SB * R windows starting in the range (scc, valid jcm). All masks are off for a dense row or a range past the
+    query's block (nothing loaded)."""
+    L = tl.load(lens + b)
+    qb = (L - 1) // BS
+    n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
+    n1 = tl.where((L >= DENSE_LEN) & (b0 <= qb), n1, 0)  # no window of a dense row / a range past the query
+    h, gm, d, dm = group_heads(g, D, G, BG, BD)
+    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
+                 other=0.0).to(tl.float32)
+    base = c1 + b * s_1b + g * s_1h
+    wi = tl.arange(0, SB * R)
+    jp = (b0 - SB) * R + wi
+    jpm = (jp >= b0 * R - E) & (jp >= 0) & (jp < n1)
+    jc = b0 * R + wi
+    jcm = jc < n1
+    kp = tl.load(base + jp.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jpm[:, None] & dm[None, :], other=0.0)
+    kc = tl.load(base + jc.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jcm[:, None] & dm[None, :], other=0.0)
+    scp = key_head_scores(qt, kp, PREC, KEYS_M) * scale  # [SB * R, BG]
+    scc = key_head_scores(qt, kc, PREC, KEYS_M) * scale
+    return scp, jpm, scc, jcm
+
+
+@triton.jit
+def _range_scores(scp, jpm, scc, jcm, lens, m_in, l_in, bscore, b, g, b0, HKV, D, DENSE_LEN, NBMAX,
+                  G: tl.constexpr, BS: tl.constexpr, S2: tl.constexpr, S2P: tl.constexpr, R: tl.constexpr,
+                  E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    """EARLY: the block scores of the range from _range_dots' products and the combined LSE (score_range's
+    arithmetic, split around barrier 1)."""
+    L = tl.load(lens + b)
+    qb = (L - 1) // BS
+    if (L >= DENSE_LEN) & (b0 <= qb):
+        h, gm, d, dm = group_heads(g, D, G, BG, BD)
+        lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P, True)
+        carry = tl.max(window_p(scp, lse, jpm, gm), axis=0)
+        score, carry = pool_subtile(window_p(scc, lse, jcm, gm), carry, R, E, SB)
+        bb = b0 + tl.arange(0, SB)
+        tl.store(bscore + (b * HKV + g) * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
+
+
+@triton.jit
 def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
                   BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
-                  NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr):
+                  NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr, SORT: tl.constexpr):
     """Slots [s_lo, s_lo + SPB) of row's selection into sel: the blocks ranked s_lo.. among the n_sel chosen
     (ascending block order, as the one-level select stores them), -1 past n_sel; -1 below dense_len (the
     attention then takes every block). The whole row's selection is computed to know those ranks."""
@@ -148,7 +215,15 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
             n_sel = tl.minimum(qb + 1, KSEL)
             bb = tl.arange(0, NBP)
             bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
-            chosen, pos = _choose(bits, n_sel, K, NIT)
+            if SORT:
+                # unique keys, larger = better: score bits, then the lower block; the n_sel-th largest key is the
+                # threshold (n_sel <= the valid count qb + 1; invalid keys are -1)
+                key = tl.where(valid, (bits.to(tl.int64) << 32) | (2147483647 - bb).to(tl.int64), -1)
+                kth = tl.max(tl.where(bb == n_sel - 1, tl.sort(key, descending=True), -1), axis=0)
+                chosen = key >= kth
+                pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+            else:
+                chosen, pos = _choose(bits, n_sel, K, NIT)
             tl.store(sel + row * KSEL + pos, bb, mask=chosen & (pos >= s_lo) & (pos < s_lo + SPB))
             tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=mine & (ki >= n_sel))
     else:
@@ -164,7 +239,7 @@ def plan(cache, H: int):
     """The fused step's workspace and launch constants for this cache and H query heads, or None when the
     fused step does not apply (more than FUSED_MAX_BLOCKS padded blocks, or fewer than 2 programs per row fit
     one per SM). Built once per (cache, H), kept in cache._ws."""
-    key = ("fused", H, FUSED_PROGRAMS)
+    key = ("fused", H, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -189,7 +264,8 @@ def plan(cache, H: int):
     nslot = max(cfg.num_selected, FAST._cdiv(cfg.dense_len, bs))
     nbp = FAST._pow2(nb)
     k = 4 if nbp <= 4096 else 1
-    cx = dict(G=G, KS=cfg.kernel_size, ST=st, BS=bs, KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
+    early = FUSED_EARLY and CB == SB
+    cx = dict(EARLY=early, SORT=FUSED_SELECT == "sort", G=G, KS=cfg.kernel_size, ST=st, BS=bs, KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
               KSEL=cfg.num_selected, KSP=FAST._pow2(cfg.num_selected), NBP=nbp, NP=np_, NSP=FAST._pow2(np_),
               BG=max(16, FAST._pow2(G)), BD=max(16, FAST._pow2(D)), BJ=BJ, BN=max(16, FAST._pow2(bs)),
