@@ -33,7 +33,10 @@ def main():
                     CH2=16, NSLOT=128, SPB=2)
         cx = dict(G=16, KS=32, ST=16, BS=64, KS2=128, ST2=64, INIT=1, WB=32, R=4, E=1, SB=16, NSUB=nsub, KSEL=96,
                   KSP=128, NBP=nbp, NP=np_, NSP=64, BG=16, BD=128, BJ=16, BN=64, PREC="split2", KEYS_M=True,
-                  IEEE=False, K=4, NIT=search_steps(4), EARLY=nsub == 1, SORT=True)
+                  IEEE=False, K=4, NIT=search_steps(4), EARLY=nsub == 1, SORT=True, TB=2)
+        for nw, ns in ((8, 3), (4, 1), (4, 2), (8, 1)):
+            comp(f"fused NBP {nbp} early={nsub == 1} sort", F._fused_step_kernel, ptrs, ints, ("scale",),
+                 dict(cx, PHASE=0), nw, ns)
         for sort in (False, True):
             comp(f"fused NBP {nbp} early={nsub == 1} sort={sort}", F._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0, SORT=sort), F.FUSED_WARPS)

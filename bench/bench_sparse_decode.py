@@ -198,16 +198,18 @@ def profile_case(B, L, variant=None):
 # which every mode rebuilds.
 MODES = [dict(),
          dict(PDL=True),  # programmatic dependent launch (H200 run 5: 32K 29.6 vs 32.5 us, 1M 75.3 vs 71.7)
-         # the one-launch step (<= 256K tokens; H200 run 5 call 3, bisect select, no early products: 32K 31.3 us)
+         # the one-launch step (<= 256K tokens; H200 run 5 call 4, sort select + early products: 32K 27.1 us)
          dict(FUSED=True),
-         dict(FUSED=True, FUSED_SELECT="bisect"),
-         dict(FUSED=True, FUSED_EARLY=False),
-         dict(FUSED=True, FUSED_SELECT="bisect", FUSED_EARLY=False)]
+         dict(FUSED=True, FUSED_ATTEND_TILE=0),
+         dict(FUSED=True, FUSED_WARPS=8),
+         dict(FUSED=True, FUSED_STAGES=1),
+         dict(FUSED=True, FUSED_STAGES=2),
+         dict(FUSED=True, FUSED_WARPS=8, FUSED_STAGES=1)]
 if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of the list above
     MODES = json.loads(os.environ["SALA_DECODE_MODES"])
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",
          "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS", "ATTEND_MERGE", "PDL", "FUSED",
-         "FUSED_PROGRAMS", "FUSED_EARLY", "FUSED_SELECT")  # FUSED_* but FUSED itself: in sparse_decode_fused
+         "FUSED_PROGRAMS", "FUSED_EARLY", "FUSED_SELECT", "FUSED_ATTEND_TILE", "FUSED_WARPS", "FUSED_STAGES")  # FUSED_* but FUSED itself: in sparse_decode_fused
 
 
 def modes_case(B, L, rows):

@@ -420,7 +420,7 @@ def test_fast_pdl_knob(monkeypatch):
     assert lp.pdl == (dict(PDL=True, launch_pdl=True) if on_gpu else {}), lp.pdl
 
 
-def _fused_knobs(monkeypatch, programs, select="sort", early=True):
+def _fused_knobs(monkeypatch, programs, select="sort", early=True, tile=128):
     from sala_ops.triton import sparse_decode_fast as FAST
     from sala_ops.triton import sparse_decode_fused as FUSED
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
@@ -428,6 +428,7 @@ def _fused_knobs(monkeypatch, programs, select="sort", early=True):
     monkeypatch.setattr(FUSED, "FUSED_PROGRAMS", programs)
     monkeypatch.setattr(FUSED, "FUSED_SELECT", select)
     monkeypatch.setattr(FUSED, "FUSED_EARLY", early)
+    monkeypatch.setattr(FUSED, "FUSED_ATTEND_TILE", tile)
 
 
 def _fused_ws(cache):
@@ -439,15 +440,18 @@ def _fused_ws(cache):
 
 @pytest.mark.parametrize("topk,heads,prompts,steps,D,lse,programs,sb,select,early,expect", [
     # G = 2, two sequences of different lengths cross dense_len = 64 (one row dense, one not);
-    # 5 programs per row (not a power of two), one score range: the products before barrier 1 (EARLY)
-    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "sort", True, dict(NP=5, EARLY=True, SORT=True)),
-    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False)),
+    # 3 programs per row (not a power of two), one score range: the products before barrier 1 (EARLY);
+    # the 2 slots of a program as one tile of 2 blocks (TB)
+    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "sort", True, dict(NP=3, EARLY=True, SORT=True, TB=2)),
+    # bisect select, no EARLY, the slots one block per step (_attend_split: tile 0)
+    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1)),
     # EARLY over 5 ranges of 4 blocks (the carry of the window shared with the previous range)
     (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True)),
     # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles (no EARLY), the 6 attention slots 2 per program
     (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, "sort", True, dict(NP=3, NSUB=2, EARLY=False)),
-    # G = 8 heads per row merged by 2 programs (4 heads each), several LSE key tiles per program
-    (2, (8, 1), [300], 10, 32, (16, 8), 2, 4, "bisect", True, dict(NP=2, NSUB=4)),
+    # G = 8 heads per row merged by 2 programs (4 heads each), several LSE key tiles per program; 3 slots per
+    # program in one tile of 4 blocks (the 4th masked)
+    (4, (8, 1), [300], 10, 32, (16, 8), 2, 4, "bisect", True, dict(NP=2, NSUB=4, TB=4)),
 ])
 def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, programs, sb, select, early,
                                         expect):
@@ -455,7 +459,7 @@ def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps
     selection exactly the reference's, outputs and compressed keys as in _run."""
     from sala_ops.triton import sparse_decode_fast as FAST
     H, Hkv = heads
-    _fused_knobs(monkeypatch, programs, select, early)
+    _fused_knobs(monkeypatch, programs, select, early, 0 if expect.get("TB") == 1 else 128)
     monkeypatch.setattr(FAST, "SB_BLOCKS", sb)
     cfg = dict(SMALL, topk=topk, dense_len=64)
     if lse is not None:

@@ -48,7 +48,8 @@ FUSED_PROGRAMS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PROGRAMS", "64"))
 FUSED_MAX_BLOCKS = 4096
 # run the phases as four launches even on a GPU (debugging, and the GPU test that compares both)
 FUSED_PHASES = os.environ.get("SALA_SPARSE_DECODE_FUSED_PHASES", "0") == "1"
-FUSED_WARPS = 4
+FUSED_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_WARPS", "4"))
+FUSED_STAGES = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_STAGES", "3"))  # software-pipelining stages (num_stages)
 # EARLY: phase 1 also computes the raw q.C1 products of the program's score range (they do not need the LSE), so
 # the C1 loads and dots run before barrier 1 and phase 2 is only exp, pooling and the stores (when each program's
 # range is one sub-tile: up to NP * 16 blocks, 64K tokens at 64 programs). H200 run 5 call 3 at 32K: the score
@@ -57,9 +58,14 @@ FUSED_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_EARLY", "1") == "1"
 # how each program finds the row's top-k: "bisect" (the threshold search of sparse_decode_fast, 14 block-wide
 # reductions: 7.8 us at 32K in call 3) or "sort" (one bitonic sort of (score bits, -block) int64 keys, then the
 # n_sel-th key as the threshold)
-FUSED_SELECT = os.environ.get("SALA_SPARSE_DECODE_FUSED_SELECT", "sort")
-if FUSED_SELECT not in ("bisect", "sort"):
-    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect or sort, got {FUSED_SELECT!r}")
+# n_sel-th key as the threshold; "auto": sort up to SORT_MAX_BLOCKS padded blocks, else bisect. Call 4: sort 5.1 us
+# at 32K (512 blocks), but 38 us at 128K (2048 blocks), where bisect takes 14.7
+FUSED_SELECT = os.environ.get("SALA_SPARSE_DECODE_FUSED_SELECT", "auto")
+if FUSED_SELECT not in ("bisect", "sort", "auto"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort or auto, got {FUSED_SELECT!r}")
+SORT_MAX_BLOCKS = 1024
+# keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0 or one block: _attend_split's loop)
+FUSED_ATTEND_TILE = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_ATTEND_TILE", "128"))
 
 
 @triton.jit
@@ -101,7 +107,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        KSEL: tl.constexpr, KSP: tl.constexpr, NBP: tl.constexpr, NP: tl.constexpr, NSP: tl.constexpr,
                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
-                       NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr,
+                       NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
                        TIMES: tl.constexpr = False):
     """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..4: that phase only. TIMES: stamps
     at the phase boundaries into tbuf [B * Hkv, NP, 16] (int64)."""
@@ -140,8 +146,12 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                       SORT)
         _stamp(tb, 6, TIMES)
         tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
-        _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
-                      scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, BN, IEEE)
+        if TB > 1:
+            _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
+                          scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE)
+        else:
+            _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
+                          scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, BN, IEEE)
     _stamp(tb, 7, TIMES)
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
@@ -200,6 +210,58 @@ def _range_scores(scp, jpm, scc, jcm, lens, m_in, l_in, bscore, b, g, b0, HKV, D
 
 
 @triton.jit
+def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
+                  scale, D, DENSE_LEN, NSLOT, SPB,
+                  G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr, BG: tl.constexpr,
+                  BD: tl.constexpr, TB: tl.constexpr, IEEE: tl.constexpr):
+    """_attend_split's partial over slots [s * SPB, s * SPB + SPB) (same slot rule, same outputs: the unnormalised
+    acc, max and sum of split s), TB blocks per step as ONE tile of TB * BS keys: with 2 blocks per program (32K
+    tokens, 64 programs) that is one dependent load-dot-softmax-dot chain instead of two."""
+    L = tl.load(lens + b)
+    qb = (L - 1) // BS
+    h, gm, d, dm = group_heads(g, D, G, BG, BD)
+    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+    m_i = tl.full([BG], float("-inf"), tl.float32)
+    l_i = tl.zeros([BG], dtype=tl.float32)
+    acc = tl.zeros([BG, BD], dtype=tl.float32)
+    n = tl.arange(0, TB * BS)
+    kbase = kc + b * s_cb + g * s_ch
+    vbase = vc + b * s_cb + g * s_ch
+    for t0 in range(0, SPB, TB):
+        ti = t0 + n // BS                     # the key's slot offset within the split
+        slot = s * SPB + ti
+        Lv = slot * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
+        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1))
+        sv = tl.where((slot < KSEL) & (Lv >= DENSE_LEN), sv, -1)
+        blk = tl.where(Lv < DENSE_LEN, slot, sv)
+        live = (blk >= 0) & (blk <= qb) & (slot < NSLOT) & (ti < SPB) & (Lv > 0)
+        pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n % BS
+        pm = live & (pos < L)
+        k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            sc = tl.dot(qt, tl.trans(k), input_precision="ieee") * scale
+        else:
+            sc = tl.dot(qt, tl.trans(k)) * scale
+        sc = tl.where(pm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        pr = tl.exp(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        if IEEE:
+            pv = tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(pr.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    r = (b * (G * HKV) + h) * NSPLIT + s
+    tl.store(o_part + r[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+    tl.store(m_part + r, m_i, mask=gm)
+    tl.store(l_part + r, l_i, mask=gm)
+
+
+@triton.jit
 def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
                   BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
                   NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr, SORT: tl.constexpr):
@@ -239,7 +301,7 @@ def plan(cache, H: int):
     """The fused step's workspace and launch constants for this cache and H query heads, or None when the
     fused step does not apply (more than FUSED_MAX_BLOCKS padded blocks, or fewer than 2 programs per row fit
     one per SM). Built once per (cache, H), kept in cache._ws."""
-    key = ("fused", H, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT)
+    key = ("fused", H, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS, FUSED_STAGES)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -265,11 +327,14 @@ def plan(cache, H: int):
     nbp = FAST._pow2(nb)
     k = 4 if nbp <= 4096 else 1
     early = FUSED_EARLY and CB == SB
-    cx = dict(EARLY=early, SORT=FUSED_SELECT == "sort", G=G, KS=cfg.kernel_size, ST=st, BS=bs, KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
+    sort = FUSED_SELECT == "sort" or (FUSED_SELECT == "auto" and nbp <= SORT_MAX_BLOCKS)
+    spb = FAST._cdiv(nslot, np_)
+    tb = max(1, min(spb, FUSED_ATTEND_TILE // bs))
+    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, G=G, KS=cfg.kernel_size, ST=st, BS=bs, KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
               KSEL=cfg.num_selected, KSP=FAST._pow2(cfg.num_selected), NBP=nbp, NP=np_, NSP=FAST._pow2(np_),
               BG=max(16, FAST._pow2(G)), BD=max(16, FAST._pow2(D)), BJ=BJ, BN=max(16, FAST._pow2(bs)),
-              K=k, NIT=search_steps(k), num_warps=FUSED_WARPS)
+              K=k, NIT=search_steps(k), num_warps=FUSED_WARPS, num_stages=FUSED_STAGES)
     f32 = torch.float32
     ws = dict(cx=cx, grid=(B, Hkv, np_), nb=nb, ch2=BJ * FAST._cdiv(ch2_raw, BJ), nslot=nslot,
               spb=FAST._cdiv(nslot, np_),
