@@ -113,7 +113,7 @@ def run_case(B, L, chunk_target=None, graphs=True, variant=None):
     ours()
     sync()
     fused = [v for k, v in cache._ws.items() if isinstance(k, tuple) and k[0] == "fused" and v is not None]
-    if fused:  # the one-launch step ran (SALA_SPARSE_DECODE_FUSED=1)
+    if fused:  # the one-launch step ran (SALA_SPARSE_DECODE_FUSED)
         row["plan"] = dict(fused=True, **{k: v for k, v in fused[0]["cx"].items() if isinstance(v, int)})
     else:
         ws = cache._ws.get(("fast", H)) or cache._ws[H]
@@ -196,15 +196,13 @@ def profile_case(B, L, variant=None):
 # SELECT_MODE, SCORE_DOT, KEYS_M, SCORE_WARPS, SELECT_K (0: by size), SELECT_WARPS (0: by size) are read per
 # call; CB_BLOCKS (score range), SPB_BLOCKS (attention blocks per split), MERGE_CHUNK shape the workspace,
 # which every mode rebuilds.
-MODES = [dict(),
-         dict(PDL=True),  # programmatic dependent launch (H200 run 5: 32K 29.6 vs 32.5 us, 1M 75.3 vs 71.7)
-         # the one-launch step (<= 256K tokens; H200 run 5 call 4, sort select + early products: 32K 27.1 us)
-         dict(FUSED=True),
-         dict(FUSED=True, FUSED_ATTEND_TILE=0),
-         dict(FUSED=True, FUSED_WARPS=8),
-         dict(FUSED=True, FUSED_STAGES=1),
-         dict(FUSED=True, FUSED_STAGES=2),
-         dict(FUSED=True, FUSED_WARPS=8, FUSED_STAGES=1)]
+MODES = [dict(FUSED="0"),  # the multi-launch step
+         dict(FUSED="0", PDL=True),  # programmatic dependent launch (H200 run 5: 32K 29.6 vs 32.5 us, 1M 75.3 vs 71.7)
+         # the one-launch step (H200 run 5 call 5, 1 stage, 2-block attention tiles: 32K 25.1 us)
+         dict(FUSED="1"),
+         dict(FUSED="1", FUSED_ATTEND_TILE=0),
+         dict(FUSED="1", FUSED_PROGRAMS=32),
+         dict(FUSED="1", FUSED_STAGES=2)]
 if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of the list above
     MODES = json.loads(os.environ["SALA_DECODE_MODES"])
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",

@@ -9,7 +9,7 @@
 #                              # fla (~6 min)
 #   bash bench/gpu.sh decode   # sparse decode: modes sweep, gpu tests, the benchmark (~8 min)
 #   bash bench/gpu.sh knobs    # opt-in knobs not measured yet (decode PDL, select warps; lightning bf16x3) (~9 min)
-#   bash bench/gpu.sh fused    # sparse decode: the one-launch step's modes, decode gpu tests, the bench with it (~6 min)
+#   bash bench/gpu.sh fused    # sparse decode: the one-launch step's phases and modes, decode + layer gpu tests, the bench (~5 min)
 #   bash bench/gpu.sh tune     # sparse decode knob sweep + every lightning forward config timed (~9 min)
 #   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
@@ -73,11 +73,11 @@ if [ "$what" = knobs ]; then  # the opt-in knobs not measured yet: decode PDL / 
 fi
 if [ "$what" = fused ]; then  # the one-launch sparse decode step (SALA_SPARSE_DECODE_FUSED) against the launches
   step 90 "fused step: time per phase" python3 bench/diag_decode_fused.py --out "$OUT"
-  SALA_DECODE_MODES_SIZES=${SALA_DECODE_MODES_SIZES:-131072,32768} step 150 "sparse decode modes" \
+  SALA_DECODE_MODES_SIZES=${SALA_DECODE_MODES_SIZES:-131072,65536,32768} step 150 "sparse decode modes" \
     python3 bench/bench_sparse_decode.py --modes --out "$OUT/modes"
-  step 200 "gpu tests: sparse_decode" python3 -m pytest -q -m gpu tests/test_sparse_decode.py -p no:cacheprovider -rfE \
-    --durations=5 || tests_rc=$?
-  SALA_SPARSE_DECODE_FUSED=1 step 150 "bench_sparse_decode, fused step" python3 bench/bench_sparse_decode.py --out "$OUT"
+  step 240 "gpu tests: sparse_decode, layers" python3 -m pytest -q -m gpu tests/test_sparse_decode.py tests/test_layers.py \
+    -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
+  step 150 "bench_sparse_decode (defaults)" python3 bench/bench_sparse_decode.py --out "$OUT"
   grep -E "^== |\"mode\"|\"span_us\"|passed|failed|Error| \| " "$log" | cut -c1-600 | head -n 80
 fi
 if [ "$what" = tune ]; then

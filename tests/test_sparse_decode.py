@@ -327,6 +327,7 @@ def test_triton_fp16_within_twice_torch_error():
 def _fast_knobs(monkeypatch, sb=None, cb=None, spb=None, programs=None, merge=2, select_range=None, merge_in=None):
     from sala_ops.triton import sparse_decode_fast as FAST
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+    monkeypatch.setattr(FAST, "FUSED", "0")  # these tests are about the multi-launch step
     if merge_in is not None:
         monkeypatch.setattr(FAST, "ATTEND_MERGE", merge_in)
     if select_range is not None:
@@ -424,7 +425,7 @@ def _fused_knobs(monkeypatch, programs, select="sort", early=True, tile=128):
     from sala_ops.triton import sparse_decode_fast as FAST
     from sala_ops.triton import sparse_decode_fused as FUSED
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
-    monkeypatch.setattr(FAST, "FUSED", True)
+    monkeypatch.setattr(FAST, "FUSED", "1")
     monkeypatch.setattr(FUSED, "FUSED_PROGRAMS", programs)
     monkeypatch.setattr(FUSED, "FUSED_SELECT", select)
     monkeypatch.setattr(FUSED, "FUSED_EARLY", early)
@@ -504,7 +505,9 @@ def test_fast_fused_falls_back_past_its_block_limit(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_fast_variant_9b_and_graph(monkeypatch):
     """The fast variant on the 9B config: reference selection + 2x-bf16 error bound, graph replay == eager."""
+    from sala_ops.triton import sparse_decode_fast as FAST
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
+    monkeypatch.setattr(FAST, "FUSED", "0")  # the multi-launch step (test_gpu_fast_fused_* covers the fused one)
     test_gpu_9b_config_decode_crosses_dense_len()
     test_gpu_cuda_graph_replay_equals_eager()
 

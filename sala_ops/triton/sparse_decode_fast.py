@@ -91,9 +91,13 @@ if ATTEND_MERGE not in ("last", "kernel"):
 # scheduled while this one runs, hiding part of the ~1.5-2 us gap between dependent launches (about 9 us of the
 # 32K step in H200 run 4). Off by default: not measured on the H200 yet.
 PDL = os.environ.get("SALA_SPARSE_DECODE_PDL", "0") == "1"
-# SALA_SPARSE_DECODE_FUSED=1: caches of up to 4096 blocks (256K tokens) run the whole step as one launch with row
-# barriers (sparse_decode_fused.py). Off by default: not measured on the H200 yet.
-FUSED = os.environ.get("SALA_SPARSE_DECODE_FUSED", "0") == "1"
+# SALA_SPARSE_DECODE_FUSED: the whole step as one launch with row barriers (sparse_decode_fused.py). "auto" (the
+# default): compiled CUDA caches of up to AUTO_MAX_BLOCKS padded blocks (64K tokens of 64); "1": also under the
+# interpreter and up to FUSED_MAX_BLOCKS (256K tokens); "0": never. H200 run 5 call 5 (B = 1, CUDA graph): 32K
+# 25.1 us fused vs 33.0 (these launches) and 29.8 (with PDL); 128K 40.1 vs 41.1 and 39.1 (so not by default there).
+FUSED = os.environ.get("SALA_SPARSE_DECODE_FUSED", "auto")
+if FUSED not in ("auto", "0", "1"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED must be auto, 0 or 1, got {FUSED!r}")
 if SELECT_RANGE and SELECT_RANGE & (SELECT_RANGE - 1):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_SELECT_RANGE must be 0 or a power of two, got {SELECT_RANGE}")
 
@@ -572,9 +576,10 @@ def decode(q, cache, scale):
     """One decode step, 5 launches (one more with the two-level select, one less with SELECT_MODE tail or
     ATTEND_MERGE last). q [B, H, D] contiguous. Returns (o, sel)."""
     B, H, D = q.shape
-    if FUSED:
+    if FUSED == "1" or (FUSED == "auto" and q.device.type == "cuda"
+                        and os.environ.get("TRITON_INTERPRET", "0") != "1"):
         from . import sparse_decode_fused as FUSED_STEP
-        fws = FUSED_STEP.plan(cache, H)
+        fws = FUSED_STEP.plan(cache, H, FUSED_STEP.FUSED_MAX_BLOCKS if FUSED == "1" else FUSED_STEP.AUTO_MAX_BLOCKS)
         if fws is not None:
             return FUSED_STEP.decode(q, cache, scale, fws)
     ws = cache._ws.get(("fast", H)) or workspace(cache, H)

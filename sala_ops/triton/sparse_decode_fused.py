@@ -1,4 +1,4 @@
-"""One-launch sparse decode step for short caches (SALA_SPARSE_DECODE_FUSED=1; up to FUSED_MAX_BLOCKS blocks).
+"""One-launch sparse decode step for short caches (sparse_decode_fast.FUSED: by default up to 64K tokens on a GPU).
 
 Why: at 32K cached tokens the five launches of sparse_decode_fast take 23 us of kernel time, about 9 us of gaps
 between dependent launches and a ramp-up per kernel, for very little work each (H200 run 4: 32.5 us per step
@@ -46,10 +46,13 @@ FUSED_PROGRAMS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PROGRAMS", "64"))
 # the largest padded block count of a cache the fused step takes (its selection holds the row's scores in
 # registers: 4096 blocks = 256K tokens of 64 = 32 int32 per thread with 4 warps)
 FUSED_MAX_BLOCKS = 4096
+AUTO_MAX_BLOCKS = 1024  # the default (SALA_SPARSE_DECODE_FUSED=auto) takes the fused step up to this many
 # run the phases as four launches even on a GPU (debugging, and the GPU test that compares both)
 FUSED_PHASES = os.environ.get("SALA_SPARSE_DECODE_FUSED_PHASES", "0") == "1"
 FUSED_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_WARPS", "4"))
-FUSED_STAGES = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_STAGES", "3"))  # software-pipelining stages (num_stages)
+# software-pipelining stages (num_stages): every loop of the step runs one or two iterations at 32K; call 5 at 32K:
+# 18.8 us kernel with 1 stage, 19.8 with 2, 20.6 with 3
+FUSED_STAGES = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_STAGES", "1"))
 # EARLY: phase 1 also computes the raw q.C1 products of the program's score range (they do not need the LSE), so
 # the C1 loads and dots run before barrier 1 and phase 2 is only exp, pooling and the stores (when each program's
 # range is one sub-tile: up to NP * 16 blocks, 64K tokens at 64 programs). H200 run 5 call 3 at 32K: the score
@@ -297,11 +300,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def plan(cache, H: int):
+def plan(cache, H: int, max_blocks: int = FUSED_MAX_BLOCKS):
     """The fused step's workspace and launch constants for this cache and H query heads, or None when the
-    fused step does not apply (more than FUSED_MAX_BLOCKS padded blocks, or fewer than 2 programs per row fit
-    one per SM). Built once per (cache, H), kept in cache._ws."""
-    key = ("fused", H, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS, FUSED_STAGES)
+    fused step does not apply (more than max_blocks padded blocks, or fewer than 2 programs per row fit
+    one per SM). Built once per (cache, H, knobs), kept in cache._ws."""
+    key = ("fused", H, max_blocks, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
+           FUSED_STAGES)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -313,7 +317,7 @@ def plan(cache, H: int):
     np_ = FUSED_PROGRAMS
     if dev.type == "cuda" and not _interpreted():
         np_ = min(np_, torch.cuda.get_device_properties(dev).multi_processor_count // rows)
-    if FAST._pow2(nb) > FUSED_MAX_BLOCKS or np_ < 2 or not FAST.supported(cfg):
+    if FAST._pow2(nb) > max_blocks or np_ < 2 or not FAST.supported(cfg):
         cache._ws[key] = None
         return None
     G = H // Hkv
