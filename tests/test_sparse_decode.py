@@ -512,6 +512,20 @@ def test_gpu_fast_variant_9b_and_graph(monkeypatch):
     test_gpu_cuda_graph_replay_equals_eager()
 
 
+def test_fast_fused_auto_rule(monkeypatch):
+    """SALA_SPARSE_DECODE_FUSED=auto (the default) takes the fused step only where the H200 measured it faster:
+    caches of up to 512 padded blocks with at least 32 programs per row; FUSED=1 takes it up to 4096 blocks."""
+    from sala_ops.triton import sparse_decode_fused as FUSED
+    monkeypatch.setattr(FUSED, "FUSED_PROGRAMS", 64)
+    mk = lambda L: SparseLayerCache(1, L, 2, 128, dtype=torch.bfloat16, device="cpu")  # noqa: E731  9B config
+    assert FUSED.plan(mk(32768), 32, auto=True)["grid"] == (1, 2, 64)
+    assert FUSED.plan(mk(32769), 32, auto=True) is None          # 513 blocks: padded to 1024
+    assert FUSED.plan(mk(65536), 32, auto=False)["grid"] == (1, 2, 64)
+    assert FUSED.plan(mk(262145), 32, auto=False) is None        # past 4096 blocks
+    monkeypatch.setattr(FUSED, "FUSED_PROGRAMS", 16)
+    assert FUSED.plan(mk(32768), 32, auto=True) is None and FUSED.plan(mk(32768), 32)["grid"] == (1, 2, 16)
+
+
 @pytest.mark.gpu
 def test_gpu_fast_fused_9b_and_graph(monkeypatch):
     """The one-launch step on the 9B config (caches of 16K tokens, 4 and 6 rows: 33 and 22 programs per row):

@@ -92,9 +92,10 @@ if ATTEND_MERGE not in ("last", "kernel"):
 # 32K step in H200 run 4). Off by default: not measured on the H200 yet.
 PDL = os.environ.get("SALA_SPARSE_DECODE_PDL", "0") == "1"
 # SALA_SPARSE_DECODE_FUSED: the whole step as one launch with row barriers (sparse_decode_fused.py). "auto" (the
-# default): compiled CUDA caches of up to AUTO_MAX_BLOCKS padded blocks (64K tokens of 64); "1": also under the
-# interpreter and up to FUSED_MAX_BLOCKS (256K tokens); "0": never. H200 run 5 call 5 (B = 1, CUDA graph): 32K
-# 25.1 us fused vs 33.0 (these launches) and 29.8 (with PDL); 128K 40.1 vs 41.1 and 39.1 (so not by default there).
+# default): compiled CUDA caches of up to 512 padded blocks (32K tokens of 64) with at least 32 programs per row
+# (B * Hkv <= 4 on an H200), where it measured faster (sparse_decode_fused.AUTO_*); "1": also under the interpreter,
+# any batch, up to 4096 blocks (256K tokens); "0": never. H200 run 5 calls 5-6 (B = 1, CUDA graph) at 32K: 25.0 us
+# fused vs 32.3 (these launches) and 29.6 (these launches with PDL).
 FUSED = os.environ.get("SALA_SPARSE_DECODE_FUSED", "auto")
 if FUSED not in ("auto", "0", "1"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED must be auto, 0 or 1, got {FUSED!r}")
@@ -579,7 +580,7 @@ def decode(q, cache, scale):
     if FUSED == "1" or (FUSED == "auto" and q.device.type == "cuda"
                         and os.environ.get("TRITON_INTERPRET", "0") != "1"):
         from . import sparse_decode_fused as FUSED_STEP
-        fws = FUSED_STEP.plan(cache, H, FUSED_STEP.FUSED_MAX_BLOCKS if FUSED == "1" else FUSED_STEP.AUTO_MAX_BLOCKS)
+        fws = FUSED_STEP.plan(cache, H, auto=FUSED == "auto")
         if fws is not None:
             return FUSED_STEP.decode(q, cache, scale, fws)
     ws = cache._ws.get(("fast", H)) or workspace(cache, H)

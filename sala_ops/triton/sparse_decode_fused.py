@@ -46,7 +46,12 @@ FUSED_PROGRAMS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PROGRAMS", "64"))
 # the largest padded block count of a cache the fused step takes (its selection holds the row's scores in
 # registers: 4096 blocks = 256K tokens of 64 = 32 int32 per thread with 4 warps)
 FUSED_MAX_BLOCKS = 4096
-AUTO_MAX_BLOCKS = 1024  # the default (SALA_SPARSE_DECODE_FUSED=auto) takes the fused step up to this many
+# The default (SALA_SPARSE_DECODE_FUSED=auto) takes the fused step for caches of up to AUTO_MAX_BLOCKS padded blocks
+# when at least AUTO_MIN_PROGRAMS programs per row fit: H200 run 5 call 6 (CUDA graph, us per step), fused vs the
+# multi-launch step: B = 1: 32K 25.0 vs 32.3, 64K 44.2 vs 35.3 (the sort of 1024 keys), 128K 39.9 vs 40.9;
+# B = 8 at 32K (8 programs per row): 63.3 vs 56.1
+AUTO_MAX_BLOCKS = 512
+AUTO_MIN_PROGRAMS = 32
 # run the phases as four launches even on a GPU (debugging, and the GPU test that compares both)
 FUSED_PHASES = os.environ.get("SALA_SPARSE_DECODE_FUSED_PHASES", "0") == "1"
 FUSED_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_WARPS", "4"))
@@ -300,11 +305,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def plan(cache, H: int, max_blocks: int = FUSED_MAX_BLOCKS):
+def plan(cache, H: int, auto: bool = False):
     """The fused step's workspace and launch constants for this cache and H query heads, or None when the
-    fused step does not apply (more than max_blocks padded blocks, or fewer than 2 programs per row fit
-    one per SM). Built once per (cache, H, knobs), kept in cache._ws."""
-    key = ("fused", H, max_blocks, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
+    fused step does not apply: more than FUSED_MAX_BLOCKS padded blocks or fewer than 2 programs per row fit one
+    per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
+    per (cache, H, knobs), kept in cache._ws."""
+    key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
            FUSED_STAGES)
     if key in cache._ws:
         return cache._ws[key]
@@ -317,7 +323,8 @@ def plan(cache, H: int, max_blocks: int = FUSED_MAX_BLOCKS):
     np_ = FUSED_PROGRAMS
     if dev.type == "cuda" and not _interpreted():
         np_ = min(np_, torch.cuda.get_device_properties(dev).multi_processor_count // rows)
-    if FAST._pow2(nb) > max_blocks or np_ < 2 or not FAST.supported(cfg):
+    max_blocks, min_programs = (AUTO_MAX_BLOCKS, AUTO_MIN_PROGRAMS) if auto else (FUSED_MAX_BLOCKS, 2)
+    if FAST._pow2(nb) > max_blocks or np_ < min_programs or not FAST.supported(cfg):
         cache._ws[key] = None
         return None
     G = H // Hkv
