@@ -8,7 +8,6 @@
 #   bash bench/gpu.sh diag     # decode host overhead, the small-shape lightning diag, lightning fp32 vs
 #                              # fla (~6 min)
 #   bash bench/gpu.sh decode   # sparse decode: modes sweep, gpu tests, the benchmark (~8 min)
-#   bash bench/gpu.sh knobs    # opt-in knobs not measured yet (decode PDL, select warps; lightning bf16x3) (~9 min)
 #   bash bench/gpu.sh fused    # sparse decode: the one-launch step's phases and modes, decode + layer gpu tests, the bench (~5 min)
 #   bash bench/gpu.sh tune     # sparse decode knob sweep + every lightning forward config timed (~9 min)
 #   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
@@ -62,14 +61,6 @@ if [ "$what" = decode ]; then
     --durations=5 || tests_rc=$?
   step 150 bench_sparse_decode python3 bench/bench_sparse_decode.py --variant sort --out "$OUT"
   grep -E "^== |mode|passed|failed|Error| \| " "$log" | head -n 80
-fi
-if [ "$what" = knobs ]; then  # the opt-in knobs not measured yet: decode PDL / select warps, lightning fp32 bf16x3
-  step "${T_MODES:-220}" "sparse decode modes (knob sweep)" python3 bench/bench_sparse_decode.py --modes --out "$OUT/modes"
-  SALA_LIGHTNING_F32_DOT=bf16x3 step 120 "lightning fp32 fwd vs fla, bf16x3 token-sum products" python3 bench/bench_lightning.py \
-    --T 32768,131072 --cases float32:fwd:high --out "$OUT/lightning_bf16x3"
-  SALA_LIGHTNING_F32_DOT=bf16x3 step "${T_LCFG:-200}" "lightning fp32 configs, bf16x3" python3 bench/diag_lightning_configs.py \
-    --T 131072 --dtypes fp32 --budget "${LCFG_BUDGET:-150}" --out "$OUT/lcfg_bf16x3"
-  grep -E "^== |\"mode\"|^chunk_out|^local_state|^forward|Error|passed|failed| \| " "$log" | cut -c1-400 | head -n 150
 fi
 if [ "$what" = fused ]; then  # the one-launch sparse decode step (SALA_SPARSE_DECODE_FUSED) against the launches
   step 90 "fused step: time per phase" python3 bench/diag_decode_fused.py --out "$OUT"

@@ -92,57 +92,6 @@ def _by_dtype(table):
     return prune
 
 
-_INTERP = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _bf16_parts(x):
-    """x (fp32) = hi + lo + r: hi and lo are x and x - hi with the low 16 bits cleared (bf16-exact values kept in
-    fp32), |r| < 2^-15 |x|."""
-    hi = (x.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-    lo = ((x - hi).to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-    return hi, lo
-
-
-@triton.jit
-def _split_dot(a, b, acc):
-    """acc + a @ b of two bf16-exact fp32 tiles: a bf16 product on the GPU (the conversion is exact), an fp32 one
-    in the interpreter (whose bf16 tl.dot is broken in triton 3.9; the products of bf16 values are exact in fp32
-    either way)."""
-    if _INTERP:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-
-
-@triton.jit
-def _token_sum_dot(a, b, PREC: tl.constexpr):
-    """a @ b for the products that sum over tokens (k^T v, A v): with fp32 inputs both operands are token-major
-    in memory, a layout TF32 wgmma does not take directly (these kernels run 2.9x slower per byte in fp32 than
-    in bf16, H200 run 4). PREC "bf16x3" (SALA_LIGHTNING_F32_DOT=bf16x3, fp32 operands; not measured on the GPU
-    yet): each operand split into bf16 hi + lo parts, three bf16 products hi.hi + hi.lo + lo.hi accumulated in
-    fp32 (the dropped lo.lo and the split remainders: below 2^-13 of |a| |b| per product, against TF32's
-    truncation to 2^-10), and 16-bit wgmma takes any operand layout. Otherwise one tl.dot at PREC."""
-    if PREC == "bf16x3":
-        a_hi, a_lo = _bf16_parts(a)
-        b_hi, b_lo = _bf16_parts(b)
-        acc = _split_dot(a_hi, b_hi, tl.zeros([a.shape[0], b.shape[1]], dtype=tl.float32))
-        acc = _split_dot(a_hi, b_lo, acc)
-        return _split_dot(a_lo, b_hi, acc)
-    else:
-        return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _feature_dot(a, b, PREC: tl.constexpr):
-    """a @ b for the products that sum over the head dimension (q k^T, q S): operands K-major, TF32 natively;
-    PREC "bf16x3" runs them in TF32."""
-    if PREC == "bf16x3":
-        return tl.dot(a, b, input_precision="tf32")
-    else:
-        return tl.dot(a, b, input_precision=PREC)
-
-
 @triton.jit
 def _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN: tl.constexpr):
     """Token range [a, b) (flat token index over batch x seq) of chunk c."""
@@ -209,10 +158,10 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
         w = tl.where(mt, tl.exp2(-s2 * e), 0.0)
         if BV <= BK:  # weight the narrower operand
             vw = (vt.to(tl.float32) * w[:, None]).to(vt.dtype)
-            acc += _token_sum_dot(tl.trans(kt), vw, PREC)
+            acc += tl.dot(tl.trans(kt), vw, input_precision=PREC)
         else:
             kw = (kt.to(tl.float32) * w[:, None]).to(kt.dtype)
-            acc += _token_sum_dot(tl.trans(kw), vt, PREC)
+            acc += tl.dot(tl.trans(kw), vt, input_precision=PREC)
     acc = acc * kv_mult
     base = (c.to(tl.int64) * H + h) * DK * DV
     tl.store(ds_ptr + base + offs_k[:, None] * DV + offs_v[None, :], acc, mask=mk[:, None] & mv[None, :])
@@ -333,17 +282,17 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
         wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0) * kv_mult
         # (q diag(wq)) S = diag(wq) (q S): the row weights go on the product, the loaded q tile feeds
         # the tensor cores as it is
-        A = _feature_dot(qt, tl.trans(kt), PREC) * dmask
-        o = _token_sum_dot(A.to(vt.dtype), vt, PREC) * out_scale
-        o += _feature_dot(qt, S.to(qt.dtype), PREC) * wq[:, None]
+        A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
+        o = tl.dot(A.to(vt.dtype), vt, input_precision=PREC) * out_scale
+        o += tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
         tl.store(o_ptr + t[:, None] * stride_o + h * DV + offs_v[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
         if BV <= BK:
             vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
-            U = _token_sum_dot(tl.trans(kt), vw, PREC)
+            U = tl.dot(tl.trans(kt), vw, input_precision=PREC)
         else:
             kw = (kt.to(tl.float32) * wk[:, None]).to(kt.dtype)
-            U = _token_sum_dot(tl.trans(kw), vt, PREC)
+            U = tl.dot(tl.trans(kw), vt, input_precision=PREC)
         S = S * tl.exp2(-s2 * ln.to(tl.float32)) + U
 
 
@@ -351,24 +300,21 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
 # host side
 
 
-F32_DOTS = ("tf32", "tf32x3", "ieee", "bf16x3")
+# SALA_LIGHTNING_F32_DOT (diagnostics): the fp32 products' precision. (A "bf16x3" option, the token-sum products
+# as three bf16 products of hi/lo splits, measured slower than TF32 on the H200 in run 5, 0.69x / 0.76x fla vs
+# 0.73x / 0.81x at 32K / 128K, and was removed: bench/NOTES_lightning.md.)
+F32_DOTS = ("tf32", "tf32x3", "ieee")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
-    forced = os.environ.get("SALA_LIGHTNING_F32_DOT")  # one of F32_DOTS (see _token_sum_dot for bf16x3)
+    forced = os.environ.get("SALA_LIGHTNING_F32_DOT")
     if forced:
         if forced not in F32_DOTS:
             raise ValueError(f"lightning_attention: SALA_LIGHTNING_F32_DOT must be one of {F32_DOTS}, got {forced!r}")
         return forced
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def _plain_dot_precision(dtype: torch.dtype) -> str:
-    """_dot_precision for kernels whose products all take one tl.dot (the forward variants): bf16x3 -> tf32."""
-    p = _dot_precision(dtype)
-    return "tf32" if p == "bf16x3" else p
 
 
 def _pad(d: int) -> int:

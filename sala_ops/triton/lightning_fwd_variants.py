@@ -272,7 +272,7 @@ def walk2_outputs(q, k, v, G, H, out, states, decay, scale, ch: LC.Chunks):
     _walk2_kernel[grid](q, k, v, out, states, decay, *ch.args(), H, 1, G, G,
                         q.shape[-2] * DK, k.shape[-2] * DK, v.shape[-2] * DV, out.shape[-2] * DV, float(scale),
                         DK=DK, DV=DV, BK=LC._pad(DK), BT=ch.BT, IS_VARLEN=ch.varlen,
-                        PREC=LC._plain_dot_precision(q.dtype))
+                        PREC=LC._dot_precision(q.dtype))
     return out
 
 
@@ -335,7 +335,7 @@ def fused_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqle
                         o.shape[-2] * DV, float(scale), spin_cap,
                         DK=DK, DV=DV, BK=BK, BV=BV, BT=BT, R=RING, IS_VARLEN=cu_seqlens is not None,
                         HAS_INIT=initial_state is not None, STORE_FINAL=output_final_state,
-                        PREC=LC._plain_dot_precision(q.dtype))
+                        PREC=LC._dot_precision(q.dtype))
     return o, (final if output_final_state else None), states
 
 
