@@ -49,7 +49,7 @@ FUSED_MAX_BLOCKS = 4096
 # The default (SALA_SPARSE_DECODE_FUSED=auto) takes the fused step for caches of up to AUTO_MAX_BLOCKS padded blocks
 # when at least AUTO_MIN_PROGRAMS programs per row fit: H200 run 5 call 6 (CUDA graph, us per step), fused vs the
 # multi-launch step: B = 1: 32K 25.0 vs 32.3, 64K 44.2 vs 35.3 (the sort of 1024 keys), 128K 39.9 vs 40.9;
-# B = 8 at 32K (8 programs per row): 63.3 vs 56.1
+# B = 8 at 32K (8 programs per row): 63.3 vs 55.6 (run 4 call 7)
 AUTO_MAX_BLOCKS = 512
 AUTO_MIN_PROGRAMS = 32
 # run the phases as four launches even on a GPU (debugging, and the GPU test that compares both)
