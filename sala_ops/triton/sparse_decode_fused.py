@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import _attend_split, combine_head, combined_lse, group_heads, key_head_scores, lse_partial
+from .sparse_decode_kernels import (_attend_split, combine_head, combined_lse, group_heads, key_head_scores, lse_partial,
+                                    online_softmax_step)
 from . import sparse_decode_fast as FAST
 from .sparse_decode_fast import _choose, _row_bits, pool_subtile, score_range, search_steps, window_p
 
@@ -247,22 +248,7 @@ def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_
         pm = live & (pos < L)
         k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
         v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            sc = tl.dot(qt, tl.trans(k), input_precision="ieee") * scale
-        else:
-            sc = tl.dot(qt, tl.trans(k)) * scale
-        sc = tl.where(pm[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        pr = tl.exp(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        if IEEE:
-            pv = tl.dot(pr, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(pr.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(qt, k, v, pm, m_i, l_i, acc, scale, IEEE)
     r = (b * (G * HKV) + h) * NSPLIT + s
     tl.store(o_part + r[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
     tl.store(m_part + r, m_i, mask=gm)

@@ -296,6 +296,27 @@ def _topk_merge_kernel(cand, lens, sel, DENSE_LEN, NCH,
 
 
 @triton.jit
+def online_softmax_step(qt, k, v, pm, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+    """One flash-decoding step of the query rows qt over the keys k / values v (rows pm valid): the running max
+    m_i, sum l_i and unnormalised output acc, updated."""
+    if IEEE:
+        sc = tl.dot(qt, tl.trans(k), input_precision="ieee") * scale
+    else:
+        sc = tl.dot(qt, tl.trans(k)) * scale
+    sc = tl.where(pm[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(sc - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
                   s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
                   scale, D, DENSE_LEN, NSLOT, SPB,
@@ -334,22 +355,7 @@ def _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part,
         pm = (n < BS) & (pos < L)
         k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
         v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            sc = tl.dot(qt, tl.trans(k), input_precision="ieee") * scale
-        else:
-            sc = tl.dot(qt, tl.trans(k)) * scale
-        sc = tl.where(pm[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(qt, k, v, pm, m_i, l_i, acc, scale, IEEE)
     if NSPLIT == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o + b * s_ob + h[:, None] * s_oh + d[None, :], out.to(o.dtype.element_ty),
