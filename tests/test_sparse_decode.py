@@ -421,7 +421,7 @@ def test_fast_pdl_knob(monkeypatch):
     assert lp.pdl == (dict(PDL=True, launch_pdl=True) if on_gpu else {}), lp.pdl
 
 
-def _fused_knobs(monkeypatch, programs, select="sort", early=True, tile=128):
+def _fused_knobs(monkeypatch, programs, select="auto", early=True, tile=128):
     from sala_ops.triton import sparse_decode_fast as FAST
     from sala_ops.triton import sparse_decode_fused as FUSED
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
@@ -443,11 +443,12 @@ def _fused_ws(cache):
     # G = 2, two sequences of different lengths cross dense_len = 64 (one row dense, one not);
     # 3 programs per row (not a power of two), one score range: the products before barrier 1 (EARLY);
     # the 2 slots of a program as one tile of 2 blocks (TB)
-    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "sort", True, dict(NP=3, EARLY=True, SORT=True, TB=2)),
+    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "sort", True, dict(NP=3, EARLY=True, SORT=1, TB=2)),
+    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=2, TB=2)),
     # bisect select, no EARLY, the slots one block per step (_attend_split: tile 0)
-    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1)),
+    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=0, TB=1)),
     # EARLY over 5 ranges of 4 blocks (the carry of the window shared with the previous range)
-    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True)),
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort32", True, dict(NP=8, NSUB=1, EARLY=True, SORT=2)),
     # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles (no EARLY), the 6 attention slots 2 per program
     (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, "sort", True, dict(NP=3, NSUB=2, EARLY=False)),
     # G = 8 heads per row merged by 2 programs (4 heads each), several LSE key tiles per program; 3 slots per

@@ -278,7 +278,12 @@ def _choose(bits, n_sel, K: tl.constexpr, NIT: tl.constexpr):
     """The n_sel largest entries of bits (>= 0 where valid, -1 where not), ties at the threshold to the lowest
     positions; all valid entries when fewer than n_sel are valid. Returns (chosen mask, rank among the
     chosen in position order)."""
-    lo = _kth_largest_bisect(bits, n_sel, K, NIT)
+    return choose_at(bits, n_sel, _kth_largest_bisect(bits, n_sel, K, NIT))
+
+
+@triton.jit
+def choose_at(bits, n_sel, lo):
+    """_choose given lo, the n_sel-th largest of bits: the entries above it and the lowest-position ties."""
     gt = bits > lo
     eq = bits == lo
     need = n_sel - tl.sum(gt.to(tl.int32), axis=0)  # ties at the threshold taken, lowest position first

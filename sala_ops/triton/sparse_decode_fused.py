@@ -40,7 +40,7 @@ from ._launch import launch as _launch
 from .sparse_decode_kernels import (_attend_split, combine_head, combined_lse, group_heads, key_head_scores, lse_partial,
                                     online_softmax_step)
 from . import sparse_decode_fast as FAST
-from .sparse_decode_fast import _choose, _row_bits, pool_subtile, score_range, search_steps, window_p
+from .sparse_decode_fast import _choose, _row_bits, choose_at, pool_subtile, score_range, search_steps, window_p
 
 # query programs per (b, KV head) row; the plan lowers it to fit one program per SM
 FUSED_PROGRAMS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PROGRAMS", "64"))
@@ -65,13 +65,14 @@ FUSED_STAGES = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_STAGES", "1"))
 # phase took 5.0 us after barrier 1 (median of the active programs), the LSE phase 1.0.
 FUSED_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_EARLY", "1") == "1"
 # how each program finds the row's top-k: "bisect" (the threshold search of sparse_decode_fast, 14 block-wide
-# reductions: 7.8 us at 32K in call 3) or "sort" (one bitonic sort of (score bits, -block) int64 keys, then the
-# n_sel-th key as the threshold)
-# n_sel-th key as the threshold; "auto": sort up to SORT_MAX_BLOCKS padded blocks, else bisect. Call 4: sort 5.1 us
-# at 32K (512 blocks), but 38 us at 128K (2048 blocks), where bisect takes 14.7
+# reductions: 7.8 us at 32K in call 3), "sort" (one bitonic sort of unique (score bits, -block) int64 keys, the
+# n_sel-th as the threshold: 5.1 us at 32K in call 4, but 38 us at 128K where bisect takes 14.7), "sort32" (a sort
+# of the int32 score bits alone, ties at the threshold resolved as in bisect), "auto": sort32 up to
+# SORT_MAX_BLOCKS padded blocks, else bisect
 FUSED_SELECT = os.environ.get("SALA_SPARSE_DECODE_FUSED_SELECT", "auto")
-if FUSED_SELECT not in ("bisect", "sort", "auto"):
-    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort or auto, got {FUSED_SELECT!r}")
+if FUSED_SELECT not in ("bisect", "sort", "sort32", "auto"):
+    raise ValueError("sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort, sort32 or auto, got "
+                     f"{FUSED_SELECT!r}")
 SORT_MAX_BLOCKS = 1024
 # keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0 or one block: _attend_split's loop)
 FUSED_ATTEND_TILE = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_ATTEND_TILE", "128"))
@@ -271,7 +272,12 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
             n_sel = tl.minimum(qb + 1, KSEL)
             bb = tl.arange(0, NBP)
             bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
-            if SORT:
+            if SORT == 2:
+                # the n_sel-th largest score bits by a sort of the int32 bits themselves (n_sel <= the valid count
+                # qb + 1; invalid entries are -1), ties at it to the lowest blocks as the bisect path does
+                chosen, pos = choose_at(bits, n_sel, tl.max(tl.where(bb == n_sel - 1, tl.sort(bits, descending=True),
+                                                                     -1), axis=0))
+            elif SORT == 1:
                 # unique keys, larger = better: score bits, then the lower block; the n_sel-th largest key is the
                 # threshold (n_sel <= the valid count qb + 1; invalid keys are -1)
                 key = tl.where(valid, (bits.to(tl.int64) << 32) | (2147483647 - bb).to(tl.int64), -1)
@@ -324,7 +330,8 @@ def plan(cache, H: int, auto: bool = False):
     nbp = FAST._pow2(nb)
     k = 4 if nbp <= 4096 else 1
     early = FUSED_EARLY and CB == SB
-    sort = FUSED_SELECT == "sort" or (FUSED_SELECT == "auto" and nbp <= SORT_MAX_BLOCKS)
+    select = FUSED_SELECT if FUSED_SELECT != "auto" else ("sort32" if nbp <= SORT_MAX_BLOCKS else "bisect")
+    sort = {"bisect": 0, "sort": 1, "sort32": 2}[select]
     spb = FAST._cdiv(nslot, np_)
     tb = max(1, min(spb, FUSED_ATTEND_TILE // bs))
     cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, G=G, KS=cfg.kernel_size, ST=st, BS=bs, KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
