@@ -443,12 +443,11 @@ def _fused_ws(cache):
     # G = 2, two sequences of different lengths cross dense_len = 64 (one row dense, one not);
     # 3 programs per row (not a power of two), one score range: the products before barrier 1 (EARLY);
     # the 2 slots of a program as one tile of 2 blocks (TB)
-    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "sort", True, dict(NP=3, EARLY=True, SORT=1, TB=2)),
-    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=2, TB=2)),
+    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=True, TB=2)),
     # bisect select, no EARLY, the slots one block per step (_attend_split: tile 0)
-    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=0, TB=1)),
+    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1)),
     # EARLY over 5 ranges of 4 blocks (the carry of the window shared with the previous range)
-    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort32", True, dict(NP=8, NSUB=1, EARLY=True, SORT=2)),
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True, SORT=True)),
     # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles (no EARLY), the 6 attention slots 2 per program
     (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, "sort", True, dict(NP=3, NSUB=2, EARLY=False)),
     # G = 8 heads per row merged by 2 programs (4 heads each), several LSE key tiles per program; 3 slots per
@@ -471,6 +470,16 @@ def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps
     assert ("fast", H) not in cache._ws, "the 5-launch step ran instead of the fused one"
     for k, v in expect.items():
         assert ws["cx"][k] == v, f"plan {k} = {ws['cx'][k]}, expected {v}: the case does not exercise what it should"
+
+
+def test_fast_fused_block_size_not_a_power_of_two(monkeypatch):
+    """Blocks of 24 tokens (R = 4 windows of stride 6): the attention takes one block per step (_attend_split),
+    since _attend_tiles' tile of TB * block_size keys must be a power of two; results as in _run."""
+    _fused_knobs(monkeypatch, 3)
+    cfg = dict(kernel_size=12, kernel_stride=6, block_size=24, window_size=48, init_blocks=1, topk=3, dense_len=96)
+    cache, _ = _run("triton", cfg, [90, 200], 12, 4, 2, 16, device=DEV, seed=23)
+    cx = _fused_ws(cache)["cx"]
+    assert cx["TB"] == 1 and cx["BS"] == 24, cx
 
 
 def test_fast_fused_nan_poisoned_workspace(monkeypatch):

@@ -1,4 +1,4 @@
-"""One-launch sparse decode step for short caches (sparse_decode_fast.FUSED: by default up to 64K tokens on a GPU).
+"""One-launch sparse decode step for short caches (sparse_decode_fast.FUSED: by default up to 32K tokens on a GPU).
 
 Why: at 32K cached tokens the five launches of sparse_decode_fast take 23 us of kernel time, about 9 us of gaps
 between dependent launches and a ramp-up per kernel, for very little work each (H200 run 4: 32.5 us per step
@@ -7,12 +7,13 @@ partials, the block scores, the selection and the split-K partials of row (b, g)
 the same row. So one launch of NP programs per row can run the whole step with three row barriers:
 
   phase 1  program p: LSE partials of the C2 keys [p * CH2, p * CH2 + CH2)          (lse_partial)
+           and, when its score range is one sub-tile, the q.C1 products of it         (_range_dots, EARLY)
   -------- row barrier
-  phase 2  program p: block scores of the blocks [p * CB, p * CB + CB)                (score_range)
+  phase 2  program p: block scores of the blocks [p * CB, p * CB + CB)   (_range_scores, else score_range)
   -------- row barrier
   phase 3  every program computes the row's whole selection from the block scores (the same bits, the same
            search: the same result in each), keeps the slots [p * SPB, p * SPB + SPB) of it (writes them to
-           sel, the op's index output) and attends to those blocks (_attend_split)
+           sel, the op's index output) and attends to those blocks (_attend_tiles, else _attend_split)
   -------- row barrier
   phase 4  program p merges the split-K partials of query heads p, p + NP, ... of the group (combine_head)
 
@@ -65,16 +66,16 @@ FUSED_STAGES = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_STAGES", "1"))
 # phase took 5.0 us after barrier 1 (median of the active programs), the LSE phase 1.0.
 FUSED_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_EARLY", "1") == "1"
 # how each program finds the row's top-k: "bisect" (the threshold search of sparse_decode_fast, 14 block-wide
-# reductions: 7.8 us at 32K in call 3), "sort" (one bitonic sort of unique (score bits, -block) int64 keys, the
-# n_sel-th as the threshold: 5.1 us at 32K in call 4, but 38 us at 128K where bisect takes 14.7), "sort32" (a sort
-# of the int32 score bits alone, ties at the threshold resolved as in bisect: call 7 at 32K, kernel 17.8 us vs 18.75
-# with "sort", graph step 24.1 vs 24.8), "auto": sort32 up to SORT_MAX_BLOCKS padded blocks, else bisect
+# reductions: 7.8 us at 32K in call 3) or "sort" (a bitonic sort of the int32 score bits, the n_sel-th as the
+# threshold, ties at it resolved as in bisect); "auto": sort up to SORT_MAX_BLOCKS padded blocks, else bisect.
+# H200 run 5: a sort of unique (bits, -block) int64 keys took 5.1 us at 32K (call 4) and 38 us at 128K, where
+# bisect takes 14.7; the int32 sort replaced it (call 7 at 32K: kernel 17.8 us vs 18.75, graph step 24.1 vs 24.8)
 FUSED_SELECT = os.environ.get("SALA_SPARSE_DECODE_FUSED_SELECT", "auto")
-if FUSED_SELECT not in ("bisect", "sort", "sort32", "auto"):
-    raise ValueError("sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort, sort32 or auto, got "
-                     f"{FUSED_SELECT!r}")
+if FUSED_SELECT not in ("bisect", "sort", "auto"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort or auto, got {FUSED_SELECT!r}")
 SORT_MAX_BLOCKS = 1024
-# keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0 or one block: _attend_split's loop)
+# keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0, one block, or a block size that
+# is not a power of two: _attend_split's loop)
 FUSED_ATTEND_TILE = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_ATTEND_TILE", "128"))
 
 
@@ -272,18 +273,11 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
             n_sel = tl.minimum(qb + 1, KSEL)
             bb = tl.arange(0, NBP)
             bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
-            if SORT == 2:
+            if SORT:
                 # the n_sel-th largest score bits by a sort of the int32 bits themselves (n_sel <= the valid count
                 # qb + 1; invalid entries are -1), ties at it to the lowest blocks as the bisect path does
                 chosen, pos = choose_at(bits, n_sel, tl.max(tl.where(bb == n_sel - 1, tl.sort(bits, descending=True),
                                                                      -1), axis=0))
-            elif SORT == 1:
-                # unique keys, larger = better: score bits, then the lower block; the n_sel-th largest key is the
-                # threshold (n_sel <= the valid count qb + 1; invalid keys are -1)
-                key = tl.where(valid, (bits.to(tl.int64) << 32) | (2147483647 - bb).to(tl.int64), -1)
-                kth = tl.max(tl.where(bb == n_sel - 1, tl.sort(key, descending=True), -1), axis=0)
-                chosen = key >= kth
-                pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
             else:
                 chosen, pos = _choose(bits, n_sel, K, NIT)
             tl.store(sel + row * KSEL + pos, bb, mask=chosen & (pos >= s_lo) & (pos < s_lo + SPB))
@@ -328,20 +322,20 @@ def plan(cache, H: int, auto: bool = False):
     CB = max(SB, FAST._pow2(FAST._cdiv(nb, np_)))
     nslot = max(cfg.num_selected, FAST._cdiv(cfg.dense_len, bs))
     nbp = FAST._pow2(nb)
-    k = 4 if nbp <= 4096 else 1
+    k = 4  # thresholds per bisect step: packed 16-bit counts, fine up to FUSED_MAX_BLOCKS (sparse_decode_fast)
     early = FUSED_EARLY and CB == SB
-    select = FUSED_SELECT if FUSED_SELECT != "auto" else ("sort32" if nbp <= SORT_MAX_BLOCKS else "bisect")
-    sort = {"bisect": 0, "sort": 1, "sort32": 2}[select]
+    sort = FUSED_SELECT == "sort" or (FUSED_SELECT == "auto" and nbp <= SORT_MAX_BLOCKS)
     spb = FAST._cdiv(nslot, np_)
-    tb = max(1, min(spb, FUSED_ATTEND_TILE // bs))
-    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, G=G, KS=cfg.kernel_size, ST=st, BS=bs, KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
+    # _attend_tiles' tile is TB * bs keys: a power of two only when bs is one
+    tb = max(1, min(spb, FUSED_ATTEND_TILE // bs)) if bs & (bs - 1) == 0 else 1
+    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, G=G, KS=cfg.kernel_size, ST=st, BS=bs,
+              KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
               KSEL=cfg.num_selected, KSP=FAST._pow2(cfg.num_selected), NBP=nbp, NP=np_, NSP=FAST._pow2(np_),
               BG=max(16, FAST._pow2(G)), BD=max(16, FAST._pow2(D)), BJ=BJ, BN=max(16, FAST._pow2(bs)),
               K=k, NIT=search_steps(k), num_warps=FUSED_WARPS, num_stages=FUSED_STAGES)
     f32 = torch.float32
-    ws = dict(cx=cx, grid=(B, Hkv, np_), nb=nb, ch2=BJ * FAST._cdiv(ch2_raw, BJ), nslot=nslot,
-              spb=FAST._cdiv(nslot, np_),
+    ws = dict(cx=cx, grid=(B, Hkv, np_), nb=nb, ch2=BJ * FAST._cdiv(ch2_raw, BJ), nslot=nslot, spb=spb,
               m2=torch.empty(B, H, np_, dtype=f32, device=dev), l2=torch.empty(B, H, np_, dtype=f32, device=dev),
               bscore=torch.empty(B, Hkv, nb, dtype=f32, device=dev),
               sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),

@@ -181,20 +181,25 @@ def lse_partial(q, c2, lens, m_out, l_out, b, g, s, HKV, s_qb, s_qh, s_2b, s_2t,
 
 
 @triton.jit
+def load_l2(ptr, mask, other, L2_ONLY: tl.constexpr):
+    """tl.load, past L1 (.cg) when L2_ONLY: for data that other programs of the same launch wrote."""
+    if L2_ONLY:
+        return tl.load(ptr, mask=mask, other=other, cache_modifier=".cg")
+    else:
+        return tl.load(ptr, mask=mask, other=other)
+
+
+@triton.jit
 def combined_lse(m_in, l_in, b, h, gm, G, HKV, S2: tl.constexpr, S2P: tl.constexpr, L2_ONLY: tl.constexpr):
     """Stage-1 LSE of query heads h (rows gm valid) of sequence b from the S2 partial (max, sum) pairs
     that _lse_partial_kernel wrote per (b, head) (natural log; 0 when no C2 key is complete yet). L2_ONLY: load
-    them past L1 (.cg), for partials that other programs of the same launch wrote. (A bool, not the modifier
-    string: triton 3.6 cannot compile a str constexpr default of a called @triton.jit function.)"""
+    them past L1 (load_l2). (A bool, not the modifier string: triton 3.6 cannot compile a str constexpr default
+    of a called @triton.jit function.)"""
     sp = tl.arange(0, S2P)
     po = (b * (G * HKV) + h)[:, None] * S2 + sp[None, :]
     pm = gm[:, None] & (sp[None, :] < S2)
-    if L2_ONLY:
-        mp = tl.load(m_in + po, mask=pm, other=float("-inf"), cache_modifier=".cg")
-        lp = tl.load(l_in + po, mask=pm, other=0.0, cache_modifier=".cg")
-    else:
-        mp = tl.load(m_in + po, mask=pm, other=float("-inf"))
-        lp = tl.load(l_in + po, mask=pm, other=0.0)
+    mp = load_l2(m_in + po, pm, float("-inf"), L2_ONLY)
+    lp = load_l2(l_in + po, pm, 0.0, L2_ONLY)
     M = tl.max(mp, axis=1)
     Ms = tl.where(M == float("-inf"), 0.0, M)
     tot = tl.sum(lp * tl.exp(mp - Ms[:, None]), axis=1)
@@ -396,15 +401,9 @@ def combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, h, H,
     d = tl.arange(0, BD)
     dm = d < D
     r = (b * H + h) * NSPLIT + sp
-    am = spm[:, None] & dm[None, :]
-    if L2_ONLY:
-        m = tl.load(m_part + r, mask=spm, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(l_part + r, mask=spm, other=0.0, cache_modifier=".cg")
-        a = tl.load(o_part + r[:, None] * D + d[None, :], mask=am, other=0.0, cache_modifier=".cg")
-    else:
-        m = tl.load(m_part + r, mask=spm, other=float("-inf"))
-        l = tl.load(l_part + r, mask=spm, other=0.0)
-        a = tl.load(o_part + r[:, None] * D + d[None, :], mask=am, other=0.0)
+    m = load_l2(m_part + r, spm, float("-inf"), L2_ONLY)
+    l = load_l2(l_part + r, spm, 0.0, L2_ONLY)
+    a = load_l2(o_part + r[:, None] * D + d[None, :], spm[:, None] & dm[None, :], 0.0, L2_ONLY)
     M = tl.max(m, axis=0)
     Ms = tl.where(M == float("-inf"), 0.0, M)
     w = tl.exp(m - Ms)
