@@ -6,7 +6,7 @@ against 22.4 us for SDPA). Every dependency of the step stays inside one (sequen
 partials, the block scores, the selection and the split-K partials of row (b, g) are only read by programs of
 the same row. So one launch of NP programs per row can run the whole step with three row barriers:
 
-  phase 1  program p: LSE partials of the C2 keys [p * CH2, p * CH2 + CH2)          (lse_partial)
+  phase 1  program p: LSE partials of the C2 keys [s * CH2, s * CH2 + CH2), s = NP - 1 - p (FUSED_LSE_LAST)
            and, when its score range is one sub-tile, the q.C1 products of it         (_range_dots, EARLY)
   -------- row barrier
   phase 2  program p: block scores of the blocks [p * CB, p * CB + CB)   (_range_scores, else score_range)
@@ -18,7 +18,9 @@ the same row. So one launch of NP programs per row can run the whole step with t
   phase 4  program p merges the split-K partials of query heads p, p + NP, ... of the group (combine_head)
 
 Redundant selection instead of a fourth barrier: the programs would otherwise wait for one program to select;
-each holds at most FUSED_MAX_BLOCKS int32 scores in registers.
+each holds at most FUSED_MAX_BLOCKS int32 scores in registers. FUSED_SELECT=rank trades the redundant sort for a
+fourth barrier: phase 3 only ranks each program's share of the blocks (_rank_blocks), the attention runs after
+the extra barrier from the chosen blocks in rank order, and the last program writes sel in the merge phase.
 
 The row barrier (_row_barrier) spins on an int64 counter that only ever grows (one barrier = the NP increments
 from a multiple of NP to the next), so nothing resets it and CUDA-graph replays need no host work. A spin
@@ -26,7 +28,7 @@ barrier needs every program of a row resident at once: the plan caps the grid at
 (B * Hkv * NP <= SM count; a program needs far less than an SM) and uses the fused step only then.
 
 The Triton interpreter runs programs one after the other, so it cannot run a spin barrier: there (and with
-FUSED_PHASES) the same kernel runs as four launches, PHASE = 1..4, one per phase, which tests everything but
+FUSED_PHASES) the same kernel runs as one launch per phase (PHASE = 1, 2, 3, [4 with RANK,] 5), which tests everything but
 the barrier itself (the GPU tests cover that: fused == the phase launches == the reference).
 """
 from __future__ import annotations
@@ -38,8 +40,8 @@ import triton
 import triton.language as tl
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import (_attend_split, combine_head, combined_lse, group_heads, key_head_scores, lse_partial,
-                                    online_softmax_step)
+from .sparse_decode_kernels import (_attend_split, combine_head, combined_lse, group_heads, key_head_scores, load_l2,
+                                    lse_partial, online_softmax_step)
 from . import sparse_decode_fast as FAST
 from .sparse_decode_fast import _choose, _row_bits, choose_at, pool_subtile, score_range, search_steps, window_p
 
@@ -54,7 +56,7 @@ FUSED_MAX_BLOCKS = 4096
 # B = 8 at 32K (8 programs per row): 63.3 vs 55.6 (run 4 call 7)
 AUTO_MAX_BLOCKS = 512
 AUTO_MIN_PROGRAMS = 32
-# run the phases as four launches even on a GPU (debugging, and the GPU test that compares both)
+# run the phases as separate launches even on a GPU (debugging, and the GPU test that compares both)
 FUSED_PHASES = os.environ.get("SALA_SPARSE_DECODE_FUSED_PHASES", "0") == "1"
 FUSED_WARPS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_WARPS", "4"))
 # software-pipelining stages (num_stages): every loop of the step runs one or two iterations at 32K; call 5 at 32K:
@@ -70,10 +72,22 @@ FUSED_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_EARLY", "1") == "1"
 # threshold, ties at it resolved as in bisect); "auto": sort up to SORT_MAX_BLOCKS padded blocks, else bisect.
 # H200 run 5: a sort of unique (bits, -block) int64 keys took 5.1 us at 32K (call 4) and 38 us at 128K, where
 # bisect takes 14.7; the int32 sort replaced it (call 7 at 32K: kernel 17.8 us vs 18.75, graph step 24.1 vs 24.8)
+# "rank": no program computes the whole selection; program p ranks its RB blocks against the row's scores (one
+# [RB, NBP] compare, the order of choose_at: score bits descending, the lower block first), writes the chosen ones
+# by rank (byrank) and every rank (brank); a fourth row barrier; then program p attends to the blocks of ranks
+# [p * SPB, p * SPB + SPB), and in the merge phase the last program turns brank into sel (ascending block order).
+# Block sizes that are not a power of two take "sort" instead (the rank attention runs _attend_tiles).
 FUSED_SELECT = os.environ.get("SALA_SPARSE_DECODE_FUSED_SELECT", "auto")
-if FUSED_SELECT not in ("bisect", "sort", "auto"):
-    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort or auto, got {FUSED_SELECT!r}")
+if FUSED_SELECT not in ("bisect", "sort", "rank", "auto"):
+    raise ValueError("sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort, rank or auto, "
+                     f"got {FUSED_SELECT!r}")
+# the LSE partials of phase 1 go to the programs counted from the last one: at 32K the C2 keys fill the first 32
+# of 64 programs' LSE chunks and the score ranges the first 32 programs too, so without this half the programs
+# do both phase-1 jobs one after the other and half do nothing (H200 run 5 call 6: phase 1 median 2.5 us, max 4.2)
+FUSED_LSE_LAST = os.environ.get("SALA_SPARSE_DECODE_FUSED_LSE_LAST", "1") == "1"
 SORT_MAX_BLOCKS = 1024
+# RANK: the elements of one [RB, JC] compare of _rank_blocks (JC columns per step)
+RANK_COLUMNS = 4096
 # keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0, one block, or a block size that
 # is not a power of two: _attend_split's loop)
 FUSED_ATTEND_TILE = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_ATTEND_TILE", "128"))
@@ -109,7 +123,7 @@ def _stamp(tbuf, i: tl.constexpr, TIMES: tl.constexpr):
 
 
 @triton.jit
-def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt, tbuf,
+def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt, tbuf, brank, byrank,
                        s_qb, s_qh, s_1b, s_1t, s_1h, s_2b, s_2t, s_2h, s_cb, s_ct, s_ch, s_ob, s_oh,
                        scale, D, DENSE_LEN, NBMAX, CH2, NSLOT, SPB,
                        G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
@@ -119,9 +133,11 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
                        NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
+                       RANK: tl.constexpr, RB: tl.constexpr, JC: tl.constexpr, LSE_LAST: tl.constexpr,
                        TIMES: tl.constexpr = False):
-    """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..4: that phase only. TIMES: stamps
-    at the phase boundaries into tbuf [B * Hkv, NP, 16] (int64)."""
+    """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..5: that phase only (3 = select and,
+    unless RANK, attend; 4 = the RANK attention; 5 = merge). TIMES: stamps at the phase boundaries into
+    tbuf [B * Hkv, NP, 16] (int64)."""
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     p = tl.program_id(2)
@@ -135,7 +151,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
             scp, jpm, scc, jcm = _range_dots(q, c1, lens, b, g, p * SB, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D,
                                              DENSE_LEN, G, KS, ST, BS, R, E, SB, BG, BD, PREC, KEYS_M)
     if (PHASE == 0) | (PHASE == 1):
-        lse_partial(q, c2, lens, m2, l2, b, g, p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN, CH2,
+        lse_partial(q, c2, lens, m2, l2, b, g, NP - 1 - p if LSE_LAST else p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN, CH2,
                     G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
     _stamp(tb, 2, TIMES)
     if PHASE == 0:
@@ -152,14 +168,26 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
     _stamp(tb, 5, TIMES)
-    if (PHASE == 0) | (PHASE == 3):
+    if RANK:
+        if (PHASE == 0) | (PHASE == 3):
+            _rank_blocks(bscore, lens, brank, byrank, b, row, p, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL,
+                         KSP, NBP, RB, JC)
+        _stamp(tb, 6, TIMES)
+        if PHASE == 0:
+            _row_barrier(cnt + row, NP)
+        _stamp(tb, 11, TIMES)
+        if (PHASE == 0) | (PHASE == 4):
+            _attend_tiles(q, kc, vc, lens, byrank, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
+                          scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE, True)
+    elif (PHASE == 0) | (PHASE == 3):
         _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT,
                       SORT)
         _stamp(tb, 6, TIMES)
+        _stamp(tb, 11, TIMES)
         tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
         if TB > 1:
             _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
-                          scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE)
+                          scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE, False)
         else:
             _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
                           scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, BN, IEEE)
@@ -167,7 +195,10 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
     _stamp(tb, 8, TIMES)
-    if (PHASE == 0) | (PHASE == 4):
+    if (PHASE == 0) | (PHASE == 5):
+        if RANK:
+            if p == NP - 1:
+                _sel_from_ranks(brank, lens, sel, b, row, DENSE_LEN, NBMAX, BS, KSEL, KSP, NBP)
         for hl in range(p, G, NP):
             combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, g * G + hl, G * HKV, NP, NSP, BD, True)
     _stamp(tb, 10, TIMES)
@@ -224,10 +255,11 @@ def _range_scores(scp, jpm, scc, jcm, lens, m_in, l_in, bscore, b, g, b0, HKV, D
 def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
                   scale, D, DENSE_LEN, NSLOT, SPB,
                   G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr, BG: tl.constexpr,
-                  BD: tl.constexpr, TB: tl.constexpr, IEEE: tl.constexpr):
+                  BD: tl.constexpr, TB: tl.constexpr, IEEE: tl.constexpr, L2_ONLY: tl.constexpr):
     """_attend_split's partial over slots [s * SPB, s * SPB + SPB) (same slot rule, same outputs: the unnormalised
     acc, max and sum of split s), TB blocks per step as ONE tile of TB * BS keys: with 2 blocks per program (32K
-    tokens, 64 programs) that is one dependent load-dot-softmax-dot chain instead of two."""
+    tokens, 64 programs) that is one dependent load-dot-softmax-dot chain instead of two. L2_ONLY: sel was written
+    by other programs of the launch (FUSED_SELECT=rank's byrank): load it past L1."""
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     h, gm, d, dm = group_heads(g, D, G, BG, BD)
@@ -242,8 +274,8 @@ def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_
         ti = t0 + n // BS                     # the key's slot offset within the split
         slot = s * SPB + ti
         Lv = slot * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
-        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1))
-        sv = tl.where((slot < KSEL) & (Lv >= DENSE_LEN), sv, -1)
+        sv = load_l2(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1), (slot < KSEL) & (Lv >= DENSE_LEN), -1,
+                     L2_ONLY)
         blk = tl.where(Lv < DENSE_LEN, slot, sv)
         live = (blk >= 0) & (blk <= qb) & (slot < NSLOT) & (ti < SPB) & (Lv > 0)
         pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n % BS
@@ -286,6 +318,53 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
         tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=mine)
 
 
+@triton.jit
+def _rank_blocks(bscore, lens, brank, byrank, b, row, p, s_lo, SPB, DENSE_LEN, NBMAX,
+                 BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
+                 NBP: tl.constexpr, RB: tl.constexpr, JC: tl.constexpr):
+    """FUSED_SELECT=rank, phase 3: the rank of each valid block of [p * RB, p * RB + RB) in the row's order (score
+    bits descending, the lower block first among equal bits: the n_sel of rank < n_sel are exactly the blocks
+    choose_at picks) into brank[row, block]; the chosen ones into byrank[row, rank]; -1 into byrank's slots
+    [s_lo, s_lo + SPB) at or past n_sel (the attention's dead slots). Nothing for a dense row."""
+    L = tl.load(lens + b)
+    qb = tl.maximum(L - 1, 0) // BS
+    if L >= DENSE_LEN:
+        n_sel = tl.minimum(qb + 1, KSEL)
+        ob = p * RB + tl.arange(0, RB)
+        mine, ovalid = _row_bits(bscore, row, ob, qb, NBMAX, INIT, WB)
+        rank = tl.zeros([RB], dtype=tl.int32)
+        for j0 in range(0, NBP, JC):  # one [RB, JC] compare per step (JC = NBP up to 4096 / RB)
+            jb = j0 + tl.arange(0, JC)
+            bits, _ = _row_bits(bscore, row, jb, qb, NBMAX, INIT, WB)
+            ahead = (bits[None, :] > mine[:, None]) | ((bits[None, :] == mine[:, None]) & (jb[None, :] < ob[:, None]))
+            rank += tl.sum(ahead.to(tl.int32), axis=1)
+        tl.store(brank + row * NBMAX + ob, rank, mask=ovalid)
+        tl.store(byrank + row * KSEL + rank, ob, mask=ovalid & (rank < n_sel))
+        ki = tl.arange(0, KSP)
+        tl.store(byrank + row * KSEL + ki, tl.full([KSP], -1, tl.int32),
+                 mask=(ki >= s_lo) & (ki < s_lo + SPB) & (ki < KSEL) & (ki >= n_sel))
+
+
+@triton.jit
+def _sel_from_ranks(brank, lens, sel, b, row, DENSE_LEN, NBMAX, BS: tl.constexpr, KSEL: tl.constexpr,
+                    KSP: tl.constexpr, NBP: tl.constexpr):
+    """FUSED_SELECT=rank, merge phase (one program per row): sel[row] = the blocks of rank < n_sel in ascending
+    block order, -1 past n_sel (all -1 for a dense row), as _select_slots writes it."""
+    L = tl.load(lens + b)
+    qb = tl.maximum(L - 1, 0) // BS
+    ki = tl.arange(0, KSP)
+    if L >= DENSE_LEN:
+        n_sel = tl.minimum(qb + 1, KSEL)
+        bb = tl.arange(0, NBP)
+        valid = (bb <= qb) & (bb < NBMAX)
+        chosen = valid & (load_l2(brank + row * NBMAX + bb, valid, KSEL, True) < n_sel)
+        pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(sel + row * KSEL + pos, bb, mask=chosen)
+        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
+    else:
+        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
+
+
 # ---------------------------------------------------------------------- host side
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -297,7 +376,7 @@ def plan(cache, H: int, auto: bool = False):
     per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
     per (cache, H, knobs), kept in cache._ws."""
     key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
-           FUSED_STAGES)
+           FUSED_STAGES, FUSED_LSE_LAST)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -324,11 +403,15 @@ def plan(cache, H: int, auto: bool = False):
     nbp = FAST._pow2(nb)
     k = 4  # thresholds per bisect step: packed 16-bit counts, fine up to FUSED_MAX_BLOCKS (sparse_decode_fast)
     early = FUSED_EARLY and CB == SB
-    sort = FUSED_SELECT == "sort" or (FUSED_SELECT == "auto" and nbp <= SORT_MAX_BLOCKS)
+    pow2_bs = bs & (bs - 1) == 0
+    rank = FUSED_SELECT == "rank" and pow2_bs
+    sort = FUSED_SELECT in ("sort", "rank") or (FUSED_SELECT == "auto" and nbp <= SORT_MAX_BLOCKS)
     spb = FAST._cdiv(nslot, np_)
     # _attend_tiles' tile is TB * bs keys: a power of two only when bs is one
-    tb = max(1, min(spb, FUSED_ATTEND_TILE // bs)) if bs & (bs - 1) == 0 else 1
-    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, G=G, KS=cfg.kernel_size, ST=st, BS=bs,
+    tb = max(1, min(spb, FUSED_ATTEND_TILE // bs)) if pow2_bs else 1
+    rb = FAST._pow2(FAST._cdiv(nbp, np_))  # blocks ranked per program (RANK)
+    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, RANK=rank, RB=rb, JC=min(nbp, max(1, RANK_COLUMNS // rb)),
+              LSE_LAST=FUSED_LSE_LAST, G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
               KSEL=cfg.num_selected, KSP=FAST._pow2(cfg.num_selected), NBP=nbp, NP=np_, NSP=FAST._pow2(np_),
@@ -341,7 +424,9 @@ def plan(cache, H: int, auto: bool = False):
               sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),
               o_part=torch.empty(B, H, np_, D, dtype=f32, device=dev),
               m_part=torch.empty(B, H, np_, dtype=f32, device=dev), l_part=torch.empty(B, H, np_, dtype=f32, device=dev),
-              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={},
+              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={}, barriers=4 if rank else 3,
+              brank=torch.empty(B, Hkv, nb, dtype=torch.int32, device=dev),
+              byrank=torch.empty(B, Hkv, cfg.num_selected, dtype=torch.int32, device=dev),
               tbuf=torch.zeros(rows, np_, 16, dtype=torch.int64, device=dev))
     cache._ws[key] = ws
     return ws
@@ -357,10 +442,11 @@ def decode(q, cache, scale, ws, times=False):
     s1, s2, sk = c1.stride(), c2.stride(), kc.stride()
     prec = "tf32x3" if FAST.SCORE_DOT == "split2" and q.dtype == torch.float32 else FAST.SCORE_DOT
     ptrs = (q, c1, c2, kc, cache.v, lens, ws["m2"], ws["l2"], ws["bscore"], ws["sel"], o, ws["o_part"],
-            ws["m_part"], ws["l_part"], ws["cnt"], ws["tbuf"])
+            ws["m_part"], ws["l_part"], ws["cnt"], ws["tbuf"], ws["brank"], ws["byrank"])
     scalars = (q.stride(0), q.stride(1), s1[0], s1[1], s1[2], s2[0], s2[1], s2[2], sk[0], sk[1], sk[2],
                o.stride(0), o.stride(1), scale, D, cache.config.dense_len, ws["nb"], ws["ch2"], ws["nslot"], ws["spb"])
-    phases = (1, 2, 3, 4) if (FUSED_PHASES or _interpreted() or q.device.type != "cuda") else (0,)
+    phases = ((1, 2, 3, 4, 5) if ws["cx"]["RANK"] else (1, 2, 3, 5)) if (FUSED_PHASES or _interpreted()
+                                                                     or q.device.type != "cuda") else (0,)
     for phase in phases:
         key = (prec, FAST.KEYS_M, q.dtype == torch.float32, phase, times)
         cx = ws["memo"].get(key)
