@@ -8,8 +8,8 @@
 #   bash bench/gpu.sh diag     # decode host overhead, the small-shape lightning diag, lightning fp32 vs
 #                              # fla (~6 min)
 #   bash bench/gpu.sh decode   # sparse decode: modes sweep, gpu tests, the benchmark (~8 min)
-#   bash bench/gpu.sh fused    # sparse decode: the one-launch step's phases (per FUSED_DIAG_SELECTS) and modes, decode +
-#                              # layer gpu tests, the bench, the quick bench per FUSED_BENCH_SELECTS (~8 min)
+#   bash bench/gpu.sh fused    # sparse decode: the one-launch step's phases (per FUSED_DIAG_ENVS) and modes, decode +
+#                              # layer gpu tests, the bench, the quick bench per FUSED_BENCH_ENVS (~8 min)
 #   bash bench/gpu.sh tune     # sparse decode knob sweep + every lightning forward config timed (~9 min)
 #   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
@@ -64,18 +64,18 @@ if [ "$what" = decode ]; then
   grep -E "^== |mode|passed|failed|Error| \| " "$log" | head -n 80
 fi
 if [ "$what" = fused ]; then  # the one-launch sparse decode step (SALA_SPARSE_DECODE_FUSED) against the launches
-  for sel in ${FUSED_DIAG_SELECTS:-auto rank}; do
-    SALA_SPARSE_DECODE_FUSED_SELECT=$sel step 90 "fused step: time per phase (select $sel)" python3 bench/diag_decode_fused.py \
-      --out "$OUT/diag_$sel"
+  # FUSED_DIAG_ENVS: one diag run per entry, each a comma-separated list of environment assignments
+  for e in ${FUSED_DIAG_ENVS:-SALA_SPARSE_DECODE_FUSED_SELECT=auto}; do
+    step 90 "fused step: time per phase ($e)" env ${e//,/ } python3 bench/diag_decode_fused.py --out "$OUT/diag_${e//[^A-Za-z0-9]/_}"
   done
   SALA_DECODE_MODES_SIZES=${SALA_DECODE_MODES_SIZES:-131072,65536,32768} step 150 "sparse decode modes" \
     python3 bench/bench_sparse_decode.py --modes --out "$OUT/modes"
   step 240 "gpu tests: sparse_decode, layers" python3 -m pytest -q -m gpu tests/test_sparse_decode.py tests/test_layers.py \
     -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
   step 150 "bench_sparse_decode (defaults)" python3 bench/bench_sparse_decode.py --out "$OUT"
-  for sel in ${FUSED_BENCH_SELECTS:-rank}; do  # B = 1 at 32K and 1M with another fused select, SDPA in the same process
-    SALA_SPARSE_DECODE_FUSED_SELECT=$sel step 100 "bench_sparse_decode --quick (select $sel)" python3 bench/bench_sparse_decode.py \
-      --quick --out "$OUT/bench_$sel"
+  for e in ${FUSED_BENCH_ENVS:-}; do  # B = 1 at 32K and 1M with other knobs (as FUSED_DIAG_ENVS), SDPA in the same process
+    step 100 "bench_sparse_decode --quick ($e)" env ${e//,/ } python3 bench/bench_sparse_decode.py --quick \
+      --out "$OUT/bench_${e//[^A-Za-z0-9]/_}"
   done
   grep -E "^== |\"mode\"|\"span_us\"|passed|failed|Error| \| " "$log" | cut -c1-600 | head -n 80
 fi

@@ -446,8 +446,9 @@ def _fused_ws(cache):
     (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=True, TB=2)),
     # bisect select, no EARLY, the slots one block per step (_attend_split: tile 0)
     (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1)),
-    # EARLY over 5 ranges of 4 blocks (the carry of the window shared with the previous range)
-    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True, SORT=True)),
+    # EARLY over 5 ranges of 4 blocks (the carry of the window shared with the previous range); each head merged
+    # by 2 programs (MC: 8 programs, 4 heads per row)
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True, SORT=True, MC=2)),
     # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles (no EARLY), the 6 attention slots 2 per program
     (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, "sort", True, dict(NP=3, NSUB=2, EARLY=False)),
     # G = 8 heads per row merged by 2 programs (4 heads each), several LSE key tiles per program; 3 slots per
@@ -550,14 +551,16 @@ def test_fast_fused_auto_rule(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("select", ["auto", "rank"])
-def test_gpu_fast_fused_9b_and_graph(monkeypatch, select):
+@pytest.mark.parametrize("select,per_sm", [("auto", 1), ("rank", 1), ("auto", 2)])
+def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm):
     """The one-launch step on the 9B config (caches of 16K tokens, 4 and 6 rows: 33 and 22 programs per row):
     reference selection + 2x-bf16 error bound, graph replay == eager; then B = 1 at 128K and 32K cached
     tokens (64 programs per row, 3 row barriers per step, 4 with the rank select): the one launch == its phase
-    launches (bitwise: the same code per phase) == the multi-launch step's selection, over 20 steps."""
+    launches (bitwise: the same code per phase) == the multi-launch step's selection, over 20 steps. per_sm = 2:
+    two programs per SM (128 per row at B = 1), the plan's residency check passed."""
     from sala_ops.triton import sparse_decode_fused as FUSED
-    _fused_knobs(monkeypatch, 64, select)
+    _fused_knobs(monkeypatch, 64 * per_sm, select)
+    monkeypatch.setattr(FUSED, "FUSED_PER_SM", per_sm)
     calls = []
     orig = FUSED.decode
     monkeypatch.setattr(FUSED, "decode", lambda *a: calls.append(1) or orig(*a))
@@ -569,7 +572,7 @@ def test_gpu_fast_fused_9b_and_graph(monkeypatch, select):
     for L in (131072, 32768):
         cache = SparseLayerCache(1, L + 32, Hkv, D, dtype=dtype, device="cuda")
         cache.append(torch.randn(1, L, Hkv, D, device="cuda").to(dtype), torch.randn(1, L, Hkv, D, device="cuda").to(dtype))
-        assert FUSED.plan(cache, H)["grid"] == (1, Hkv, 64)
+        assert FUSED.plan(cache, H)["grid"] == (1, Hkv, 64 * per_sm)
         for i in range(20):
             q, kt, vt = (torch.randn(1, h, D, device="cuda").to(dtype) for h in (H, Hkv, Hkv))
             cache.append_token(kt, vt)
@@ -588,7 +591,7 @@ def test_gpu_fast_fused_9b_and_graph(monkeypatch, select):
                 f"L={L} step {i}: one launch != the phase launches beyond one bf16 rounding: {diff.max().item():.3g}"
             assert torch.equal(i1, i3), f"L={L} step {i}: fused selection != the sort path's"
         ws = FUSED.plan(cache, H)
-        assert int(ws["cnt"][0]) == ws["barriers"] * 64 * 20, "row barrier counter"
+        assert int(ws["cnt"][0]) == ws["barriers"] * 64 * per_sm * 20, "row barrier counter"
 
 
 @pytest.mark.parametrize("n,L,spread,ksel,init,wb,programs,columns", [

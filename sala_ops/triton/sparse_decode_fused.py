@@ -15,7 +15,8 @@ the same row. So one launch of NP programs per row can run the whole step with t
            search: the same result in each), keeps the slots [p * SPB, p * SPB + SPB) of it (writes them to
            sel, the op's index output) and attends to those blocks (_attend_tiles, else _attend_split)
   -------- row barrier
-  phase 4  program p merges the split-K partials of query heads p, p + NP, ... of the group (combine_head)
+  phase 4  program p merges the split-K partials of merge tasks p, p + NP, ...: MC feature chunks of each query
+           head of the group (combine_head_part)
 
 Redundant selection instead of a fourth barrier: the programs would otherwise wait for one program to select;
 each holds at most FUSED_MAX_BLOCKS int32 scores in registers. FUSED_SELECT=rank trades the redundant sort for a
@@ -40,8 +41,8 @@ import triton
 import triton.language as tl
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import (_attend_split, combine_head, combined_lse, group_heads, key_head_scores, load_l2,
-                                    lse_partial, online_softmax_step)
+from .sparse_decode_kernels import (_attend_split, combine_head_part, combined_lse, group_heads, key_head_scores,
+                                    load_l2, lse_partial, online_softmax_step)
 from . import sparse_decode_fast as FAST
 from .sparse_decode_fast import _choose, _row_bits, choose_at, pool_subtile, score_range, search_steps, window_p
 
@@ -86,6 +87,13 @@ if FUSED_SELECT not in ("bisect", "sort", "rank", "auto"):
 # do both phase-1 jobs one after the other and half do nothing (H200 run 5 call 6: phase 1 median 2.5 us, max 4.2)
 FUSED_LSE_LAST = os.environ.get("SALA_SPARSE_DECODE_FUSED_LSE_LAST", "1") == "1"
 SORT_MAX_BLOCKS = 1024
+# merge chunks per query head (0: as many as the programs allow, NP // G, up to BD // 16): H200 run 6 call 1 at
+# 32K, one head per program (16 of 64 programs): merge phase max 1.86 us
+FUSED_MERGE_CHUNKS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_MERGE_CHUNKS", "0"))
+# programs per SM (the spin barriers need all programs of a row resident: 2 only where the kernel's registers
+# and shared memory allow two per SM, checked at plan time on the compiled kernel)
+FUSED_PER_SM = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PER_SM", "1"))
+SPIN_BOUND = 1 << 22  # spin iterations of a bounded row barrier (~1 us each)
 # RANK: the elements of one [RB, JC] compare of _rank_blocks (JC columns per step)
 RANK_COLUMNS = 4096
 # keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0, one block, or a block size that
@@ -94,7 +102,7 @@ FUSED_ATTEND_TILE = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_ATTEND_TILE", "
 
 
 @triton.jit
-def _row_barrier(cnt, NP):
+def _row_barrier(cnt, NP, SPIN: tl.constexpr):
     """Every one of the NP programs of a row arrives here before any leaves. The counter is int64 and only
     grows: this barrier is the NP increments from old - old % NP to the next multiple of NP. The program's
     global stores before it are visible to the row's loads after it that bypass L1 (.cg): bar.sync orders the
@@ -103,8 +111,14 @@ def _row_barrier(cnt, NP):
     old = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
     target = old - old % NP + NP
     cur = old + 1
-    while cur < target:
-        cur = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+    if SPIN == 0:
+        while cur < target:
+            cur = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+    else:  # a bounded wait (FUSED_PER_SM > 1): never hang the GPU if a program of the row is not resident
+        it = 0
+        while (cur < target) & (it < SPIN):
+            cur = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+            it += 1
     tl.debug_barrier()
 
 
@@ -134,7 +148,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
                        NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
                        RANK: tl.constexpr, RB: tl.constexpr, JC: tl.constexpr, LSE_LAST: tl.constexpr,
-                       TIMES: tl.constexpr = False):
+                       MC: tl.constexpr, SPIN: tl.constexpr, TIMES: tl.constexpr = False):
     """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..5: that phase only (3 = select and,
     unless RANK, attend; 4 = the RANK attention; 5 = merge). TIMES: stamps at the phase boundaries into
     tbuf [B * Hkv, NP, 16] (int64)."""
@@ -155,7 +169,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                     G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
     _stamp(tb, 2, TIMES)
     if PHASE == 0:
-        _row_barrier(cnt + row, NP)
+        _row_barrier(cnt + row, NP, SPIN)
     _stamp(tb, 3, TIMES)
     if (PHASE == 0) | (PHASE == 2):
         if EARLY:
@@ -166,7 +180,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                         NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, True)
     _stamp(tb, 4, TIMES)
     if PHASE == 0:
-        _row_barrier(cnt + row, NP)
+        _row_barrier(cnt + row, NP, SPIN)
     _stamp(tb, 5, TIMES)
     if RANK:
         if (PHASE == 0) | (PHASE == 3):
@@ -174,7 +188,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                          KSP, NBP, RB, JC)
         _stamp(tb, 6, TIMES)
         if PHASE == 0:
-            _row_barrier(cnt + row, NP)
+            _row_barrier(cnt + row, NP, SPIN)
         _stamp(tb, 11, TIMES)
         if (PHASE == 0) | (PHASE == 4):
             _attend_tiles(q, kc, vc, lens, byrank, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
@@ -193,14 +207,15 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                           scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, BN, IEEE)
     _stamp(tb, 7, TIMES)
     if PHASE == 0:
-        _row_barrier(cnt + row, NP)
+        _row_barrier(cnt + row, NP, SPIN)
     _stamp(tb, 8, TIMES)
     if (PHASE == 0) | (PHASE == 5):
         if RANK:
             if p == NP - 1:
                 _sel_from_ranks(brank, lens, sel, b, row, DENSE_LEN, NBMAX, BS, KSEL, KSP, NBP)
-        for hl in range(p, G, NP):
-            combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, g * G + hl, G * HKV, NP, NSP, BD, True)
+        for t in range(p, G * MC, NP):  # merge task t: query head t // MC, features (t % MC) * BD // MC ...
+            combine_head_part(o, o_part, m_part, l_part, s_ob, s_oh, D, b, g * G + t // MC, G * HKV, (t % MC) * (BD // MC),
+                              NP, NSP, BD // MC, True)
     _stamp(tb, 10, TIMES)
     _stamp(tb, 9, TIMES)
 
@@ -376,7 +391,7 @@ def plan(cache, H: int, auto: bool = False):
     per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
     per (cache, H, knobs), kept in cache._ws."""
     key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
-           FUSED_STAGES, FUSED_LSE_LAST)
+           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_PER_SM)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -387,7 +402,7 @@ def plan(cache, H: int, auto: bool = False):
     dev = torch.device(cache.device)
     np_ = FUSED_PROGRAMS
     if dev.type == "cuda" and not _interpreted():
-        np_ = min(np_, torch.cuda.get_device_properties(dev).multi_processor_count // rows)
+        np_ = min(np_, FUSED_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count // rows)
     max_blocks, min_programs = (AUTO_MAX_BLOCKS, AUTO_MIN_PROGRAMS) if auto else (FUSED_MAX_BLOCKS, 2)
     if FAST._pow2(nb) > max_blocks or np_ < min_programs or not FAST.supported(cfg):
         cache._ws[key] = None
@@ -411,7 +426,7 @@ def plan(cache, H: int, auto: bool = False):
     tb = max(1, min(spb, FUSED_ATTEND_TILE // bs)) if pow2_bs else 1
     rb = FAST._pow2(FAST._cdiv(nbp, np_))  # blocks ranked per program (RANK)
     cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, RANK=rank, RB=rb, JC=min(nbp, max(1, RANK_COLUMNS // rb)),
-              LSE_LAST=FUSED_LSE_LAST, G=G, KS=cfg.kernel_size, ST=st, BS=bs,
+              LSE_LAST=FUSED_LSE_LAST, SPIN=SPIN_BOUND if FUSED_PER_SM > 1 else 0, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
               KSEL=cfg.num_selected, KSP=FAST._pow2(cfg.num_selected), NBP=nbp, NP=np_, NSP=FAST._pow2(np_),
@@ -424,12 +439,23 @@ def plan(cache, H: int, auto: bool = False):
               sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),
               o_part=torch.empty(B, H, np_, D, dtype=f32, device=dev),
               m_part=torch.empty(B, H, np_, dtype=f32, device=dev), l_part=torch.empty(B, H, np_, dtype=f32, device=dev),
-              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={}, barriers=4 if rank else 3,
+              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={}, barriers=4 if rank else 3, resident=set(),
               brank=torch.empty(B, Hkv, nb, dtype=torch.int32, device=dev),
               byrank=torch.empty(B, Hkv, cfg.num_selected, dtype=torch.int32, device=dev),
               tbuf=torch.zeros(rows, np_, 16, dtype=torch.int64, device=dev))
     cache._ws[key] = ws
     return ws
+
+
+def _merge_chunks(np_: int, G: int, bd: int) -> int:
+    """Feature chunks per query head in the merge phase: FUSED_MERGE_CHUNKS, or (0) the largest power of two
+    <= NP // G, at most bd // 16 (chunks of 16 features at least)."""
+    if FUSED_MERGE_CHUNKS:
+        return max(1, min(FAST._pow2(FUSED_MERGE_CHUNKS), bd // 16))
+    mc = 1
+    while mc * 2 * G <= np_ and mc * 2 <= bd // 16:
+        mc *= 2
+    return mc
 
 
 def decode(q, cache, scale, ws, times=False):
@@ -453,5 +479,25 @@ def decode(q, cache, scale, ws, times=False):
         if cx is None:
             cx = ws["memo"][key] = dict(ws["cx"], PREC=prec, KEYS_M=FAST.KEYS_M, IEEE=q.dtype == torch.float32,
                                         PHASE=phase, TIMES=times)
+        if phase == 0 and FUSED_PER_SM > 1 and key not in ws["resident"]:
+            _check_resident(_fused_step_kernel.warmup(*ptrs, *scalars, grid=ws["grid"], **cx), q.device)
+            ws["resident"].add(key)
         _launch(_fused_step_kernel, ws["grid"], ptrs, scalars, cx)
     return o, ws["sel"]
+
+
+def _check_resident(ck, device):
+    """FUSED_PER_SM programs of this compiled kernel fit one SM at once (registers, shared memory, threads), so
+    every program of a row is resident and the spin barriers cannot wait on a program that never starts."""
+    if hasattr(ck, "_init_handles"):
+        ck._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    warps = ck.metadata.num_warps
+    regs = -(-ck.n_regs * 32 // 256) * 256 * warps  # allocated per warp in units of 256
+    smem = ck.metadata.shared + 1024                 # + the block's reserved shared memory
+    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    if FUSED_PER_SM * regs > regs_sm or FUSED_PER_SM * smem > smem_sm or FUSED_PER_SM * warps * 32 > 2048:
+        raise RuntimeError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_PER_SM={FUSED_PER_SM} does not fit: the fused "
+                           f"step takes {ck.n_regs} registers x {warps} warps and {smem} bytes of shared memory per "
+                           "program")

@@ -396,9 +396,16 @@ def _combine_kernel(o, o_part, m_part, l_part, s_ob, s_oh, D,
 def combine_head(o, o_part, m_part, l_part, s_ob, s_oh, D, b, h, H,
                  NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr, L2_ONLY: tl.constexpr):
     """o[b, h] = the merge of the NSPLIT split-K partials of query head h (L2_ONLY as in combined_lse)."""
+    combine_head_part(o, o_part, m_part, l_part, s_ob, s_oh, D, b, h, H, 0, NSPLIT, NSP, BD, L2_ONLY)
+
+
+@triton.jit
+def combine_head_part(o, o_part, m_part, l_part, s_ob, s_oh, D, b, h, H, d0,
+                      NSPLIT: tl.constexpr, NSP: tl.constexpr, BD: tl.constexpr, L2_ONLY: tl.constexpr):
+    """combine_head for the features [d0, d0 + BD) only (the fused step spreads a head over programs)."""
     sp = tl.arange(0, NSP)
     spm = sp < NSPLIT
-    d = tl.arange(0, BD)
+    d = d0 + tl.arange(0, BD)
     dm = d < D
     r = (b * H + h) * NSPLIT + sp
     m = load_l2(m_part + r, spm, float("-inf"), L2_ONLY)
