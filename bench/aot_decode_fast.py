@@ -83,10 +83,17 @@ def main():
         cx = dict(G=16, KS=32, ST=16, BS=64, KS2=128, ST2=64, INIT=1, WB=32, R=4, E=1, SB=16, NSUB=nsub, KSEL=96,
                   KSP=128, NBP=nbp, NP=np_, NSP=64, BG=16, BD=128, BJ=16, BN=64, PREC="split2", KEYS_M=True,
                   IEEE=False, K=4, NIT=F.search_steps(4), EARLY=nsub == 1, SORT=True, TB=2,
-                  RANK=False, RB=nbp // np_, JC=min(nbp, 4096 // (nbp // np_)), LSE_LAST=True, MC=4, SPIN=0)
+                  RANK=False, RB=nbp // np_, JC=min(nbp, 4096 // (nbp // np_)), LSE_LAST=True, MC=4, SPIN=0,
+                  LOCAL=False, CB=16 * nsub)
         for nw, ns in ((8, 3), (4, 3), (4, 2), (8, 1)):
             comp(f"fused NBP {nbp} early={nsub == 1} sort", FU._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0), nw, ns)
+        comp(f"fused NBP {nbp} local", FU._fused_step_kernel, ptrs, ints, ("scale",),
+             dict(cx, PHASE=0, LOCAL=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
+        comp(f"fused NBP {nbp} local timed", FU._fused_step_kernel, ptrs, ints, ("scale",),
+             dict(cx, PHASE=0, LOCAL=True, TB=1, TIMES=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
+        comp(f"fused NBP {nbp} local phase 3", FU._fused_step_kernel, ptrs, ints, ("scale",),
+             dict(cx, PHASE=3, LOCAL=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
         if nbp == 512:  # two programs per SM (FUSED_PER_SM=2): 128 per row, one slot each, bounded spins
             comp("fused NBP 512 NP 128 (2 per SM)", FU._fused_step_kernel, ptrs, dict(ints, SPB=1), ("scale",),
                  dict(cx, PHASE=0, NP=128, NSP=128, MC=8, SPIN=1 << 22, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)

@@ -421,7 +421,7 @@ def test_fast_pdl_knob(monkeypatch):
     assert lp.pdl == (dict(PDL=True, launch_pdl=True) if on_gpu else {}), lp.pdl
 
 
-def _fused_knobs(monkeypatch, programs, select="auto", early=True, tile=128):
+def _fused_knobs(monkeypatch, programs, select="auto", early=True, tile=128, local=True):
     from sala_ops.triton import sparse_decode_fast as FAST
     from sala_ops.triton import sparse_decode_fused as FUSED
     monkeypatch.setenv("SALA_SPARSE_DECODE", "fast")
@@ -430,6 +430,7 @@ def _fused_knobs(monkeypatch, programs, select="auto", early=True, tile=128):
     monkeypatch.setattr(FUSED, "FUSED_SELECT", select)
     monkeypatch.setattr(FUSED, "FUSED_EARLY", early)
     monkeypatch.setattr(FUSED, "FUSED_ATTEND_TILE", tile)
+    monkeypatch.setattr(FUSED, "FUSED_LOCAL_EARLY", local)
 
 
 def _fused_ws(cache):
@@ -442,21 +443,25 @@ def _fused_ws(cache):
 @pytest.mark.parametrize("topk,heads,prompts,steps,D,lse,programs,sb,select,early,expect", [
     # G = 2, two sequences of different lengths cross dense_len = 64 (one row dense, one not);
     # 3 programs per row (not a power of two), one score range: the products before barrier 1 (EARLY);
-    # the 2 slots of a program as one tile of 2 blocks (TB)
-    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=True, TB=2)),
-    # bisect select, no EARLY, the slots one block per step (_attend_split: tile 0)
-    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1)),
-    # EARLY over 5 ranges of 4 blocks (the carry of the window shared with the previous range); each head merged
-    # by 2 programs (MC: 8 programs, 4 heads per row)
-    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True, SORT=True, MC=2)),
-    # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles (no EARLY), the 6 attention slots 2 per program
-    (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, "sort", True, dict(NP=3, NSUB=2, EARLY=False)),
+    # the 2 slots of a program as one tile of 2 blocks (TB); no early local block (LOCAL off)
+    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=True, TB=2, LOCAL=False)),
+    # bisect select, no EARLY, the slots one block per step (_attend_split: tile 0), LOCAL off
+    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1,
+                                                                        LOCAL=False)),
+    # LOCAL: 8 programs, up to 5 score ranges of 4 blocks: the programs without one attend to the window's blocks
+    # early (E > 0), the rest of the list one block per program
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True, SORT=True, MC=2,
+                                                                       LOCAL=True)),
+    # G = 4, odd head dim, 3 programs: ranges of 2 score sub-tiles (no EARLY); LOCAL with 0 or 1 free programs
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 3, 4, "sort", True, dict(NP=3, NSUB=2, EARLY=False, LOCAL=True)),
     # G = 8 heads per row merged by 2 programs (4 heads each), several LSE key tiles per program; 3 slots per
-    # program in one tile of 4 blocks (the 4th masked)
-    (4, (8, 1), [300], 10, 32, (16, 8), 2, 4, "bisect", True, dict(NP=2, NSUB=4, TB=4)),
+    # program in one tile of 4 blocks (the 4th masked), LOCAL off
+    (4, (8, 1), [300], 10, 32, (16, 8), 2, 4, "bisect", True, dict(NP=2, NSUB=4, TB=4, LOCAL=False)),
+    # LOCAL with bisect, 6 programs, short prompts (dense rows and rows whose window reaches the init block)
+    (3, (4, 2), [40, 70], 30, 16, None, 6, None, "bisect", True, dict(NP=6, LOCAL=True)),
     # rank select (a fourth barrier): 3 programs rank 4 blocks each of the 8 padded, the chosen by rank into
     # byrank, 2 slots per program as one tile; sel written from the ranks in the merge phase
-    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "rank", True, dict(NP=3, RANK=True, RB=4, TB=2)),
+    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "rank", True, dict(NP=3, RANK=True, RB=4, TB=2, LOCAL=False)),
     # rank with one block per attention step (tile 0 -> TB 1 through _attend_tiles), 5 programs, ranks compared
     # in 8 column chunks of 4 (JC < NBP = 32), the LSE partials from the last programs off
     (4, (8, 2), [150, 260], 12, 24, (16, 8), 5, 4, "rank", True, dict(NP=5, RANK=True, TB=1, RB=8, JC=4)),
@@ -467,7 +472,7 @@ def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps
     selection exactly the reference's, outputs and compressed keys as in _run."""
     from sala_ops.triton import sparse_decode_fast as FAST
     H, Hkv = heads
-    _fused_knobs(monkeypatch, programs, select, early, 0 if expect.get("TB") == 1 else 128)
+    _fused_knobs(monkeypatch, programs, select, early, 0 if expect.get("TB") == 1 else 128, expect.get("LOCAL", True))
     monkeypatch.setattr(FAST, "SB_BLOCKS", sb)
     if expect.get("JC") is not None:
         from sala_ops.triton import sparse_decode_fused as FUSED
@@ -551,15 +556,16 @@ def test_fast_fused_auto_rule(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("select,per_sm", [("auto", 1), ("rank", 1), ("auto", 2)])
-def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm):
+@pytest.mark.parametrize("select,per_sm,local", [("auto", 1, True), ("auto", 1, False), ("rank", 1, False),
+                                                 ("auto", 2, True)])
+def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm, local):
     """The one-launch step on the 9B config (caches of 16K tokens, 4 and 6 rows: 33 and 22 programs per row):
     reference selection + 2x-bf16 error bound, graph replay == eager; then B = 1 at 128K and 32K cached
     tokens (64 programs per row, 3 row barriers per step, 4 with the rank select): the one launch == its phase
     launches (bitwise: the same code per phase) == the multi-launch step's selection, over 20 steps. per_sm = 2:
     two programs per SM (128 per row at B = 1), the plan's residency check passed."""
     from sala_ops.triton import sparse_decode_fused as FUSED
-    _fused_knobs(monkeypatch, 64 * per_sm, select)
+    _fused_knobs(monkeypatch, 64 * per_sm, select, local=local)
     monkeypatch.setattr(FUSED, "FUSED_PER_SM", per_sm)
     calls = []
     orig = FUSED.decode
@@ -573,6 +579,7 @@ def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm):
         cache = SparseLayerCache(1, L + 32, Hkv, D, dtype=dtype, device="cuda")
         cache.append(torch.randn(1, L, Hkv, D, device="cuda").to(dtype), torch.randn(1, L, Hkv, D, device="cuda").to(dtype))
         assert FUSED.plan(cache, H)["grid"] == (1, Hkv, 64 * per_sm)
+        assert FUSED.plan(cache, H)["cx"]["LOCAL"] == local
         for i in range(20):
             q, kt, vt = (torch.randn(1, h, D, device="cuda").to(dtype) for h in (H, Hkv, Hkv))
             cache.append_token(kt, vt)

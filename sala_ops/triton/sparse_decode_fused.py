@@ -93,6 +93,12 @@ FUSED_MERGE_CHUNKS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_MERGE_CHUNKS",
 # programs per SM (the spin barriers need all programs of a row resident: 2 only where the kernel's registers
 # and shared memory allow two per SM, checked at plan time on the compiled kernel)
 FUSED_PER_SM = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PER_SM", "1"))
+# LOCAL: the local window's blocks are chosen in every step (forced, +inf scores; all forced blocks fit in n_sel
+# when init_blocks < topk) and come last in ascending block order, so they need no selection: the programs
+# without a score range attend to one of them each in phase 2 (otherwise idle), keep the online-softmax state
+# in registers, and after the selection every program takes ~one of the remaining blocks (n_sel - E of them)
+# instead of two. The phase launches (interpreter) run that block at the start of phase 3 instead.
+FUSED_LOCAL_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_LOCAL_EARLY", "1") == "1"
 SPIN_BOUND = 1 << 22  # spin iterations of a bounded row barrier (~1 us each)
 # RANK: the elements of one [RB, JC] compare of _rank_blocks (JC columns per step)
 RANK_COLUMNS = 4096
@@ -148,7 +154,8 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
                        NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
                        RANK: tl.constexpr, RB: tl.constexpr, JC: tl.constexpr, LSE_LAST: tl.constexpr,
-                       MC: tl.constexpr, SPIN: tl.constexpr, TIMES: tl.constexpr = False):
+                       MC: tl.constexpr, SPIN: tl.constexpr, LOCAL: tl.constexpr, CB: tl.constexpr,
+                       TIMES: tl.constexpr = False):
     """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..5: that phase only (3 = select and,
     unless RANK, attend; 4 = the RANK attention; 5 = merge). TIMES: stamps at the phase boundaries into
     tbuf [B * Hkv, NP, 16] (int64)."""
@@ -158,6 +165,10 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
     HKV = tl.num_programs(1)
     row = b * HKV + g
     tb = tbuf + (row * NP + p) * 16
+    # LOCAL: the online-softmax state of the early local block, carried from phase 2 to the attention
+    m_e = tl.full([BG], float("-inf"), tl.float32)
+    l_e = tl.zeros([BG], dtype=tl.float32)
+    acc_e = tl.zeros([BG, BD], dtype=tl.float32)
     _stamp(tb, 0, TIMES)
     _stamp(tb, 1, TIMES)
     if EARLY:  # in PHASE 0 before barrier 1; the PHASE 2 launch recomputes them
@@ -178,6 +189,9 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
         else:
             score_range(q, c1, lens, m2, l2, bscore, b, g, p, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
                         NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, True)
+    if LOCAL & (PHASE == 0):
+        m_e, l_e, acc_e = _attend_local_early(q, kc, vc, lens, b, g, p, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D,
+                                              DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG, BD, IEEE)
     _stamp(tb, 4, TIMES)
     if PHASE == 0:
         _row_barrier(cnt + row, NP, SPIN)
@@ -193,9 +207,23 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
         if (PHASE == 0) | (PHASE == 4):
             _attend_tiles(q, kc, vc, lens, byrank, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
                           scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE, True)
+    elif LOCAL:
+        if (PHASE == 0) | (PHASE == 3):
+            if PHASE == 3:  # the phase launches: the early block here (its state cannot cross launches)
+                m_e, l_e, acc_e = _attend_local_early(q, kc, vc, lens, b, g, p, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D,
+                                                      DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG,
+                                                      BD, IEEE)
+            _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K,
+                          NIT, SORT, LOCAL, p, NP, CB)
+            _stamp(tb, 6, TIMES)
+            _stamp(tb, 11, TIMES)
+            tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_list
+            _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
+                         scale, D, DENSE_LEN, NSLOT, SPB, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG, BD, TB,
+                         IEEE)
     elif (PHASE == 0) | (PHASE == 3):
         _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT,
-                      SORT)
+                      SORT, False, p, NP, CB)
         _stamp(tb, 6, TIMES)
         _stamp(tb, 11, TIMES)
         tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
@@ -307,10 +335,12 @@ def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_
 @triton.jit
 def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
                   BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
-                  NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr, SORT: tl.constexpr):
+                  NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr, SORT: tl.constexpr,
+                  LOCAL: tl.constexpr, p, NP: tl.constexpr, CB: tl.constexpr):
     """Slots [s_lo, s_lo + SPB) of row's selection into sel: the blocks ranked s_lo.. among the n_sel chosen
     (ascending block order, as the one-level select stores them), -1 past n_sel; -1 below dense_len (the
-    attention then takes every block). The whole row's selection is computed to know those ranks."""
+    attention then takes every block). The whole row's selection is computed to know those ranks. LOCAL: also
+    the positions of program p's attention list (_local_split), which _attend_list reads back."""
     L = tl.load(lens + b)
     qb = tl.maximum(L - 1, 0) // BS
     ki = tl.arange(0, KSP)
@@ -327,10 +357,97 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
                                                                      -1), axis=0))
             else:
                 chosen, pos = _choose(bits, n_sel, K, NIT)
-            tl.store(sel + row * KSEL + pos, bb, mask=chosen & (pos >= s_lo) & (pos < s_lo + SPB))
+            keep = (pos >= s_lo) & (pos < s_lo + SPB)
+            if LOCAL:
+                _, E, A, spb, _ = _local_split(L, p, BS, INIT, WB, KSEL, NP, CB)
+                li = tl.where(pos < A, pos, pos - E)  # list index of a chosen position; the early blocks: < 0 ..
+                li = tl.where((pos >= A) & (pos < A + E), -1, li)
+                keep = keep | ((li >= p * spb) & (li < p * spb + spb))
+            tl.store(sel + row * KSEL + pos, bb, mask=chosen & keep)
             tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=mine & (ki >= n_sel))
     else:
         tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=mine)
+
+
+@triton.jit
+def _local_split(L, p, BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr,
+                 NP: tl.constexpr, CB: tl.constexpr):
+    """LOCAL, a sparse row of L tokens: n_sel; E, the local-window blocks attended early (one per program
+    without a score range: programs nsr .. nsr + E - 1 take blocks local_lo .. local_lo + E - 1); A, the sel
+    position of the first local block (every chosen block below local_lo comes first); and the attention list
+    of the other n_sel - E chosen blocks (sel positions [0, A) then [A + E, n_sel)), spb of them per program."""
+    qb = tl.maximum(L - 1, 0) // BS
+    n_sel = tl.minimum(qb + 1, KSEL)
+    local_lo = tl.maximum(qb - WB, INIT)
+    nl = tl.maximum(qb - local_lo + 1, 0)
+    nsr = qb // CB + 1  # programs with a score range
+    E = tl.maximum(tl.minimum(nl, NP - nsr), 0)
+    A = n_sel - nl
+    nlist = n_sel - E
+    spb = (nlist + NP - 1) // NP
+    return n_sel, E, A, spb, nlist
+
+
+@triton.jit
+def _attend_local_early(q, kc, vc, lens, b, g, p, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D, DENSE_LEN, m_i, l_i, acc,
+                        G: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr,
+                        NP: tl.constexpr, CB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
+    """LOCAL: program p's early local-window block (if it has one, _local_split) folded into the state."""
+    L = tl.load(lens + b)
+    if L >= DENSE_LEN:
+        qb = tl.maximum(L - 1, 0) // BS
+        _, E, _, _, _ = _local_split(L, p, BS, INIT, WB, KSEL, NP, CB)
+        j = p - (qb // CB + 1)
+        if (j >= 0) & (j < E):
+            h, gm, d, dm = group_heads(g, D, G, BG, BD)
+            qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+            pos = (tl.maximum(qb - WB, INIT) + j).to(tl.int64) * BS + tl.arange(0, BS)
+            pm = pos < L
+            base = b * s_cb + g * s_ch + pos[:, None] * s_ct + d[None, :]
+            k = tl.load(kc + base, mask=pm[:, None] & dm[None, :], other=0.0)
+            v = tl.load(vc + base, mask=pm[:, None] & dm[None, :], other=0.0)
+            m_i, l_i, acc = online_softmax_step(qt, k, v, pm, m_i, l_i, acc, scale, IEEE)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
+                 scale, D, DENSE_LEN, NSLOT, SPB, m_i, l_i, acc,
+                 G: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr,
+                 NSPLIT: tl.constexpr, CB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, TB: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """LOCAL: _attend_tiles over program s's share of the attention list (_local_split; a dense row: slots
+    [s * SPB, s * SPB + SPB) of every block, as _attend_tiles), continuing the early block's state, then the
+    partial of split s."""
+    L = tl.load(lens + b)
+    qb = (L - 1) // BS
+    n_sel, E, A, spb, nlist = _local_split(L, s, BS, INIT, WB, KSEL, NSPLIT, CB)
+    dense = L < DENSE_LEN
+    spb = tl.where(dense, SPB, spb)
+    nlist = tl.where(dense, NSLOT, nlist)
+    h, gm, d, dm = group_heads(g, D, G, BG, BD)
+    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+    n = tl.arange(0, TB * BS)
+    kbase = kc + b * s_cb + g * s_ch
+    vbase = vc + b * s_cb + g * s_ch
+    for t0 in range(0, spb, TB):
+        ti = t0 + n // BS                     # the key's offset within the program's share
+        li = s * spb + ti                     # its list index
+        Lv = li * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
+        at = tl.where(li < A, li, li + E)     # its sel position (the early blocks skipped)
+        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(at, KSEL - 1), mask=(at < KSEL) & (Lv >= DENSE_LEN),
+                     other=-1)
+        blk = tl.where(Lv < DENSE_LEN, li, sv)
+        live = (blk >= 0) & (blk <= qb) & (li < nlist) & (ti < spb) & (Lv > 0)
+        pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n % BS
+        pm = live & (pos < L)
+        k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        m_i, l_i, acc = online_softmax_step(qt, k, v, pm, m_i, l_i, acc, scale, IEEE)
+    r = (b * (G * HKV) + h) * NSPLIT + s
+    tl.store(o_part + r[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+    tl.store(m_part + r, m_i, mask=gm)
+    tl.store(l_part + r, l_i, mask=gm)
 
 
 @triton.jit
@@ -391,7 +508,7 @@ def plan(cache, H: int, auto: bool = False):
     per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
     per (cache, H, knobs), kept in cache._ws."""
     key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
-           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_PER_SM)
+           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_PER_SM, FUSED_LOCAL_EARLY)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -422,10 +539,17 @@ def plan(cache, H: int, auto: bool = False):
     rank = FUSED_SELECT == "rank" and pow2_bs
     sort = FUSED_SELECT in ("sort", "rank") or (FUSED_SELECT == "auto" and nbp <= SORT_MAX_BLOCKS)
     spb = FAST._cdiv(nslot, np_)
+    # LOCAL needs every forced block chosen (init_blocks + the window's blocks <= n_sel: init_blocks < topk) and
+    # a power-of-two block (its tiles)
+    local = FUSED_LOCAL_EARLY and not rank and pow2_bs and cfg.init_blocks < cfg.topk
+    spb_tile = spb
+    if local:  # the attention list's share per program at the cache's full length
+        e = max(0, min(cfg.window_size // bs + 1, np_ - FAST._cdiv(nb, CB)))
+        spb_tile = FAST._cdiv(cfg.num_selected - e, np_)
     # _attend_tiles' tile is TB * bs keys: a power of two only when bs is one
-    tb = max(1, min(spb, FUSED_ATTEND_TILE // bs)) if pow2_bs else 1
+    tb = max(1, min(spb_tile, FUSED_ATTEND_TILE // bs)) if pow2_bs else 1
     rb = FAST._pow2(FAST._cdiv(nbp, np_))  # blocks ranked per program (RANK)
-    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, RANK=rank, RB=rb, JC=min(nbp, max(1, RANK_COLUMNS // rb)),
+    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, RANK=rank, LOCAL=local, CB=CB, RB=rb, JC=min(nbp, max(1, RANK_COLUMNS // rb)),
               LSE_LAST=FUSED_LSE_LAST, SPIN=SPIN_BOUND if FUSED_PER_SM > 1 else 0, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
