@@ -94,6 +94,10 @@ def main():
              dict(cx, PHASE=0, LOCAL=True, TB=1, TIMES=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
         comp(f"fused NBP {nbp} local phase 3", FU._fused_step_kernel, ptrs, ints, ("scale",),
              dict(cx, PHASE=3, LOCAL=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
+        comp(f"fused NBP {nbp} local rank", FU._fused_step_kernel, ptrs, ints, ("scale",),
+             dict(cx, PHASE=0, LOCAL=True, RANK=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
+        comp(f"fused NBP {nbp} local rank phase 4", FU._fused_step_kernel, ptrs, ints, ("scale",),
+             dict(cx, PHASE=4, LOCAL=True, RANK=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
         if nbp == 512:  # two programs per SM (FUSED_PER_SM=2): 128 per row, one slot each, bounded spins
             comp("fused NBP 512 NP 128 (2 per SM)", FU._fused_step_kernel, ptrs, dict(ints, SPB=1), ("scale",),
                  dict(cx, PHASE=0, NP=128, NSP=128, MC=8, SPIN=1 << 22, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)

@@ -459,12 +459,19 @@ def _fused_ws(cache):
     (4, (8, 1), [300], 10, 32, (16, 8), 2, 4, "bisect", True, dict(NP=2, NSUB=4, TB=4, LOCAL=False)),
     # LOCAL with bisect, 6 programs, short prompts (dense rows and rows whose window reaches the init block)
     (3, (4, 2), [40, 70], 30, 16, None, 6, None, "bisect", True, dict(NP=6, LOCAL=True)),
+    # LOCAL where programs past the output slots (s_lo >= KSEL: dense_len 256 makes 4 slots per program) hold list
+    # blocks, so they must select too (if they skip it they read other programs' sel stores: a race that only
+    # the GPU tests can catch, the interpreter runs the writers first; H200 run 6 call 3)
+    (3, (4, 2), [300, 390], 12, 16, None, 4, 4, "sort", True, dict(NP=4, LOCAL=True, dense_len=256)),
     # rank select (a fourth barrier): 3 programs rank 4 blocks each of the 8 padded, the chosen by rank into
     # byrank, 2 slots per program as one tile; sel written from the ranks in the merge phase
     (3, (4, 2), [40, 55], 30, 16, None, 3, None, "rank", True, dict(NP=3, RANK=True, RB=4, TB=2, LOCAL=False)),
+    # rank select with LOCAL: the early blocks are ranks [ninit, ninit + E) of byrank; 6 programs, long prompts
+    (3, (4, 2), [150, 260], 12, 16, None, 6, 4, "rank", True, dict(NP=6, RANK=True, LOCAL=True)),
     # rank with one block per attention step (tile 0 -> TB 1 through _attend_tiles), 5 programs, ranks compared
     # in 8 column chunks of 4 (JC < NBP = 32), the LSE partials from the last programs off
-    (4, (8, 2), [150, 260], 12, 24, (16, 8), 5, 4, "rank", True, dict(NP=5, RANK=True, TB=1, RB=8, JC=4)),
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 5, 4, "rank", True, dict(NP=5, RANK=True, TB=1, RB=8, JC=4,
+                                                                       LOCAL=False)),
 ])
 def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, programs, sb, select, early,
                                         expect):
@@ -478,7 +485,8 @@ def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps
         from sala_ops.triton import sparse_decode_fused as FUSED
         monkeypatch.setattr(FUSED, "FUSED_LSE_LAST", False)
         monkeypatch.setattr(FUSED, "RANK_COLUMNS", expect["JC"] * expect["RB"])
-    cfg = dict(SMALL, topk=topk, dense_len=64)
+    expect = dict(expect)
+    cfg = dict(SMALL, topk=topk, dense_len=expect.pop("dense_len", 64))
     if lse is not None:
         cfg.update(lse_kernel_size=lse[0], lse_kernel_stride=lse[1])
     cache, _ = _run("triton", cfg, prompts, steps, H, Hkv, D, device=DEV, seed=300 + topk)
@@ -543,12 +551,13 @@ def test_gpu_fast_variant_9b_and_graph(monkeypatch):
 
 def test_fast_fused_auto_rule(monkeypatch):
     """SALA_SPARSE_DECODE_FUSED=auto (the default) takes the fused step only where the H200 measured it faster:
-    caches of up to 512 padded blocks with at least 32 programs per row; FUSED=1 takes it up to 4096 blocks."""
+    caches of up to 2048 padded blocks with at least 32 programs per row; FUSED=1 takes it up to 4096 blocks."""
     from sala_ops.triton import sparse_decode_fused as FUSED
     monkeypatch.setattr(FUSED, "FUSED_PROGRAMS", 64)
     mk = lambda L: SparseLayerCache(1, L, 2, 128, dtype=torch.bfloat16, device="cpu")  # noqa: E731  9B config
     assert FUSED.plan(mk(32768), 32, auto=True)["grid"] == (1, 2, 64)
-    assert FUSED.plan(mk(32769), 32, auto=True) is None          # 513 blocks: padded to 1024
+    assert FUSED.plan(mk(131072), 32, auto=True)["grid"] == (1, 2, 64)
+    assert FUSED.plan(mk(131073), 32, auto=True) is None         # 2049 blocks: padded to 4096
     assert FUSED.plan(mk(65536), 32, auto=False)["grid"] == (1, 2, 64)
     assert FUSED.plan(mk(262145), 32, auto=False) is None        # past 4096 blocks
     monkeypatch.setattr(FUSED, "FUSED_PROGRAMS", 16)
@@ -557,7 +566,7 @@ def test_fast_fused_auto_rule(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("select,per_sm,local", [("auto", 1, True), ("auto", 1, False), ("rank", 1, False),
-                                                 ("auto", 2, True)])
+                                                 ("rank", 1, True), ("auto", 2, True)])
 def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm, local):
     """The one-launch step on the 9B config (caches of 16K tokens, 4 and 6 rows: 33 and 22 programs per row):
     reference selection + 2x-bf16 error bound, graph replay == eager; then B = 1 at 128K and 32K cached

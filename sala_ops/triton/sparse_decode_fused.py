@@ -52,10 +52,11 @@ FUSED_PROGRAMS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PROGRAMS", "64"))
 # registers: 4096 blocks = 256K tokens of 64 = 32 int32 per thread with 4 warps)
 FUSED_MAX_BLOCKS = 4096
 # The default (SALA_SPARSE_DECODE_FUSED=auto) takes the fused step for caches of up to AUTO_MAX_BLOCKS padded blocks
-# when at least AUTO_MIN_PROGRAMS programs per row fit: H200 run 5 call 6 (CUDA graph, us per step), fused vs the
-# multi-launch step: B = 1: 32K 25.0 vs 32.3, 64K 44.2 vs 35.3 (the sort of 1024 keys), 128K 39.9 vs 40.9;
-# B = 8 at 32K (8 programs per row): 63.3 vs 55.6 (run 4 call 7)
-AUTO_MAX_BLOCKS = 512
+# when at least AUTO_MIN_PROGRAMS programs per row fit: H200 run 6 call 3 (CUDA graph, us per step), fused vs the
+# multi-launch step, B = 1: 32K 22.8 vs 32.0, 64K 30.8 vs 35.3, 128K 40.3 vs 41.4 (run 5 call 6, before the
+# int32 sort and the LSE / merge / local changes: 64K 44.2 vs 35.3); B = 8 at 32K (8 programs per row): 63.3 vs
+# 55.6 (run 4 call 7)
+AUTO_MAX_BLOCKS = 2048
 AUTO_MIN_PROGRAMS = 32
 # run the phases as separate launches even on a GPU (debugging, and the GPU test that compares both)
 FUSED_PHASES = os.environ.get("SALA_SPARSE_DECODE_FUSED_PHASES", "0") == "1"
@@ -205,8 +206,17 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
             _row_barrier(cnt + row, NP, SPIN)
         _stamp(tb, 11, TIMES)
         if (PHASE == 0) | (PHASE == 4):
-            _attend_tiles(q, kc, vc, lens, byrank, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
-                          scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE, True)
+            if LOCAL:
+                if PHASE == 4:  # the phase launches: the early block here
+                    m_e, l_e, acc_e = _attend_local_early(q, kc, vc, lens, b, g, p, s_qb, s_qh, s_cb, s_ct, s_ch, scale,
+                                                          D, DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB,
+                                                          BG, BD, IEEE)
+                _attend_list(q, kc, vc, lens, byrank, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct,
+                             s_ch, scale, D, DENSE_LEN, NSLOT, SPB, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG,
+                             BD, TB, IEEE, True)
+            else:
+                _attend_tiles(q, kc, vc, lens, byrank, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct,
+                              s_ch, scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE, True)
     elif LOCAL:
         if (PHASE == 0) | (PHASE == 3):
             if PHASE == 3:  # the phase launches: the early block here (its state cannot cross launches)
@@ -220,7 +230,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
             tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_list
             _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
                          scale, D, DENSE_LEN, NSLOT, SPB, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG, BD, TB,
-                         IEEE)
+                         IEEE, False)
     elif (PHASE == 0) | (PHASE == 3):
         _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT,
                       SORT, False, p, NP, CB)
@@ -346,7 +356,9 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
     ki = tl.arange(0, KSP)
     mine = (ki >= s_lo) & (ki < s_lo + SPB) & (ki < KSEL)
     if L >= DENSE_LEN:
-        if s_lo < KSEL:
+        # LOCAL: a program past the output slots (s_lo >= KSEL) may still hold attention-list blocks, which it
+        # reads back from its own sel stores (H200 run 6 call 3: skipping them read the previous step's sel)
+        if (s_lo < KSEL) | LOCAL:
             n_sel = tl.minimum(qb + 1, KSEL)
             bb = tl.arange(0, NBP)
             bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
@@ -415,13 +427,17 @@ def _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_q
                  scale, D, DENSE_LEN, NSLOT, SPB, m_i, l_i, acc,
                  G: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr,
                  NSPLIT: tl.constexpr, CB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, TB: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, BY_RANK: tl.constexpr):
     """LOCAL: _attend_tiles over program s's share of the attention list (_local_split; a dense row: slots
     [s * SPB, s * SPB + SPB) of every block, as _attend_tiles), continuing the early block's state, then the
-    partial of split s."""
+    partial of split s. BY_RANK: sel is byrank (the chosen blocks in rank order, written by other programs: read
+    past L1), where the early blocks are ranks [ninit, ninit + E) (+inf scores, ties to the lower block: the
+    init blocks first, then the window in block order)."""
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     n_sel, E, A, spb, nlist = _local_split(L, s, BS, INIT, WB, KSEL, NSPLIT, CB)
+    if BY_RANK:
+        A = tl.minimum(qb + 1, INIT)
     dense = L < DENSE_LEN
     spb = tl.where(dense, SPB, spb)
     nlist = tl.where(dense, NSLOT, nlist)
@@ -435,8 +451,8 @@ def _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_q
         li = s * spb + ti                     # its list index
         Lv = li * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
         at = tl.where(li < A, li, li + E)     # its sel position (the early blocks skipped)
-        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(at, KSEL - 1), mask=(at < KSEL) & (Lv >= DENSE_LEN),
-                     other=-1)
+        sv = load_l2(sel + (b * HKV + g) * KSEL + tl.minimum(at, KSEL - 1), (at < KSEL) & (Lv >= DENSE_LEN), -1,
+                     BY_RANK)
         blk = tl.where(Lv < DENSE_LEN, li, sv)
         live = (blk >= 0) & (blk <= qb) & (li < nlist) & (ti < spb) & (Lv > 0)
         pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n % BS
@@ -541,7 +557,7 @@ def plan(cache, H: int, auto: bool = False):
     spb = FAST._cdiv(nslot, np_)
     # LOCAL needs every forced block chosen (init_blocks + the window's blocks <= n_sel: init_blocks < topk) and
     # a power-of-two block (its tiles)
-    local = FUSED_LOCAL_EARLY and not rank and pow2_bs and cfg.init_blocks < cfg.topk
+    local = FUSED_LOCAL_EARLY and pow2_bs and cfg.init_blocks < cfg.topk
     spb_tile = spb
     if local:  # the attention list's share per program at the cache's full length
         e = max(0, min(cfg.window_size // bs + 1, np_ - FAST._cdiv(nb, CB)))
