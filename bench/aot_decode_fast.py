@@ -84,7 +84,7 @@ def main():
                   KSP=128, NBP=nbp, NP=np_, NSP=64, BG=16, BD=128, BJ=16, BN=64, PREC="split2", KEYS_M=True,
                   IEEE=False, K=4, NIT=F.search_steps(4), EARLY=nsub == 1, SORT=True, TB=2,
                   RANK=False, RB=nbp // np_, JC=min(nbp, 4096 // (nbp // np_)), LSE_LAST=True, MC=4, SPIN=0,
-                  LOCAL=False, CB=16 * nsub)
+                  LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3)
         for nw, ns in ((8, 3), (4, 3), (4, 2), (8, 1)):
             comp(f"fused NBP {nbp} early={nsub == 1} sort", FU._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0), nw, ns)
@@ -94,6 +94,14 @@ def main():
              dict(cx, PHASE=0, LOCAL=True, TB=1, TIMES=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
         comp(f"fused NBP {nbp} local phase 3", FU._fused_step_kernel, ptrs, ints, ("scale",),
              dict(cx, PHASE=3, LOCAL=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
+        if nsub == 1:  # TAG needs the EARLY score ranges
+            comp(f"fused NBP {nbp} local tag", FU._fused_step_kernel, dict(ptrs, bscore="*i64"), ints, ("scale",),
+                 dict(cx, PHASE=0, LOCAL=True, TB=1, TAG=True, NBAR=2), FU.FUSED_WARPS, FU.FUSED_STAGES)
+            comp(f"fused NBP {nbp} local tag timed", FU._fused_step_kernel, dict(ptrs, bscore="*i64"), ints, ("scale",),
+                 dict(cx, PHASE=0, LOCAL=True, TB=1, TAG=True, NBAR=2, TIMES=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
+            for ph in (2, 3, 5):
+                comp(f"fused NBP {nbp} local tag phase {ph}", FU._fused_step_kernel, dict(ptrs, bscore="*i64"), ints, ("scale",),
+                     dict(cx, PHASE=ph, LOCAL=True, TB=1, TAG=True, NBAR=2), FU.FUSED_WARPS, FU.FUSED_STAGES)
         comp(f"fused NBP {nbp} local rank", FU._fused_step_kernel, ptrs, ints, ("scale",),
              dict(cx, PHASE=0, LOCAL=True, RANK=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
         comp(f"fused NBP {nbp} local rank phase 4", FU._fused_step_kernel, ptrs, ints, ("scale",),

@@ -444,9 +444,10 @@ def _fused_ws(cache):
     # G = 2, two sequences of different lengths cross dense_len = 64 (one row dense, one not);
     # 3 programs per row (not a power of two), one score range: the products before barrier 1 (EARLY);
     # the 2 slots of a program as one tile of 2 blocks (TB); no early local block (LOCAL off)
-    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=True, TB=2, LOCAL=False)),
+    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=True, TB=2, LOCAL=False,
+                                                                     TAG=True)),
     # bisect select, no EARLY, the slots one block per step (_attend_split: tile 0), LOCAL off
-    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1,
+    (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1, TAG=False,
                                                                         LOCAL=False)),
     # LOCAL: 8 programs, up to 5 score ranges of 4 blocks: the programs without one attend to the window's blocks
     # early (E > 0), the rest of the list one block per program
@@ -519,7 +520,8 @@ def test_fast_fused_nan_poisoned_workspace(monkeypatch, select):
         for k, ws in cache._ws.items():
             if k[0] == "fused" and ws is not None:
                 for name in ("m2", "l2", "bscore", "o_part", "m_part", "l_part"):
-                    ws[name].fill_(float("nan"))
+                    # TAG's int64 score words: garbage bits with the tag of step 0
+                    ws[name].fill_(float("nan") if ws[name].is_floating_point() else 12345)
                 ws["sel"].fill_(12345)
                 ws["brank"].fill_(-3)  # a rank that would count as chosen
                 ws["byrank"].fill_(1)
@@ -607,7 +609,8 @@ def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm, local):
                 f"L={L} step {i}: one launch != the phase launches beyond one bf16 rounding: {diff.max().item():.3g}"
             assert torch.equal(i1, i3), f"L={L} step {i}: fused selection != the sort path's"
         ws = FUSED.plan(cache, H)
-        assert int(ws["cnt"][0]) == ws["barriers"] * 64 * per_sm * 20, "row barrier counter"
+        # 20 one-launch steps (the barriers) and 20 phase-launch steps (their last launch adds as much)
+        assert int(ws["cnt"][0]) == ws["barriers"] * 64 * per_sm * 40, "row barrier counter"
 
 
 @pytest.mark.parametrize("n,L,spread,ksel,init,wb,programs,columns", [

@@ -100,7 +100,14 @@ FUSED_PER_SM = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PER_SM", "1"))
 # in registers, and after the selection every program takes ~one of the remaining blocks (n_sel - E of them)
 # instead of two. The phase launches (interpreter) run that block at the start of phase 3 instead.
 FUSED_LOCAL_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_LOCAL_EARLY", "1") == "1"
-SPIN_BOUND = 1 << 22  # spin iterations of a bounded row barrier (~1 us each)
+# TAGGED: no barrier 2. The block scores go out as int64 words (score bits | step tag << 32, the tag = the
+# row's barrier counter // its increments per step, the same in every program of the step) and the selection
+# re-reads the row's words until every valid one carries this step's tag: a program's score stores need no
+# release fence + counter atomic + polling round trip before the selection can load them (H200 run 6 call 4 at
+# 32K: barrier 2 ~1.2 us, then the select's load of the scores). EARLY score ranges only (not RANK).
+FUSED_TAGGED = os.environ.get("SALA_SPARSE_DECODE_FUSED_TAGGED", "1") == "1"
+SPIN_BOUND = 1 << 22
+_TAG_SPIN = tl.constexpr(SPIN_BOUND)  # _row_bits_tagged's bound (a jit function reads only constexpr globals)  # spin iterations of a bounded row barrier (~1 us each)
 # RANK: the elements of one [RB, JC] compare of _rank_blocks (JC columns per step)
 RANK_COLUMNS = 4096
 # keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0, one block, or a block size that
@@ -156,7 +163,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
                        RANK: tl.constexpr, RB: tl.constexpr, JC: tl.constexpr, LSE_LAST: tl.constexpr,
                        MC: tl.constexpr, SPIN: tl.constexpr, LOCAL: tl.constexpr, CB: tl.constexpr,
-                       TIMES: tl.constexpr = False):
+                       TAG: tl.constexpr, NBAR: tl.constexpr, TIMES: tl.constexpr = False):
     """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..5: that phase only (3 = select and,
     unless RANK, attend; 4 = the RANK attention; 5 = merge). TIMES: stamps at the phase boundaries into
     tbuf [B * Hkv, NP, 16] (int64)."""
@@ -170,6 +177,9 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
     m_e = tl.full([BG], float("-inf"), tl.float32)
     l_e = tl.zeros([BG], dtype=tl.float32)
     acc_e = tl.zeros([BG, BD], dtype=tl.float32)
+    gen = 0
+    if TAG:  # this step's tag: every program reads the counter before the step's last barrier can complete
+        gen = (tl.atomic_add(cnt + row, 0, sem="relaxed", scope="gpu") // (NBAR * NP)) & 0x7FFFFFFF
     _stamp(tb, 0, TIMES)
     _stamp(tb, 1, TIMES)
     if EARLY:  # in PHASE 0 before barrier 1; the PHASE 2 launch recomputes them
@@ -186,7 +196,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
     if (PHASE == 0) | (PHASE == 2):
         if EARLY:
             _range_scores(scp, jpm, scc, jcm, lens, m2, l2, bscore, b, g, p * SB, HKV, D, DENSE_LEN, NBMAX,
-                          G, BS, NP, NSP, R, E, SB, BG, BD)
+                          G, BS, NP, NSP, R, E, SB, BG, BD, TAG, gen)
         else:
             score_range(q, c1, lens, m2, l2, bscore, b, g, p, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
                         NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, True)
@@ -194,7 +204,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
         m_e, l_e, acc_e = _attend_local_early(q, kc, vc, lens, b, g, p, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D,
                                               DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG, BD, IEEE)
     _stamp(tb, 4, TIMES)
-    if PHASE == 0:
+    if (PHASE == 0) & (not TAG):
         _row_barrier(cnt + row, NP, SPIN)
     _stamp(tb, 5, TIMES)
     if RANK:
@@ -224,7 +234,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                                                       DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG,
                                                       BD, IEEE)
             _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K,
-                          NIT, SORT, LOCAL, p, NP, CB)
+                          NIT, SORT, LOCAL, p, NP, CB, TAG, gen)
             _stamp(tb, 6, TIMES)
             _stamp(tb, 11, TIMES)
             tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_list
@@ -233,7 +243,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                          IEEE, False)
     elif (PHASE == 0) | (PHASE == 3):
         _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT,
-                      SORT, False, p, NP, CB)
+                      SORT, False, p, NP, CB, TAG, gen)
         _stamp(tb, 6, TIMES)
         _stamp(tb, 11, TIMES)
         tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
@@ -254,6 +264,9 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
         for t in range(p, G * MC, NP):  # merge task t: query head t // MC, features (t % MC) * BD // MC ...
             combine_head_part(o, o_part, m_part, l_part, s_ob, s_oh, D, b, g * G + t // MC, G * HKV, (t % MC) * (BD // MC),
                               NP, NSP, BD // MC, True)
+    if PHASE == 5:  # the phase launches advance the row's counter as the one launch's barriers do (TAG's step tags)
+        if p == NP - 1:
+            tl.atomic_add(cnt + row, NBAR * NP, sem="relaxed", scope="gpu")
     _stamp(tb, 10, TIMES)
     _stamp(tb, 9, TIMES)
 
@@ -290,9 +303,9 @@ def _range_dots(q, c1, lens, b, g, b0, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, D
 @triton.jit
 def _range_scores(scp, jpm, scc, jcm, lens, m_in, l_in, bscore, b, g, b0, HKV, D, DENSE_LEN, NBMAX,
                   G: tl.constexpr, BS: tl.constexpr, S2: tl.constexpr, S2P: tl.constexpr, R: tl.constexpr,
-                  E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+                  E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, TAG: tl.constexpr, gen):
     """EARLY: the block scores of the range from _range_dots' products and the combined LSE (score_range's
-    arithmetic, split around barrier 1)."""
+    arithmetic, split around barrier 1). TAG: as int64 words, score bits | gen << 32 (_row_bits_tagged)."""
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     if (L >= DENSE_LEN) & (b0 <= qb):
@@ -301,7 +314,11 @@ def _range_scores(scp, jpm, scc, jcm, lens, m_in, l_in, bscore, b, g, b0, HKV, D
         carry = tl.max(window_p(scp, lse, jpm, gm), axis=0)
         score, carry = pool_subtile(window_p(scc, lse, jcm, gm), carry, R, E, SB)
         bb = b0 + tl.arange(0, SB)
-        tl.store(bscore + (b * HKV + g) * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
+        if TAG:
+            word = (score.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | (gen.to(tl.int64) << 32)
+            tl.store(bscore + (b * HKV + g) * NBMAX + bb, word, mask=(bb <= qb) & (bb < NBMAX))
+        else:
+            tl.store(bscore + (b * HKV + g) * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
 
 
 @triton.jit
@@ -346,7 +363,7 @@ def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_
 def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
                   BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
                   NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr, SORT: tl.constexpr,
-                  LOCAL: tl.constexpr, p, NP: tl.constexpr, CB: tl.constexpr):
+                  LOCAL: tl.constexpr, p, NP: tl.constexpr, CB: tl.constexpr, TAG: tl.constexpr, gen):
     """Slots [s_lo, s_lo + SPB) of row's selection into sel: the blocks ranked s_lo.. among the n_sel chosen
     (ascending block order, as the one-level select stores them), -1 past n_sel; -1 below dense_len (the
     attention then takes every block). The whole row's selection is computed to know those ranks. LOCAL: also
@@ -361,7 +378,10 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
         if (s_lo < KSEL) | LOCAL:
             n_sel = tl.minimum(qb + 1, KSEL)
             bb = tl.arange(0, NBP)
-            bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
+            if TAG:
+                bits, valid = _row_bits_tagged(bscore, row, bb, qb, NBMAX, INIT, WB, gen)
+            else:
+                bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
             if SORT:
                 # the n_sel-th largest score bits by a sort of the int32 bits themselves (n_sel <= the valid count
                 # qb + 1; invalid entries are -1), ties at it to the lowest blocks as the bisect path does
@@ -379,6 +399,26 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
             tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=mine & (ki >= n_sel))
     else:
         tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=mine)
+
+
+@triton.jit
+def _row_bits_tagged(bscore, row, bb, qb, NBMAX, INIT: tl.constexpr, WB: tl.constexpr, gen):
+    """_row_bits from TAG words: re-read (volatile loads: strong, served where other SMs' stores land) until
+    every valid word carries tag gen, so the selection sees this step's scores, written by other programs
+    without a barrier between. A bounded wait (SPIN_BOUND reads): never hang the GPU."""
+    valid = (bb <= qb) & (bb < NBMAX)
+    ptr = bscore + row * NBMAX + bb
+    w = tl.load(ptr, mask=valid, other=0, volatile=True)
+    pending = tl.sum(tl.where(valid & ((w >> 32) != gen), 1, 0), axis=0)
+    it = 0
+    while (pending > 0) & (it < _TAG_SPIN):
+        w = tl.load(ptr, mask=valid, other=0, volatile=True)
+        pending = tl.sum(tl.where(valid & ((w >> 32) != gen), 1, 0), axis=0)
+        it += 1
+    sc = (w & 0xFFFFFFFF).to(tl.int32)
+    forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
+    sc = tl.where(forced, 0x7F800000, sc)  # +inf bits, as _row_bits
+    return tl.where(valid, sc, -1), valid
 
 
 @triton.jit
@@ -524,7 +564,7 @@ def plan(cache, H: int, auto: bool = False):
     per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
     per (cache, H, knobs), kept in cache._ws."""
     key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
-           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_PER_SM, FUSED_LOCAL_EARLY)
+           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_PER_SM, FUSED_LOCAL_EARLY, FUSED_TAGGED)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -565,7 +605,10 @@ def plan(cache, H: int, auto: bool = False):
     # _attend_tiles' tile is TB * bs keys: a power of two only when bs is one
     tb = max(1, min(spb_tile, FUSED_ATTEND_TILE // bs)) if pow2_bs else 1
     rb = FAST._pow2(FAST._cdiv(nbp, np_))  # blocks ranked per program (RANK)
-    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, RANK=rank, LOCAL=local, CB=CB, RB=rb, JC=min(nbp, max(1, RANK_COLUMNS // rb)),
+    tag = FUSED_TAGGED and early and not rank
+    nbar = 2 if tag else (4 if rank else 3)
+    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, RANK=rank, LOCAL=local, CB=CB, TAG=tag,
+              NBAR=nbar, RB=rb, JC=min(nbp, max(1, RANK_COLUMNS // rb)),
               LSE_LAST=FUSED_LSE_LAST, SPIN=SPIN_BOUND if FUSED_PER_SM > 1 else 0, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
@@ -575,11 +618,13 @@ def plan(cache, H: int, auto: bool = False):
     f32 = torch.float32
     ws = dict(cx=cx, grid=(B, Hkv, np_), nb=nb, ch2=BJ * FAST._cdiv(ch2_raw, BJ), nslot=nslot, spb=spb,
               m2=torch.empty(B, H, np_, dtype=f32, device=dev), l2=torch.empty(B, H, np_, dtype=f32, device=dev),
-              bscore=torch.empty(B, Hkv, nb, dtype=f32, device=dev),
+              # TAG: int64 words, tag -1 until the first step writes them (a step's tag is >= 0)
+              bscore=(torch.full((B, Hkv, nb), -1, dtype=torch.int64, device=dev) if tag
+                      else torch.empty(B, Hkv, nb, dtype=f32, device=dev)),
               sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),
               o_part=torch.empty(B, H, np_, D, dtype=f32, device=dev),
               m_part=torch.empty(B, H, np_, dtype=f32, device=dev), l_part=torch.empty(B, H, np_, dtype=f32, device=dev),
-              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={}, barriers=4 if rank else 3, resident=set(),
+              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={}, barriers=nbar, resident=set(),
               brank=torch.empty(B, Hkv, nb, dtype=torch.int32, device=dev),
               byrank=torch.empty(B, Hkv, cfg.num_selected, dtype=torch.int32, device=dev),
               tbuf=torch.zeros(rows, np_, 16, dtype=torch.int64, device=dev))

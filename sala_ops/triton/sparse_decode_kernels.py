@@ -203,7 +203,9 @@ def combined_lse(m_in, l_in, b, h, gm, G, HKV, S2: tl.constexpr, S2P: tl.constex
     M = tl.max(mp, axis=1)
     Ms = tl.where(M == float("-inf"), 0.0, M)
     tot = tl.sum(lp * tl.exp(mp - Ms[:, None]), axis=1)
-    return tl.where(tot > 0, Ms + tl.log(tl.maximum(tot, 1e-38)), 0.0)
+    # the clamp is a normal fp32 number: Triton types a float literal below 2^-126 (e.g. 1e-38) as fp64, which
+    # made this LSE and every score computed from it fp64 (found by the sm_90 compile of the TAG store, 2026-12-01)
+    return tl.where(tot > 0, Ms + tl.log(tl.maximum(tot, 1e-30)), 0.0)
 
 
 @triton.jit
