@@ -66,6 +66,7 @@ fi
 if [ "$what" = fused ]; then  # the one-launch sparse decode step (SALA_SPARSE_DECODE_FUSED) against the launches
   # FUSED_DIAG_ENVS: one diag run per entry, each a comma-separated list of environment assignments
   for e in ${FUSED_DIAG_ENVS:-SALA_SPARSE_DECODE_FUSED_SELECT=auto}; do
+    [ "$e" = none ] && continue
     step 90 "fused step: time per phase ($e)" env ${e//,/ } python3 bench/diag_decode_fused.py --out "$OUT/diag_${e//[^A-Za-z0-9]/_}"
   done
   SALA_DECODE_MODES_SIZES=${SALA_DECODE_MODES_SIZES:-131072,65536,32768} step 150 "sparse decode modes" \
