@@ -75,7 +75,7 @@ def main():
     from sala_ops.triton import sparse_decode_fused as FU
     ptrs = dict(q="*bf16", c1="*fp32", c2="*fp32", kc="*bf16", vc="*bf16", lens="*i32", m2="*fp32", l2="*fp32",
                 bscore="*fp32", sel="*i32", o="*bf16", o_part="*fp32", m_part="*fp32", l_part="*fp32", cnt="*i64",
-                tbuf="*i64", brank="*i32", byrank="*i32")
+                tbuf="*i64")
     for nbp, np_, nsub in ((512, 64, 1), (4096, 64, 4)):
         ints = dict(s_qb=4096, s_qh=128, s_1b=256 * 4096, s_1t=256, s_1h=128, s_2b=256 * 1024, s_2t=256, s_2h=128,
                     s_cb=256 * 65536, s_ct=256, s_ch=128, s_ob=4096, s_oh=128, D=128, DENSE_LEN=8192, NBMAX=nbp,
@@ -83,8 +83,7 @@ def main():
         cx = dict(G=16, KS=32, ST=16, BS=64, KS2=128, ST2=64, INIT=1, WB=32, R=4, E=1, SB=16, NSUB=nsub, KSEL=96,
                   KSP=128, NBP=nbp, NP=np_, NSP=64, BG=16, BD=128, BJ=16, BN=64, PREC="split2", KEYS_M=True,
                   IEEE=False, K=4, NIT=F.search_steps(4), EARLY=nsub == 1, SORT=True, TB=2,
-                  RANK=False, RB=nbp // np_, JC=min(nbp, 4096 // (nbp // np_)), LSE_LAST=True, MC=4, SPIN=0,
-                  LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3)
+                  LSE_LAST=True, MC=4, LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3)
         for nw, ns in ((8, 3), (4, 3), (4, 2), (8, 1)):
             comp(f"fused NBP {nbp} early={nsub == 1} sort", FU._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0), nw, ns)
@@ -102,22 +101,6 @@ def main():
             for ph in (2, 3, 5):
                 comp(f"fused NBP {nbp} local tag phase {ph}", FU._fused_step_kernel, dict(ptrs, bscore="*i64"), ints, ("scale",),
                      dict(cx, PHASE=ph, LOCAL=True, TB=1, TAG=True, NBAR=2), FU.FUSED_WARPS, FU.FUSED_STAGES)
-        comp(f"fused NBP {nbp} local rank", FU._fused_step_kernel, ptrs, ints, ("scale",),
-             dict(cx, PHASE=0, LOCAL=True, RANK=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
-        comp(f"fused NBP {nbp} local rank phase 4", FU._fused_step_kernel, ptrs, ints, ("scale",),
-             dict(cx, PHASE=4, LOCAL=True, RANK=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
-        if nbp == 512:  # two programs per SM (FUSED_PER_SM=2): 128 per row, one slot each, bounded spins
-            comp("fused NBP 512 NP 128 (2 per SM)", FU._fused_step_kernel, ptrs, dict(ints, SPB=1), ("scale",),
-                 dict(cx, PHASE=0, NP=128, NSP=128, MC=8, SPIN=1 << 22, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
-            comp("fused NBP 512 SB 8", FU._fused_step_kernel, ptrs, ints, ("scale",),
-                 dict(cx, PHASE=0, SB=8), FU.FUSED_WARPS, FU.FUSED_STAGES)
-        comp(f"fused NBP {nbp} early={nsub == 1} rank", FU._fused_step_kernel, ptrs, ints, ("scale",),
-             dict(cx, PHASE=0, RANK=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
-        comp(f"fused NBP {nbp} rank timed", FU._fused_step_kernel, ptrs, ints, ("scale",),
-             dict(cx, PHASE=0, RANK=True, TIMES=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
-        for phase in (3, 4, 5):
-            comp(f"fused NBP {nbp} rank phase {phase}", FU._fused_step_kernel, ptrs, ints, ("scale",),
-                 dict(cx, PHASE=phase, RANK=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
         for sort in (False, True):
             comp(f"fused NBP {nbp} early={nsub == 1} sort={sort}", FU._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0, SORT=sort), FU.FUSED_WARPS, FU.FUSED_STAGES)

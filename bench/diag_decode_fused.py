@@ -18,9 +18,9 @@ import torch  # noqa: E402
 
 from bench_sparse_decode import H, D, DTYPE, make_cache  # noqa: E402
 
-# stamp 11 follows the select: FUSED_SELECT=rank's extra barrier lies between 6 and 11 (0 for the other selects)
+# with FUSED_TAGGED there is no barrier 2: its row is ~0 and the select includes the wait for this step's scores
 PHASES = [("lse", 1, 2), ("barrier 1", 2, 3), ("score", 3, 4), ("barrier 2", 4, 5), ("select", 5, 6),
-          ("rank barrier", 6, 11), ("attend", 11, 7), ("barrier 3", 7, 8), ("combine", 8, 10)]
+          ("attend", 6, 7), ("barrier 3", 7, 8), ("combine", 8, 10)]
 
 
 def main():
@@ -53,7 +53,7 @@ def main():
                 acc[name][1] += us.max().item() / a.reps
             span += (t[:, 9].max() - t[:, 0].min()).item() / 1e3 / a.reps
             skew += (t[:, 0].max() - t[:, 0].min()).item() / 1e3 / a.reps
-        row = dict(B=B, L=L, select=FUSED.FUSED_SELECT, lse_last=FUSED.FUSED_LSE_LAST, programs=ws["grid"][2], span_us=round(span, 2), launch_skew_us=round(skew, 2),
+        row = dict(B=B, L=L, local=ws["cx"]["LOCAL"], tagged=ws["cx"]["TAG"], programs=ws["grid"][2], span_us=round(span, 2), launch_skew_us=round(skew, 2),
                    **{f"{k} median/max us": [round(v[0], 2), round(v[1], 2)] for k, v in acc.items()})
         rows_out.append(row)
         print(json.dumps(row), flush=True)

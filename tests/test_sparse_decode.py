@@ -465,15 +465,8 @@ def _fused_ws(cache):
     # blocks, so they must select too (if they skip it they read other programs' sel stores: a race that only
     # the GPU tests can catch, the interpreter runs the writers first; H200 run 6 call 3)
     (3, (4, 2), [300, 390], 12, 16, None, 6, 4, "sort", True, dict(NP=6, LOCAL=True, dense_len=256)),
-    # rank select (a fourth barrier): 3 programs rank 4 blocks each of the 8 padded, the chosen by rank into
-    # byrank, 2 slots per program as one tile; sel written from the ranks in the merge phase
-    (3, (4, 2), [40, 55], 30, 16, None, 3, None, "rank", True, dict(NP=3, RANK=True, RB=4, TB=2, LOCAL=False)),
-    # rank select with LOCAL: the early blocks are ranks [ninit, ninit + E) of byrank; 6 programs, long prompts
-    (3, (4, 2), [150, 260], 12, 16, None, 6, 4, "rank", True, dict(NP=6, RANK=True, LOCAL=True)),
-    # rank with one block per attention step (tile 0 -> TB 1 through _attend_tiles), 5 programs, ranks compared
-    # in 8 column chunks of 4 (JC < NBP = 32), the LSE partials from the last programs off
-    (4, (8, 2), [150, 260], 12, 24, (16, 8), 5, 4, "rank", True, dict(NP=5, RANK=True, TB=1, RB=8, JC=4,
-                                                                       LOCAL=False)),
+    # LOCAL with the bisect select, the LSE partials from the first programs (FUSED_LSE_LAST off)
+    (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "bisect", True, dict(NP=8, LOCAL=True, LSE_LAST=False)),
 ])
 def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps, D, lse, programs, sb, select, early,
                                         expect):
@@ -483,10 +476,9 @@ def test_fast_fused_prefill_then_decode(monkeypatch, topk, heads, prompts, steps
     H, Hkv = heads
     _fused_knobs(monkeypatch, programs, select, early, 0 if expect.get("TB") == 1 else 128, expect.get("LOCAL", True))
     monkeypatch.setattr(FAST, "SB_BLOCKS", sb)
-    if expect.get("JC") is not None:
+    if expect.get("LSE_LAST") is False:
         from sala_ops.triton import sparse_decode_fused as FUSED
         monkeypatch.setattr(FUSED, "FUSED_LSE_LAST", False)
-        monkeypatch.setattr(FUSED, "RANK_COLUMNS", expect["JC"] * expect["RB"])
     expect = dict(expect)
     cfg = dict(SMALL, topk=topk, dense_len=expect.pop("dense_len", 64))
     if lse is not None:
@@ -508,11 +500,11 @@ def test_fast_fused_block_size_not_a_power_of_two(monkeypatch):
     assert cx["TB"] == 1 and cx["BS"] == 24, cx
 
 
-@pytest.mark.parametrize("select", ["auto", "rank"])
-def test_fast_fused_nan_poisoned_workspace(monkeypatch, select):
+@pytest.mark.parametrize("local", [True, False])
+def test_fast_fused_nan_poisoned_workspace(monkeypatch, local):
     """Every workspace entry the fused step reads is written earlier in the same step: NaN / garbage in all of
     them before each step changes nothing (the barrier counters only grow and are not poisoned)."""
-    _fused_knobs(monkeypatch, 3, select)
+    _fused_knobs(monkeypatch, 3, local=local)
     import sys
     orig = sparse_decode
     mod = sys.modules[__name__]
@@ -524,8 +516,6 @@ def test_fast_fused_nan_poisoned_workspace(monkeypatch, select):
                     # TAG's int64 score words: garbage bits with the tag of step 0
                     ws[name].fill_(float("nan") if ws[name].is_floating_point() else 12345)
                 ws["sel"].fill_(12345)
-                ws["brank"].fill_(-3)  # a rank that would count as chosen
-                ws["byrank"].fill_(1)
         return orig(q, cache, *a, **kw)
     monkeypatch.setattr(mod, "sparse_decode", poisoned)
     cfg = dict(SMALL, topk=3, dense_len=50, lse_kernel_size=16, lse_kernel_stride=8)
@@ -568,17 +558,16 @@ def test_fast_fused_auto_rule(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("select,per_sm,local", [("auto", 1, True), ("auto", 1, False), ("rank", 1, False),
-                                                 ("rank", 1, True), ("auto", 2, True)])
-def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm, local):
+@pytest.mark.parametrize("local,tagged", [(True, True), (False, True), (True, False), (False, False)])
+def test_gpu_fast_fused_9b_and_graph(monkeypatch, local, tagged):
     """The one-launch step on the 9B config (caches of 16K tokens, 4 and 6 rows: 33 and 22 programs per row):
     reference selection + 2x-bf16 error bound, graph replay == eager; then B = 1 at 128K and 32K cached
-    tokens (64 programs per row, 3 row barriers per step, 4 with the rank select): the one launch == its phase
-    launches (bitwise: the same code per phase) == the multi-launch step's selection, over 20 steps. per_sm = 2:
-    two programs per SM (128 per row at B = 1), the plan's residency check passed."""
+    tokens (64 programs per row, 3 row barriers per step, 2 with FUSED_TAGGED): the one launch == its phase
+    launches (bitwise: the same code per phase) == the multi-launch step's selection, over 20 steps; with and
+    without the early local blocks and the tagged scores (2 barriers per step instead of 3)."""
     from sala_ops.triton import sparse_decode_fused as FUSED
-    _fused_knobs(monkeypatch, 64 * per_sm, select, local=local)
-    monkeypatch.setattr(FUSED, "FUSED_PER_SM", per_sm)
+    _fused_knobs(monkeypatch, 64, local=local)
+    monkeypatch.setattr(FUSED, "FUSED_TAGGED", tagged)
     calls = []
     orig = FUSED.decode
     monkeypatch.setattr(FUSED, "decode", lambda *a: calls.append(1) or orig(*a))
@@ -590,7 +579,7 @@ def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm, local):
     for L in (131072, 32768):
         cache = SparseLayerCache(1, L + 32, Hkv, D, dtype=dtype, device="cuda")
         cache.append(torch.randn(1, L, Hkv, D, device="cuda").to(dtype), torch.randn(1, L, Hkv, D, device="cuda").to(dtype))
-        assert FUSED.plan(cache, H)["grid"] == (1, Hkv, 64 * per_sm)
+        assert FUSED.plan(cache, H)["grid"] == (1, Hkv, 64)
         if L == 32768:  # 32 programs without a score range: early local blocks (none free at 128K)
             assert FUSED.plan(cache, H)["cx"]["LOCAL"] == local
         for i in range(20):
@@ -612,52 +601,7 @@ def test_gpu_fast_fused_9b_and_graph(monkeypatch, select, per_sm, local):
             assert torch.equal(i1, i3), f"L={L} step {i}: fused selection != the sort path's"
         ws = FUSED.plan(cache, H)
         # 20 one-launch steps (the barriers) and 20 phase-launch steps (their last launch adds as much)
-        assert int(ws["cnt"][0]) == ws["barriers"] * 64 * per_sm * 40, "row barrier counter"
-
-
-@pytest.mark.parametrize("n,L,spread,ksel,init,wb,programs,columns", [
-    (300, 300, "dups", 50, 1, 4, 7, 4096),    # heavy ties at the threshold, 3 forced +inf among the scores
-    (300, 280, "wide", 96, 1, 32, 64, 4096),  # every exponent; 64 programs of 8 blocks, some past the query
-    (300, 300, "dups", 20, 4, 30, 5, 64),     # more forced blocks (35) than n_sel: ties among +inf; chunked compare
-    (64, 40, "one", 96, 1, 2, 3, 32),         # all equal, fewer valid blocks than n_sel: all valid chosen
-    (1000, 1000, "dups", 96, 1, 32, 16, 4096),
-])
-def test_fused_rank_select_ties(n, L, spread, ksel, init, wb, programs, columns):
-    """The fused step's rank select (_rank_blocks over the programs, then _sel_from_ranks) chooses exactly what a
-    stable descending sort of the score bits chooses (forced init / window blocks +inf, ties to the lower block),
-    byrank lists them by that order, -1 in the slots past n_sel; sel is the chosen blocks ascending."""
-    from kth_probe import rank_kernel, sel_from_ranks_kernel
-    from sala_ops.triton.sparse_decode_fast import _pow2
-    g = torch.Generator().manual_seed(n + ksel + programs)
-    if spread == "wide":
-        x = torch.exp2(torch.rand(n, generator=g) * 120 - 60)
-    elif spread == "dups":
-        x = torch.randint(0, 5, (n,), generator=g).float() * 0.25
-        x[torch.randperm(n, generator=g)[:3]] = float("inf")
-    else:
-        x = torch.full((n,), 0.5)
-    blocks = torch.arange(n)
-    qb = L - 1
-    forced = (blocks < init) | ((blocks >= qb - wb) & (blocks <= qb))
-    key = torch.where(forced, torch.tensor(float("inf")), x)[:L]
-    order = torch.sort(-key.view(torch.int32).long(), stable=True).indices  # bits descending, lower block first
-    n_sel = min(L, ksel)
-    want_byrank = torch.full((ksel,), -1, dtype=torch.int32)
-    want_byrank[:n_sel] = order[:n_sel].int()
-    want_sel = torch.full((ksel,), -1, dtype=torch.int32)
-    want_sel[:n_sel] = order[:n_sel].sort().values.int()
-    nbp, ksp = _pow2(n), _pow2(ksel)
-    rb = _pow2(-(-nbp // programs))
-    spb = -(-ksel // programs)
-    lens = torch.tensor([L], dtype=torch.int32, device=DEV)
-    brank = torch.full((n,), 7, dtype=torch.int32, device=DEV)
-    byrank = torch.full((ksel,), 12345, dtype=torch.int32, device=DEV)
-    sel = torch.full((ksel,), 12345, dtype=torch.int32, device=DEV)
-    rank_kernel[(programs,)](x.to(DEV), lens, brank, byrank, n, spb, INIT=init, WB=wb, KSEL=ksel, KSP=ksp, NBP=nbp,
-                             RB=rb, JC=min(nbp, max(1, columns // rb)))
-    sel_from_ranks_kernel[(1,)](brank, lens, sel, n, KSEL=ksel, KSP=ksp, NBP=nbp)
-    assert torch.equal(byrank.cpu(), want_byrank), (byrank.cpu(), want_byrank)
-    assert torch.equal(sel.cpu(), want_sel), (sel.cpu(), want_sel)
+        assert int(ws["cnt"][0]) == ws["barriers"] * 64 * 40, "row barrier counter"
 
 
 @pytest.mark.parametrize("n,spread,n_sel", [(300, "wide", 7), (300, "dups", 50), (4096, "wide", 96), (4096, "dups", 96),

@@ -93,10 +93,10 @@ if ATTEND_MERGE not in ("last", "kernel"):
 # 71.7 -> 75.3 (the waiting kernel's programs take SM room from the running one).
 PDL = os.environ.get("SALA_SPARSE_DECODE_PDL", "0") == "1"
 # SALA_SPARSE_DECODE_FUSED: the whole step as one launch with row barriers (sparse_decode_fused.py). "auto" (the
-# default): compiled CUDA caches of up to 512 padded blocks (32K tokens of 64) with at least 32 programs per row
+# default): compiled CUDA caches of up to 2048 padded blocks (128K tokens of 64) with at least 32 programs per row
 # (B * Hkv <= 4 on an H200), where it measured faster (sparse_decode_fused.AUTO_*); "1": also under the interpreter,
-# any batch, up to 4096 blocks (256K tokens); "0": never. H200 run 5 calls 5-6 (B = 1, CUDA graph) at 32K: 25.0 us
-# fused vs 32.3 (these launches) and 29.6 (these launches with PDL).
+# any batch, up to 4096 blocks (256K tokens); "0": never. H200 run 6 call 6 (B = 1, CUDA graph): 32K 22.6 us fused
+# vs 30.3 (these launches), 128K 37.9 vs 39.6.
 FUSED = os.environ.get("SALA_SPARSE_DECODE_FUSED", "auto")
 if FUSED not in ("auto", "0", "1"):
     raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED must be auto, 0 or 1, got {FUSED!r}")

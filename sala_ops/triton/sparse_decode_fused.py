@@ -19,9 +19,9 @@ the same row. So one launch of NP programs per row can run the whole step with t
            head of the group (combine_head_part)
 
 Redundant selection instead of a fourth barrier: the programs would otherwise wait for one program to select;
-each holds at most FUSED_MAX_BLOCKS int32 scores in registers. FUSED_SELECT=rank trades the redundant sort for a
-fourth barrier: phase 3 only ranks each program's share of the blocks (_rank_blocks), the attention runs after
-the extra barrier from the chosen blocks in rank order, and the last program writes sel in the merge phase.
+each holds at most FUSED_MAX_BLOCKS int32 scores in registers. (H200 run 6 measured the alternative, each program
+ranking its share of the blocks and a fourth barrier: 18.0 vs 16.8 us at 32K; two programs per SM: 19.1 vs 17.5.)
+FUSED_LOCAL_EARLY and FUSED_TAGGED reshape phases 2-3 (see there).
 
 The row barrier (_row_barrier) spins on an int64 counter that only ever grows (one barrier = the NP increments
 from a multiple of NP to the next), so nothing resets it and CUDA-graph replays need no host work. A spin
@@ -29,7 +29,7 @@ barrier needs every program of a row resident at once: the plan caps the grid at
 (B * Hkv * NP <= SM count; a program needs far less than an SM) and uses the fused step only then.
 
 The Triton interpreter runs programs one after the other, so it cannot run a spin barrier: there (and with
-FUSED_PHASES) the same kernel runs as one launch per phase (PHASE = 1, 2, 3, [4 with RANK,] 5), which tests everything but
+FUSED_PHASES) the same kernel runs as one launch per phase (PHASE = 1, 2, 3, 5), which tests everything but
 the barrier itself (the GPU tests cover that: fused == the phase launches == the reference).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ._launch import launch as _launch
 from .sparse_decode_kernels import (_attend_split, combine_head_part, combined_lse, group_heads, key_head_scores,
-                                    load_l2, lse_partial, online_softmax_step)
+                                    lse_partial, online_softmax_step)
 from . import sparse_decode_fast as FAST
 from .sparse_decode_fast import _choose, _row_bits, choose_at, pool_subtile, score_range, search_steps, window_p
 
@@ -74,15 +74,9 @@ FUSED_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_EARLY", "1") == "1"
 # threshold, ties at it resolved as in bisect); "auto": sort up to SORT_MAX_BLOCKS padded blocks, else bisect.
 # H200 run 5: a sort of unique (bits, -block) int64 keys took 5.1 us at 32K (call 4) and 38 us at 128K, where
 # bisect takes 14.7; the int32 sort replaced it (call 7 at 32K: kernel 17.8 us vs 18.75, graph step 24.1 vs 24.8)
-# "rank": no program computes the whole selection; program p ranks its RB blocks against the row's scores (one
-# [RB, NBP] compare, the order of choose_at: score bits descending, the lower block first), writes the chosen ones
-# by rank (byrank) and every rank (brank); a fourth row barrier; then program p attends to the blocks of ranks
-# [p * SPB, p * SPB + SPB), and in the merge phase the last program turns brank into sel (ascending block order).
-# Block sizes that are not a power of two take "sort" instead (the rank attention runs _attend_tiles).
 FUSED_SELECT = os.environ.get("SALA_SPARSE_DECODE_FUSED_SELECT", "auto")
-if FUSED_SELECT not in ("bisect", "sort", "rank", "auto"):
-    raise ValueError("sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort, rank or auto, "
-                     f"got {FUSED_SELECT!r}")
+if FUSED_SELECT not in ("bisect", "sort", "auto"):
+    raise ValueError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_SELECT must be bisect, sort or auto, got {FUSED_SELECT!r}")
 # the LSE partials of phase 1 go to the programs counted from the last one: at 32K the C2 keys fill the first 32
 # of 64 programs' LSE chunks and the score ranges the first 32 programs too, so without this half the programs
 # do both phase-1 jobs one after the other and half do nothing (H200 run 5 call 6: phase 1 median 2.5 us, max 4.2)
@@ -91,9 +85,6 @@ SORT_MAX_BLOCKS = 1024
 # merge chunks per query head (0: as many as the programs allow, NP // G, up to BD // 16): H200 run 6 call 1 at
 # 32K, one head per program (16 of 64 programs): merge phase max 1.86 us
 FUSED_MERGE_CHUNKS = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_MERGE_CHUNKS", "0"))
-# programs per SM (the spin barriers need all programs of a row resident: 2 only where the kernel's registers
-# and shared memory allow two per SM, checked at plan time on the compiled kernel)
-FUSED_PER_SM = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PER_SM", "1"))
 # LOCAL: the local window's blocks are chosen in every step (forced, +inf scores; all forced blocks fit in n_sel
 # when init_blocks < topk) and come last in ascending block order, so they need no selection: the programs
 # without a score range attend to one of them each in phase 2 (otherwise idle), keep the online-softmax state
@@ -104,19 +95,17 @@ FUSED_LOCAL_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_LOCAL_EARLY", "1") 
 # row's barrier counter // its increments per step, the same in every program of the step) and the selection
 # re-reads the row's words until every valid one carries this step's tag: a program's score stores need no
 # release fence + counter atomic + polling round trip before the selection can load them (H200 run 6 call 4 at
-# 32K: barrier 2 ~1.2 us, then the select's load of the scores). EARLY score ranges only (not RANK).
+# 32K: barrier 2 ~1.2 us, then the select's load of the scores). EARLY score ranges only.
 FUSED_TAGGED = os.environ.get("SALA_SPARSE_DECODE_FUSED_TAGGED", "1") == "1"
-SPIN_BOUND = 1 << 22
-_TAG_SPIN = tl.constexpr(SPIN_BOUND)  # _row_bits_tagged's bound (a jit function reads only constexpr globals)  # spin iterations of a bounded row barrier (~1 us each)
-# RANK: the elements of one [RB, JC] compare of _rank_blocks (JC columns per step)
-RANK_COLUMNS = 4096
+# _row_bits_tagged's bound on re-reads (~1 us each; a jit function reads only constexpr globals)
+_TAG_SPIN = tl.constexpr(1 << 22)
 # keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0, one block, or a block size that
 # is not a power of two: _attend_split's loop)
 FUSED_ATTEND_TILE = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_ATTEND_TILE", "128"))
 
 
 @triton.jit
-def _row_barrier(cnt, NP, SPIN: tl.constexpr):
+def _row_barrier(cnt, NP):
     """Every one of the NP programs of a row arrives here before any leaves. The counter is int64 and only
     grows: this barrier is the NP increments from old - old % NP to the next multiple of NP. The program's
     global stores before it are visible to the row's loads after it that bypass L1 (.cg): bar.sync orders the
@@ -125,14 +114,8 @@ def _row_barrier(cnt, NP, SPIN: tl.constexpr):
     old = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
     target = old - old % NP + NP
     cur = old + 1
-    if SPIN == 0:
-        while cur < target:
-            cur = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
-    else:  # a bounded wait (FUSED_PER_SM > 1): never hang the GPU if a program of the row is not resident
-        it = 0
-        while (cur < target) & (it < SPIN):
-            cur = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
-            it += 1
+    while cur < target:
+        cur = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -151,7 +134,7 @@ def _stamp(tbuf, i: tl.constexpr, TIMES: tl.constexpr):
 
 
 @triton.jit
-def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt, tbuf, brank, byrank,
+def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt, tbuf,
                        s_qb, s_qh, s_1b, s_1t, s_1h, s_2b, s_2t, s_2h, s_cb, s_ct, s_ch, s_ob, s_oh,
                        scale, D, DENSE_LEN, NBMAX, CH2, NSLOT, SPB,
                        G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
@@ -161,12 +144,10 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
                        NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
-                       RANK: tl.constexpr, RB: tl.constexpr, JC: tl.constexpr, LSE_LAST: tl.constexpr,
-                       MC: tl.constexpr, SPIN: tl.constexpr, LOCAL: tl.constexpr, CB: tl.constexpr,
+                       LSE_LAST: tl.constexpr, MC: tl.constexpr, LOCAL: tl.constexpr, CB: tl.constexpr,
                        TAG: tl.constexpr, NBAR: tl.constexpr, TIMES: tl.constexpr = False):
-    """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1..5: that phase only (3 = select and,
-    unless RANK, attend; 4 = the RANK attention; 5 = merge). TIMES: stamps at the phase boundaries into
-    tbuf [B * Hkv, NP, 16] (int64)."""
+    """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1, 2, 3, 5: that phase only (3 = select
+    and attend, 5 = merge). TIMES: stamps at the phase boundaries into tbuf [B * Hkv, NP, 16] (int64)."""
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     p = tl.program_id(2)
@@ -191,7 +172,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                     G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
     _stamp(tb, 2, TIMES)
     if PHASE == 0:
-        _row_barrier(cnt + row, NP, SPIN)
+        _row_barrier(cnt + row, NP)
     _stamp(tb, 3, TIMES)
     if (PHASE == 0) | (PHASE == 2):
         if EARLY:
@@ -205,29 +186,9 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                                               DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG, BD, IEEE)
     _stamp(tb, 4, TIMES)
     if (PHASE == 0) & (not TAG):
-        _row_barrier(cnt + row, NP, SPIN)
+        _row_barrier(cnt + row, NP)
     _stamp(tb, 5, TIMES)
-    if RANK:
-        if (PHASE == 0) | (PHASE == 3):
-            _rank_blocks(bscore, lens, brank, byrank, b, row, p, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL,
-                         KSP, NBP, RB, JC)
-        _stamp(tb, 6, TIMES)
-        if PHASE == 0:
-            _row_barrier(cnt + row, NP, SPIN)
-        _stamp(tb, 11, TIMES)
-        if (PHASE == 0) | (PHASE == 4):
-            if LOCAL:
-                if PHASE == 4:  # the phase launches: the early block here
-                    m_e, l_e, acc_e = _attend_local_early(q, kc, vc, lens, b, g, p, s_qb, s_qh, s_cb, s_ct, s_ch, scale,
-                                                          D, DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB,
-                                                          BG, BD, IEEE)
-                _attend_list(q, kc, vc, lens, byrank, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct,
-                             s_ch, scale, D, DENSE_LEN, NSLOT, SPB, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG,
-                             BD, TB, IEEE, True)
-            else:
-                _attend_tiles(q, kc, vc, lens, byrank, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct,
-                              s_ch, scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE, True)
-    elif LOCAL:
+    if LOCAL:
         if (PHASE == 0) | (PHASE == 3):
             if PHASE == 3:  # the phase launches: the early block here (its state cannot cross launches)
                 m_e, l_e, acc_e = _attend_local_early(q, kc, vc, lens, b, g, p, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D,
@@ -236,31 +197,26 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
             _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K,
                           NIT, SORT, LOCAL, p, NP, CB, TAG, gen)
             _stamp(tb, 6, TIMES)
-            _stamp(tb, 11, TIMES)
             tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_list
             _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
                          scale, D, DENSE_LEN, NSLOT, SPB, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG, BD, TB,
-                         IEEE, False)
+                         IEEE)
     elif (PHASE == 0) | (PHASE == 3):
         _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT,
                       SORT, False, p, NP, CB, TAG, gen)
         _stamp(tb, 6, TIMES)
-        _stamp(tb, 11, TIMES)
         tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
         if TB > 1:
             _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
-                          scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE, False)
+                          scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, TB, IEEE)
         else:
             _attend_split(q, kc, vc, lens, sel, o, o_part, m_part, l_part, s_qb, s_qh, s_cb, s_ct, s_ch, s_ob, s_oh,
                           scale, D, DENSE_LEN, NSLOT, SPB, G, BS, KSEL, NP, BG, BD, BN, IEEE)
     _stamp(tb, 7, TIMES)
     if PHASE == 0:
-        _row_barrier(cnt + row, NP, SPIN)
+        _row_barrier(cnt + row, NP)
     _stamp(tb, 8, TIMES)
     if (PHASE == 0) | (PHASE == 5):
-        if RANK:
-            if p == NP - 1:
-                _sel_from_ranks(brank, lens, sel, b, row, DENSE_LEN, NBMAX, BS, KSEL, KSP, NBP)
         for t in range(p, G * MC, NP):  # merge task t: query head t // MC, features (t % MC) * BD // MC ...
             combine_head_part(o, o_part, m_part, l_part, s_ob, s_oh, D, b, g * G + t // MC, G * HKV, (t % MC) * (BD // MC),
                               NP, NSP, BD // MC, True)
@@ -325,11 +281,10 @@ def _range_scores(scp, jpm, scc, jcm, lens, m_in, l_in, bscore, b, g, b0, HKV, D
 def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
                   scale, D, DENSE_LEN, NSLOT, SPB,
                   G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr, BG: tl.constexpr,
-                  BD: tl.constexpr, TB: tl.constexpr, IEEE: tl.constexpr, L2_ONLY: tl.constexpr):
+                  BD: tl.constexpr, TB: tl.constexpr, IEEE: tl.constexpr):
     """_attend_split's partial over slots [s * SPB, s * SPB + SPB) (same slot rule, same outputs: the unnormalised
     acc, max and sum of split s), TB blocks per step as ONE tile of TB * BS keys: with 2 blocks per program (32K
-    tokens, 64 programs) that is one dependent load-dot-softmax-dot chain instead of two. L2_ONLY: sel was written
-    by other programs of the launch (FUSED_SELECT=rank's byrank): load it past L1."""
+    tokens, 64 programs) that is one dependent load-dot-softmax-dot chain instead of two."""
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     h, gm, d, dm = group_heads(g, D, G, BG, BD)
@@ -344,8 +299,8 @@ def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_
         ti = t0 + n // BS                     # the key's slot offset within the split
         slot = s * SPB + ti
         Lv = slot * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
-        sv = load_l2(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1), (slot < KSEL) & (Lv >= DENSE_LEN), -1,
-                     L2_ONLY)
+        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1), mask=(slot < KSEL) & (Lv >= DENSE_LEN),
+                     other=-1)
         blk = tl.where(Lv < DENSE_LEN, slot, sv)
         live = (blk >= 0) & (blk <= qb) & (slot < NSLOT) & (ti < SPB) & (Lv > 0)
         pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n % BS
@@ -405,7 +360,7 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
 def _row_bits_tagged(bscore, row, bb, qb, NBMAX, INIT: tl.constexpr, WB: tl.constexpr, gen):
     """_row_bits from TAG words: re-read (volatile loads: strong, served where other SMs' stores land) until
     every valid word carries tag gen, so the selection sees this step's scores, written by other programs
-    without a barrier between. A bounded wait (SPIN_BOUND reads): never hang the GPU."""
+    without a barrier between. A bounded wait (_TAG_SPIN reads): never hang the GPU."""
     valid = (bb <= qb) & (bb < NBMAX)
     ptr = bscore + row * NBMAX + bb
     w = tl.load(ptr, mask=valid, other=0, volatile=True)
@@ -467,17 +422,13 @@ def _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_q
                  scale, D, DENSE_LEN, NSLOT, SPB, m_i, l_i, acc,
                  G: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr,
                  NSPLIT: tl.constexpr, CB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, TB: tl.constexpr,
-                 IEEE: tl.constexpr, BY_RANK: tl.constexpr):
+                 IEEE: tl.constexpr):
     """LOCAL: _attend_tiles over program s's share of the attention list (_local_split; a dense row: slots
     [s * SPB, s * SPB + SPB) of every block, as _attend_tiles), continuing the early block's state, then the
-    partial of split s. BY_RANK: sel is byrank (the chosen blocks in rank order, written by other programs: read
-    past L1), where the early blocks are ranks [ninit, ninit + E) (+inf scores, ties to the lower block: the
-    init blocks first, then the window in block order)."""
+    partial of split s."""
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     n_sel, E, A, spb, nlist = _local_split(L, s, BS, INIT, WB, KSEL, NSPLIT, CB)
-    if BY_RANK:
-        A = tl.minimum(qb + 1, INIT)
     dense = L < DENSE_LEN
     spb = tl.where(dense, SPB, spb)
     nlist = tl.where(dense, NSLOT, nlist)
@@ -491,8 +442,8 @@ def _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_q
         li = s * spb + ti                     # its list index
         Lv = li * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
         at = tl.where(li < A, li, li + E)     # its sel position (the early blocks skipped)
-        sv = load_l2(sel + (b * HKV + g) * KSEL + tl.minimum(at, KSEL - 1), (at < KSEL) & (Lv >= DENSE_LEN), -1,
-                     BY_RANK)
+        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(at, KSEL - 1), mask=(at < KSEL) & (Lv >= DENSE_LEN),
+                     other=-1)
         blk = tl.where(Lv < DENSE_LEN, li, sv)
         live = (blk >= 0) & (blk <= qb) & (li < nlist) & (ti < spb) & (Lv > 0)
         pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n % BS
@@ -506,53 +457,6 @@ def _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_q
     tl.store(l_part + r, l_i, mask=gm)
 
 
-@triton.jit
-def _rank_blocks(bscore, lens, brank, byrank, b, row, p, s_lo, SPB, DENSE_LEN, NBMAX,
-                 BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
-                 NBP: tl.constexpr, RB: tl.constexpr, JC: tl.constexpr):
-    """FUSED_SELECT=rank, phase 3: the rank of each valid block of [p * RB, p * RB + RB) in the row's order (score
-    bits descending, the lower block first among equal bits: the n_sel of rank < n_sel are exactly the blocks
-    choose_at picks) into brank[row, block]; the chosen ones into byrank[row, rank]; -1 into byrank's slots
-    [s_lo, s_lo + SPB) at or past n_sel (the attention's dead slots). Nothing for a dense row."""
-    L = tl.load(lens + b)
-    qb = tl.maximum(L - 1, 0) // BS
-    if L >= DENSE_LEN:
-        n_sel = tl.minimum(qb + 1, KSEL)
-        ob = p * RB + tl.arange(0, RB)
-        mine, ovalid = _row_bits(bscore, row, ob, qb, NBMAX, INIT, WB)
-        rank = tl.zeros([RB], dtype=tl.int32)
-        for j0 in range(0, NBP, JC):  # one [RB, JC] compare per step (JC = NBP up to 4096 / RB)
-            jb = j0 + tl.arange(0, JC)
-            bits, _ = _row_bits(bscore, row, jb, qb, NBMAX, INIT, WB)
-            ahead = (bits[None, :] > mine[:, None]) | ((bits[None, :] == mine[:, None]) & (jb[None, :] < ob[:, None]))
-            rank += tl.sum(ahead.to(tl.int32), axis=1)
-        tl.store(brank + row * NBMAX + ob, rank, mask=ovalid)
-        tl.store(byrank + row * KSEL + rank, ob, mask=ovalid & (rank < n_sel))
-        ki = tl.arange(0, KSP)
-        tl.store(byrank + row * KSEL + ki, tl.full([KSP], -1, tl.int32),
-                 mask=(ki >= s_lo) & (ki < s_lo + SPB) & (ki < KSEL) & (ki >= n_sel))
-
-
-@triton.jit
-def _sel_from_ranks(brank, lens, sel, b, row, DENSE_LEN, NBMAX, BS: tl.constexpr, KSEL: tl.constexpr,
-                    KSP: tl.constexpr, NBP: tl.constexpr):
-    """FUSED_SELECT=rank, merge phase (one program per row): sel[row] = the blocks of rank < n_sel in ascending
-    block order, -1 past n_sel (all -1 for a dense row), as _select_slots writes it."""
-    L = tl.load(lens + b)
-    qb = tl.maximum(L - 1, 0) // BS
-    ki = tl.arange(0, KSP)
-    if L >= DENSE_LEN:
-        n_sel = tl.minimum(qb + 1, KSEL)
-        bb = tl.arange(0, NBP)
-        valid = (bb <= qb) & (bb < NBMAX)
-        chosen = valid & (load_l2(brank + row * NBMAX + bb, valid, KSEL, True) < n_sel)
-        pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(sel + row * KSEL + pos, bb, mask=chosen)
-        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=(ki >= n_sel) & (ki < KSEL))
-    else:
-        tl.store(sel + row * KSEL + ki, tl.full([KSP], -1, tl.int32), mask=ki < KSEL)
-
-
 # ---------------------------------------------------------------------- host side
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -564,7 +468,7 @@ def plan(cache, H: int, auto: bool = False):
     per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
     per (cache, H, knobs), kept in cache._ws."""
     key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
-           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_PER_SM, FUSED_LOCAL_EARLY, FUSED_TAGGED)
+           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_LOCAL_EARLY, FUSED_TAGGED)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -575,7 +479,7 @@ def plan(cache, H: int, auto: bool = False):
     dev = torch.device(cache.device)
     np_ = FUSED_PROGRAMS
     if dev.type == "cuda" and not _interpreted():
-        np_ = min(np_, FUSED_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count // rows)
+        np_ = min(np_, torch.cuda.get_device_properties(dev).multi_processor_count // rows)
     max_blocks, min_programs = (AUTO_MAX_BLOCKS, AUTO_MIN_PROGRAMS) if auto else (FUSED_MAX_BLOCKS, 2)
     if FAST._pow2(nb) > max_blocks or np_ < min_programs or not FAST.supported(cfg):
         cache._ws[key] = None
@@ -592,8 +496,7 @@ def plan(cache, H: int, auto: bool = False):
     k = 4  # thresholds per bisect step: packed 16-bit counts, fine up to FUSED_MAX_BLOCKS (sparse_decode_fast)
     early = FUSED_EARLY and CB == SB
     pow2_bs = bs & (bs - 1) == 0
-    rank = FUSED_SELECT == "rank" and pow2_bs
-    sort = FUSED_SELECT in ("sort", "rank") or (FUSED_SELECT == "auto" and nbp <= SORT_MAX_BLOCKS)
+    sort = FUSED_SELECT == "sort" or (FUSED_SELECT == "auto" and nbp <= SORT_MAX_BLOCKS)
     spb = FAST._cdiv(nslot, np_)
     # LOCAL needs every forced block chosen (init_blocks + the window's blocks <= n_sel: init_blocks < topk), a
     # power-of-two block (its tiles) and programs without a score range at the cache's full length (else it only
@@ -605,12 +508,10 @@ def plan(cache, H: int, auto: bool = False):
         spb_tile = FAST._cdiv(cfg.num_selected - e, np_)
     # _attend_tiles' tile is TB * bs keys: a power of two only when bs is one
     tb = max(1, min(spb_tile, FUSED_ATTEND_TILE // bs)) if pow2_bs else 1
-    rb = FAST._pow2(FAST._cdiv(nbp, np_))  # blocks ranked per program (RANK)
-    tag = FUSED_TAGGED and early and not rank
-    nbar = 2 if tag else (4 if rank else 3)
-    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, RANK=rank, LOCAL=local, CB=CB, TAG=tag,
-              NBAR=nbar, RB=rb, JC=min(nbp, max(1, RANK_COLUMNS // rb)),
-              LSE_LAST=FUSED_LSE_LAST, SPIN=SPIN_BOUND if FUSED_PER_SM > 1 else 0, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
+    tag = FUSED_TAGGED and early
+    nbar = 2 if tag else 3
+    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, LOCAL=local, CB=CB, TAG=tag, NBAR=nbar,
+              LSE_LAST=FUSED_LSE_LAST, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
               KSEL=cfg.num_selected, KSP=FAST._pow2(cfg.num_selected), NBP=nbp, NP=np_, NSP=FAST._pow2(np_),
@@ -625,9 +526,7 @@ def plan(cache, H: int, auto: bool = False):
               sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),
               o_part=torch.empty(B, H, np_, D, dtype=f32, device=dev),
               m_part=torch.empty(B, H, np_, dtype=f32, device=dev), l_part=torch.empty(B, H, np_, dtype=f32, device=dev),
-              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={}, barriers=nbar, resident=set(),
-              brank=torch.empty(B, Hkv, nb, dtype=torch.int32, device=dev),
-              byrank=torch.empty(B, Hkv, cfg.num_selected, dtype=torch.int32, device=dev),
+              cnt=torch.zeros(rows, dtype=torch.int64, device=dev), memo={}, barriers=nbar,
               tbuf=torch.zeros(rows, np_, 16, dtype=torch.int64, device=dev))
     cache._ws[key] = ws
     return ws
@@ -654,36 +553,16 @@ def decode(q, cache, scale, ws, times=False):
     s1, s2, sk = c1.stride(), c2.stride(), kc.stride()
     prec = "tf32x3" if FAST.SCORE_DOT == "split2" and q.dtype == torch.float32 else FAST.SCORE_DOT
     ptrs = (q, c1, c2, kc, cache.v, lens, ws["m2"], ws["l2"], ws["bscore"], ws["sel"], o, ws["o_part"],
-            ws["m_part"], ws["l_part"], ws["cnt"], ws["tbuf"], ws["brank"], ws["byrank"])
+            ws["m_part"], ws["l_part"], ws["cnt"], ws["tbuf"])
     scalars = (q.stride(0), q.stride(1), s1[0], s1[1], s1[2], s2[0], s2[1], s2[2], sk[0], sk[1], sk[2],
                o.stride(0), o.stride(1), scale, D, cache.config.dense_len, ws["nb"], ws["ch2"], ws["nslot"], ws["spb"])
-    phases = ((1, 2, 3, 4, 5) if ws["cx"]["RANK"] else (1, 2, 3, 5)) if (FUSED_PHASES or _interpreted()
-                                                                     or q.device.type != "cuda") else (0,)
+    phases = (1, 2, 3, 5) if (FUSED_PHASES or _interpreted() or q.device.type != "cuda") else (0,)
     for phase in phases:
         key = (prec, FAST.KEYS_M, q.dtype == torch.float32, phase, times)
         cx = ws["memo"].get(key)
         if cx is None:
             cx = ws["memo"][key] = dict(ws["cx"], PREC=prec, KEYS_M=FAST.KEYS_M, IEEE=q.dtype == torch.float32,
                                         PHASE=phase, TIMES=times)
-        if phase == 0 and FUSED_PER_SM > 1 and key not in ws["resident"]:
-            _check_resident(_fused_step_kernel.warmup(*ptrs, *scalars, grid=ws["grid"], **cx), q.device)
-            ws["resident"].add(key)
         _launch(_fused_step_kernel, ws["grid"], ptrs, scalars, cx)
     return o, ws["sel"]
 
-
-def _check_resident(ck, device):
-    """FUSED_PER_SM programs of this compiled kernel fit one SM at once (registers, shared memory, threads), so
-    every program of a row is resident and the spin barriers cannot wait on a program that never starts."""
-    if hasattr(ck, "_init_handles"):
-        ck._init_handles()
-    props = torch.cuda.get_device_properties(device)
-    warps = ck.metadata.num_warps
-    regs = -(-ck.n_regs * 32 // 256) * 256 * warps  # allocated per warp in units of 256
-    smem = ck.metadata.shared + 1024                 # + the block's reserved shared memory
-    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
-    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
-    if FUSED_PER_SM * regs > regs_sm or FUSED_PER_SM * smem > smem_sm or FUSED_PER_SM * warps * 32 > 2048:
-        raise RuntimeError(f"sparse_decode: SALA_SPARSE_DECODE_FUSED_PER_SM={FUSED_PER_SM} does not fit: the fused "
-                           f"step takes {ck.n_regs} registers x {warps} warps and {smem} bytes of shared memory per "
-                           "program")
