@@ -63,7 +63,9 @@ def stats(kernel, tool):
         if m:
             res = dict(zip(("cubin_regs", "stack", "shared_static", "local"), map(int, m.groups())))
     ptx = kernel.asm.get("ptx", "")
-    return dict(regs=regs, spills=spills, shared=smem, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, **res)
+    # fp64: PTX instructions on .f64 (a literal outside fp32's normal range is fp64 in Triton 3.6: run 6's LSE bug)
+    return dict(regs=regs, spills=spills, shared=smem, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
+                fp64=len(re.findall(r"^\s*\S+\.f64\b|\.f64\s", ptx, flags=re.M)), **res)
 
 
 def fingerprint(kernel):
