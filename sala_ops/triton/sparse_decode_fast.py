@@ -115,7 +115,7 @@ def search_steps(k: int) -> int:
 
 from ._launch import launch as _launch
 from .sparse_decode_kernels import (_attend_kernel, _attend_split, _combine_kernel, _lse_partial_kernel, combined_lse,
-                                    group_heads, key_head_scores, pdl_enter)
+                                    forced_blocks, group_heads, key_head_scores, pdl_enter)
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H200 (132 SMs); the LSE pass takes half
 # the score pass: ~2 per SM, what fits at once (sm_90: 182-210 registers x 128 threads, 74 KB shared); H200 run
@@ -269,8 +269,7 @@ def _row_bits(bscore, row, bb, qb, NBMAX, INIT: tl.constexpr, WB: tl.constexpr):
     >= 0, so their bits order as the floats), -1 where bb is past the query's block; and that validity."""
     valid = (bb <= qb) & (bb < NBMAX)
     sc = tl.load(bscore + row * NBMAX + bb, mask=valid, other=0.0, cache_modifier=".cg")
-    forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
-    sc = tl.where(forced, float("inf"), sc)
+    sc = tl.where(forced_blocks(bb, qb, INIT, WB), float("inf"), sc)
     return tl.where(valid, sc.to(tl.int32, bitcast=True), -1), valid
 
 

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from ._launch import launch as _launch
-from .sparse_decode_kernels import (_attend_split, combine_head_part, combined_lse, group_heads, key_head_scores,
-                                    lse_partial, online_softmax_step)
+from .sparse_decode_kernels import (_attend_split, combine_head_part, combined_lse, forced_blocks, group_heads,
+                                    key_head_scores, lse_partial, online_softmax_step)
 from . import sparse_decode_fast as FAST
 from .sparse_decode_fast import _choose, _row_bits, choose_at, pool_subtile, score_range, search_steps, window_p
 
@@ -286,23 +286,36 @@ def _attend_tiles(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_
     acc, max and sum of split s), TB blocks per step as ONE tile of TB * BS keys: with 2 blocks per program (32K
     tokens, 64 programs) that is one dependent load-dot-softmax-dot chain instead of two."""
     L = tl.load(lens + b)
+    _attend_share(q, kc, vc, sel, o_part, m_part, l_part, b, g, s, HKV, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D,
+                  DENSE_LEN, L, SPB, NSLOT, KSEL, 0, tl.full([BG], float("-inf"), tl.float32),
+                  tl.zeros([BG], dtype=tl.float32), tl.zeros([BG, BD], dtype=tl.float32), G, BS, KSEL, NSPLIT, BG,
+                  BD, TB, IEEE)
+
+
+@triton.jit
+def _attend_share(q, kc, vc, sel, o_part, m_part, l_part, b, g, s, HKV, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D,
+                  DENSE_LEN, L, spb, nlist, A, E, m_i, l_i, acc,
+                  G: tl.constexpr, BS: tl.constexpr, KSEL: tl.constexpr, NSPLIT: tl.constexpr, BG: tl.constexpr,
+                  BD: tl.constexpr, TB: tl.constexpr, IEEE: tl.constexpr):
+    """The attention of _attend_tiles and _attend_list: split s takes the list indices [s * spb, s * spb + spb)
+    (of nlist), TB blocks per step as one tile, from the state (m_i, l_i, acc); list index li is the block at
+    sel position li, or li + E from A on (E early blocks skipped), or block li itself in a dense row. Stores the
+    partial of split s."""
     qb = (L - 1) // BS
     h, gm, d, dm = group_heads(g, D, G, BG, BD)
     qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
-    m_i = tl.full([BG], float("-inf"), tl.float32)
-    l_i = tl.zeros([BG], dtype=tl.float32)
-    acc = tl.zeros([BG, BD], dtype=tl.float32)
     n = tl.arange(0, TB * BS)
     kbase = kc + b * s_cb + g * s_ch
     vbase = vc + b * s_cb + g * s_ch
-    for t0 in range(0, SPB, TB):
-        ti = t0 + n // BS                     # the key's slot offset within the split
-        slot = s * SPB + ti
-        Lv = slot * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
-        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(slot, KSEL - 1), mask=(slot < KSEL) & (Lv >= DENSE_LEN),
+    for t0 in range(0, spb, TB):
+        ti = t0 + n // BS                     # the key's offset within the split's share
+        li = s * spb + ti                     # its list index
+        Lv = li * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
+        at = tl.where(li < A, li, li + E)     # its sel position
+        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(at, KSEL - 1), mask=(at < KSEL) & (Lv >= DENSE_LEN),
                      other=-1)
-        blk = tl.where(Lv < DENSE_LEN, slot, sv)
-        live = (blk >= 0) & (blk <= qb) & (slot < NSLOT) & (ti < SPB) & (Lv > 0)
+        blk = tl.where(Lv < DENSE_LEN, li, sv)
+        live = (blk >= 0) & (blk <= qb) & (li < nlist) & (ti < spb) & (Lv > 0)
         pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n % BS
         pm = live & (pos < L)
         k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
@@ -371,8 +384,7 @@ def _row_bits_tagged(bscore, row, bb, qb, NBMAX, INIT: tl.constexpr, WB: tl.cons
         pending = tl.sum(tl.where(valid & ((w >> 32) != gen), 1, 0), axis=0)
         it += 1
     sc = (w & 0xFFFFFFFF).to(tl.int32)
-    forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
-    sc = tl.where(forced, 0x7F800000, sc)  # +inf bits, as _row_bits
+    sc = tl.where(forced_blocks(bb, qb, INIT, WB), 0x7F800000, sc)  # +inf bits, as _row_bits
     return tl.where(valid, sc, -1), valid
 
 
@@ -423,38 +435,14 @@ def _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, s, HKV, s_q
                  G: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr,
                  NSPLIT: tl.constexpr, CB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, TB: tl.constexpr,
                  IEEE: tl.constexpr):
-    """LOCAL: _attend_tiles over program s's share of the attention list (_local_split; a dense row: slots
-    [s * SPB, s * SPB + SPB) of every block, as _attend_tiles), continuing the early block's state, then the
-    partial of split s."""
+    """LOCAL: _attend_share over program s's share of the attention list (_local_split; a dense row: slots
+    [s * SPB, s * SPB + SPB) of every block, as _attend_tiles), continuing the early block's state."""
     L = tl.load(lens + b)
-    qb = (L - 1) // BS
-    n_sel, E, A, spb, nlist = _local_split(L, s, BS, INIT, WB, KSEL, NSPLIT, CB)
+    _, E, A, spb, nlist = _local_split(L, s, BS, INIT, WB, KSEL, NSPLIT, CB)
     dense = L < DENSE_LEN
-    spb = tl.where(dense, SPB, spb)
-    nlist = tl.where(dense, NSLOT, nlist)
-    h, gm, d, dm = group_heads(g, D, G, BG, BD)
-    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
-    n = tl.arange(0, TB * BS)
-    kbase = kc + b * s_cb + g * s_ch
-    vbase = vc + b * s_cb + g * s_ch
-    for t0 in range(0, spb, TB):
-        ti = t0 + n // BS                     # the key's offset within the program's share
-        li = s * spb + ti                     # its list index
-        Lv = li * 0 + L  # L as a tensor: the interpreter rejects masks built from a bool scalar & a bool tensor
-        at = tl.where(li < A, li, li + E)     # its sel position (the early blocks skipped)
-        sv = tl.load(sel + (b * HKV + g) * KSEL + tl.minimum(at, KSEL - 1), mask=(at < KSEL) & (Lv >= DENSE_LEN),
-                     other=-1)
-        blk = tl.where(Lv < DENSE_LEN, li, sv)
-        live = (blk >= 0) & (blk <= qb) & (li < nlist) & (ti < spb) & (Lv > 0)
-        pos = tl.where(live, blk, qb + 1).to(tl.int64) * BS + n % BS
-        pm = live & (pos < L)
-        k = tl.load(kbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-        v = tl.load(vbase + pos[:, None] * s_ct + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-        m_i, l_i, acc = online_softmax_step(qt, k, v, pm, m_i, l_i, acc, scale, IEEE)
-    r = (b * (G * HKV) + h) * NSPLIT + s
-    tl.store(o_part + r[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
-    tl.store(m_part + r, m_i, mask=gm)
-    tl.store(l_part + r, l_i, mask=gm)
+    _attend_share(q, kc, vc, sel, o_part, m_part, l_part, b, g, s, HKV, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D,
+                  DENSE_LEN, L, tl.where(dense, SPB, spb), tl.where(dense, NSLOT, nlist), A, E, m_i, l_i, acc,
+                  G, BS, KSEL, NSPLIT, BG, BD, TB, IEEE)
 
 
 # ---------------------------------------------------------------------- host side

@@ -190,6 +190,13 @@ def load_l2(ptr, mask, other, L2_ONLY: tl.constexpr):
 
 
 @triton.jit
+def forced_blocks(bb, qb, INIT: tl.constexpr, WB: tl.constexpr):
+    """The blocks every query of block qb attends to whatever their scores: the INIT first blocks and the local
+    window, blocks qb - WB .. qb (their scores count as +inf in every selection)."""
+    return (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
+
+
+@triton.jit
 def combined_lse(m_in, l_in, b, h, gm, G, HKV, S2: tl.constexpr, S2P: tl.constexpr, L2_ONLY: tl.constexpr):
     """Stage-1 LSE of query heads h (rows gm valid) of sequence b from the S2 partial (max, sum) pairs
     that _lse_partial_kernel wrote per (b, head) (natural log; 0 when no C2 key is complete yet). L2_ONLY: load
@@ -263,8 +270,7 @@ def _score_chunk_kernel(q, c1, lens, m_in, l_in, pbuf, cand,
             j = jlo + w
             v = tl.load(pb + (j - j_first), mask=j <= jhi, other=0.0)
             score = tl.maximum(score, v)
-        forced = (bb < INIT) | ((bb >= qb - WB) & (bb <= qb))
-        score = tl.where(forced, float("inf"), score)
+        score = tl.where(forced_blocks(bb, qb, INIT, WB), float("inf"), score)
         score = tl.where(bb > qb, float("-inf"), score)
         key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - bb).to(tl.int64)
         key = tl.sort(key, descending=True)
