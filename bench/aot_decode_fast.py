@@ -79,11 +79,11 @@ def main():
     for nbp, np_, nsub in ((512, 64, 1), (4096, 64, 4)):
         ints = dict(s_qb=4096, s_qh=128, s_1b=256 * 4096, s_1t=256, s_1h=128, s_2b=256 * 1024, s_2t=256, s_2h=128,
                     s_cb=256 * 65536, s_ct=256, s_ch=128, s_ob=4096, s_oh=128, D=128, DENSE_LEN=8192, NBMAX=nbp,
-                    CH2=16, NSLOT=128, SPB=2)
+                    CH2=16, NSLOT=128, SPB=2, NC1=4095, NC2=1023)
         cx = dict(G=16, KS=32, ST=16, BS=64, KS2=128, ST2=64, INIT=1, WB=32, R=4, E=1, SB=16, NSUB=nsub, KSEL=96,
                   KSP=128, NBP=nbp, NP=np_, NSP=64, BG=16, BD=128, BJ=16, BN=64, PREC="split2", KEYS_M=True,
                   IEEE=False, K=4, NIT=F.search_steps(4), EARLY=nsub == 1, SORT=True, TB=2,
-                  LSE_LAST=True, MC=4, LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3)
+                  LSE_LAST=True, MC=4, LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3, HOIST=True, PREFETCH=1)
         for nw, ns in ((8, 3), (4, 3), (4, 2), (8, 1)):
             comp(f"fused NBP {nbp} early={nsub == 1} sort", FU._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0), nw, ns)

@@ -522,6 +522,33 @@ def test_fast_fused_nan_poisoned_workspace(monkeypatch, local):
     _run("triton", cfg, [20, 120, 45], 8, 4, 2, 16, device=DEV, seed=41)
 
 
+@pytest.mark.parametrize("hoist", [True, False])
+def test_fast_fused_stale_compressed_key_capacity(monkeypatch, hoist):
+    """The fused step's phase-1 loads (FUSED_HOIST) read the compressed-key rows up to the cache's capacity before
+    the length is known: rows past a sequence's count (a former sequence's keys, here NaN) must not reach its
+    scores, LSE or selection. Results as in _run with NaN in every row past the counts before each step."""
+    from sala_ops.triton import sparse_decode_fused as FUSED
+    _fused_knobs(monkeypatch, 8)
+    monkeypatch.setattr(FUSED, "FUSED_HOIST", hoist)
+    import sys
+    orig = sparse_decode
+    mod = sys.modules[__name__]
+
+    def poisoned(q, cache, *a, **kw):
+        cfg = cache.config
+        for b, L in enumerate(cache.lengths_host()):
+            n1 = 0 if L < cfg.kernel_size else (L - cfg.kernel_size) // cfg.kernel_stride + 1
+            n2 = 0 if L < cfg.c2[0] else (L - cfg.c2[0]) // cfg.c2[1] + 1
+            cache.c1[b, n1:] = float("nan")
+            cache.c2[b, n2:] = float("nan")
+        return orig(q, cache, *a, **kw)
+    monkeypatch.setattr(mod, "sparse_decode", poisoned)
+    # 6 selected blocks, 3 of them free at the longest prompts; 4 query heads per KV head weighed by their LSE
+    cfg = dict(SMALL, topk=6, dense_len=50, lse_kernel_size=16, lse_kernel_stride=8)
+    cache, _ = _run("triton", cfg, [150, 260, 45], 10, 8, 2, 24, device=DEV, seed=43)
+    assert _fused_ws(cache)["cx"]["HOIST"] == hoist
+
+
 def test_fast_fused_falls_back_past_its_block_limit(monkeypatch):
     """A cache with more padded blocks than FUSED_MAX_BLOCKS takes the multi-launch step (same results)."""
     from sala_ops.triton import sparse_decode_fused as FUSED

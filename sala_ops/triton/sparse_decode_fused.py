@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ._launch import launch as _launch
 from .sparse_decode_kernels import (_attend_split, combine_head_part, combined_lse, forced_blocks, group_heads,
-                                    key_head_scores, lse_partial, online_softmax_step)
+                                    key_head_scores, lse_partial, lse_update, online_softmax_step)
 from . import sparse_decode_fast as FAST
 from .sparse_decode_fast import _choose, _row_bits, choose_at, pool_subtile, score_range, search_steps, window_p
 
@@ -97,6 +97,17 @@ FUSED_LOCAL_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_LOCAL_EARLY", "1") 
 # release fence + counter atomic + polling round trip before the selection can load them (H200 run 6 call 4 at
 # 32K: barrier 2 ~1.2 us, then the select's load of the scores). EARLY score ranges only.
 FUSED_TAGGED = os.environ.get("SALA_SPARSE_DECODE_FUSED_TAGGED", "1") == "1"
+# HOIST: phase 1's loads (q, the C1 rows of the score range, the C2 rows of the LSE chunk) go out before the row's
+# length is known, masked by the cache's capacity only (the length-dependent masks apply to the products), and
+# TAG's step tag is read by a plain volatile load (the relaxed atomic made every thread wait for it at a bar.sync).
+# Without it the chain at the start was the counter (bar.sync) -> lens -> C1 / q + C2: three dependent memory
+# round trips before the first product, one with it.
+FUSED_HOIST = os.environ.get("SALA_SPARSE_DECODE_FUSED_HOIST", "1") == "1"
+# PREFETCH: at the start, prefetch.global (1: into L2, 2: into L1) every line phase 1 will load (the program's C1
+# rows, its C2 chunk, q, the length), so that the loads' dependent chain (Triton converts each dot operand to its
+# layout through shared memory, with a bar.sync, right after its load, which holds back the next load) pays one
+# DRAM round trip instead of three. Compiled GPU runs only (the interpreter has no inline asm).
+FUSED_PREFETCH = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PREFETCH", "1"))
 # _row_bits_tagged's bound on re-reads (~1 us each; a jit function reads only constexpr globals)
 _TAG_SPIN = tl.constexpr(1 << 22)
 # keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0, one block, or a block size that
@@ -136,7 +147,7 @@ def _stamp(tbuf, i: tl.constexpr, TIMES: tl.constexpr):
 @triton.jit
 def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt, tbuf,
                        s_qb, s_qh, s_1b, s_1t, s_1h, s_2b, s_2t, s_2h, s_cb, s_ct, s_ch, s_ob, s_oh,
-                       scale, D, DENSE_LEN, NBMAX, CH2, NSLOT, SPB,
+                       scale, D, DENSE_LEN, NBMAX, CH2, NSLOT, SPB, NC1, NC2,
                        G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
                        KS2: tl.constexpr, ST2: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr,
                        R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
@@ -145,7 +156,8 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
                        NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
                        LSE_LAST: tl.constexpr, MC: tl.constexpr, LOCAL: tl.constexpr, CB: tl.constexpr,
-                       TAG: tl.constexpr, NBAR: tl.constexpr, TIMES: tl.constexpr = False):
+                       TAG: tl.constexpr, NBAR: tl.constexpr, HOIST: tl.constexpr, PREFETCH: tl.constexpr,
+                       TIMES: tl.constexpr = False):
     """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1, 2, 3, 5: that phase only (3 = select
     and attend, 5 = merge). TIMES: stamps at the phase boundaries into tbuf [B * Hkv, NP, 16] (int64)."""
     b = tl.program_id(0).to(tl.int64)
@@ -159,17 +171,28 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
     l_e = tl.zeros([BG], dtype=tl.float32)
     acc_e = tl.zeros([BG, BD], dtype=tl.float32)
     gen = 0
+    if PREFETCH > 0:
+        if (PHASE == 0) | (PHASE == 1):
+            _prefetch_phase1(q, c1, c2, lens, b, g, p * SB, NP - 1 - p if LSE_LAST else p, s_qb, s_qh, s_1b, s_1t,
+                             s_1h, s_2b, s_2t, s_2h, D, CH2, NC1, NC2, G, R, E, SB, BG, BD, BJ, EARLY, PREFETCH)
     if TAG:  # this step's tag: every program reads the counter before the step's last barrier can complete
-        gen = (tl.atomic_add(cnt + row, 0, sem="relaxed", scope="gpu") // (NBAR * NP)) & 0x7FFFFFFF
+        if HOIST:  # a load: nothing waits for it before the first use (an atomic is one thread + a bar.sync)
+            gen = (tl.load(cnt + row, volatile=True) // (NBAR * NP)) & 0x7FFFFFFF
+        else:
+            gen = (tl.atomic_add(cnt + row, 0, sem="relaxed", scope="gpu") // (NBAR * NP)) & 0x7FFFFFFF
     _stamp(tb, 0, TIMES)
     _stamp(tb, 1, TIMES)
     if EARLY:  # in PHASE 0 before barrier 1; the PHASE 2 launch recomputes them
         if (PHASE == 0) | (PHASE == 2):
             scp, jpm, scc, jcm = _range_dots(q, c1, lens, b, g, p * SB, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D,
-                                             DENSE_LEN, G, KS, ST, BS, R, E, SB, BG, BD, PREC, KEYS_M)
+                                             DENSE_LEN, NC1, G, KS, ST, BS, R, E, SB, BG, BD, PREC, KEYS_M, HOIST)
     if (PHASE == 0) | (PHASE == 1):
-        lse_partial(q, c2, lens, m2, l2, b, g, NP - 1 - p if LSE_LAST else p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN, CH2,
-                    G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
+        if HOIST:
+            _lse_partial_hoisted(q, c2, lens, m2, l2, b, g, NP - 1 - p if LSE_LAST else p, HKV, s_qb, s_qh, s_2b, s_2t,
+                                 s_2h, scale, D, DENSE_LEN, CH2, NC2, G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
+        else:
+            lse_partial(q, c2, lens, m2, l2, b, g, NP - 1 - p if LSE_LAST else p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h,
+                        scale, D, DENSE_LEN, CH2, G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
     _stamp(tb, 2, TIMES)
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
@@ -228,32 +251,110 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
 
 
 @triton.jit
-def _range_dots(q, c1, lens, b, g, b0, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
+def _prefetch_lines(ptrs, mask, LEVEL: tl.constexpr):
+    """prefetch.global.L1 (LEVEL 2) or .L2 (LEVEL 1) of the lines holding ptrs where mask: nothing waits for it."""
+    if LEVEL == 2:
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.u32 $0, 0; }",
+                                  "=r,l,r", [ptrs.to(tl.int64), mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+    else:
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                                  "=r,l,r", [ptrs.to(tl.int64), mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+
+@triton.jit
+def _prefetch_phase1(q, c1, c2, lens, b, g, b0, s, s_qb, s_qh, s_1b, s_1t, s_1h, s_2b, s_2t, s_2h, D, CH2, NC1, NC2,
+                     G: tl.constexpr, R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr,
+                     BD: tl.constexpr, BJ: tl.constexpr, EARLY: tl.constexpr, LEVEL: tl.constexpr):
+    """PREFETCH: the 128-byte lines of what phase 1 loads (_range_dots' C1 rows when EARLY, the C2 rows of LSE
+    chunk s, q's group, the length), with capacity masks only (no load waits for the length)."""
+    h, gm, d, dm = group_heads(g, D, G, BG, BD)
+    QL: tl.constexpr = 1024 // q.dtype.element_ty.primitive_bitwidth  # elements of q per line
+    QN: tl.constexpr = (BD + QL - 1) // QL
+    dq = tl.arange(0, QN) * QL
+    _prefetch_lines(q + b * s_qb + h[:, None] * s_qh + dq[None, :], gm[:, None] & (dq < D)[None, :], LEVEL)
+    CN: tl.constexpr = (BD + 31) // 32  # fp32 compressed keys: 32 per line
+    dc = tl.arange(0, CN) * 32
+    if EARLY:  # windows (b0 - SB) * R .. : the E before the range and the SB * R in it
+        j = (b0 - SB) * R + tl.arange(0, 2 * SB * R)
+        jm = (j >= b0 * R - E) & (j >= 0) & (j < NC1)
+        _prefetch_lines(c1 + b * s_1b + g * s_1h + j.to(tl.int64)[:, None] * s_1t + dc[None, :],
+                        jm[:, None] & (dc < D)[None, :], LEVEL)
+    j2 = s * CH2 + tl.arange(0, BJ)
+    _prefetch_lines(c2 + b * s_2b + g * s_2h + j2.to(tl.int64)[:, None] * s_2t + dc[None, :],
+                    (j2 < NC2)[:, None] & (dc < D)[None, :], LEVEL)
+    _prefetch_lines(lens + b + tl.arange(0, 1), tl.arange(0, 1) == 0, LEVEL)
+
+
+@triton.jit
+def _range_dots(q, c1, lens, b, g, b0, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN, NC1,
                 G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, R: tl.constexpr,
                 E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                KEYS_M: tl.constexpr):
+                KEYS_M: tl.constexpr, HOIST: tl.constexpr):
     """EARLY: the q.C1 * scale products of the one-sub-tile range starting at block b0, as score_range computes
     them (the same dots, the same layouts: bit-identical P): the E windows of block b0 - 1 (scp, valid jpm) and the
     SB * R windows starting in the range (scc, valid jcm). All masks are off for a dense row or a range past the
-    query's block (nothing loaded)."""
+    query's block. HOIST: the C1 rows are loaded masked by the capacity NC1 only, before the length is known (rows
+    past n1 may hold a former sequence's keys; jpm / jcm mask their products, and a product row depends on its key
+    row alone); else nothing past n1 is loaded."""
+    h, gm, d, dm = group_heads(g, D, G, BG, BD)
+    base = c1 + b * s_1b + g * s_1h
+    wi = tl.arange(0, SB * R)
+    jp = (b0 - SB) * R + wi
+    jc = b0 * R + wi
+    if HOIST:  # before q: q's conversion to the dot layout (a bar.sync) waits for q, and would hold these back
+        kpm = (jp >= b0 * R - E) & (jp >= 0) & (jp < NC1)
+        kp = tl.load(base + jp.to(tl.int64)[:, None] * s_1t + d[None, :], mask=kpm[:, None] & dm[None, :], other=0.0)
+        kc = tl.load(base + jc.to(tl.int64)[:, None] * s_1t + d[None, :], mask=(jc < NC1)[:, None] & dm[None, :],
+                     other=0.0)
+    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
+                 other=0.0).to(tl.float32)
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
     n1 = tl.where((L >= DENSE_LEN) & (b0 <= qb), n1, 0)  # no window of a dense row / a range past the query
-    h, gm, d, dm = group_heads(g, D, G, BG, BD)
-    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
-                 other=0.0).to(tl.float32)
-    base = c1 + b * s_1b + g * s_1h
-    wi = tl.arange(0, SB * R)
-    jp = (b0 - SB) * R + wi
     jpm = (jp >= b0 * R - E) & (jp >= 0) & (jp < n1)
-    jc = b0 * R + wi
     jcm = jc < n1
-    kp = tl.load(base + jp.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jpm[:, None] & dm[None, :], other=0.0)
-    kc = tl.load(base + jc.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jcm[:, None] & dm[None, :], other=0.0)
+    if not HOIST:
+        kp = tl.load(base + jp.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jpm[:, None] & dm[None, :], other=0.0)
+        kc = tl.load(base + jc.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jcm[:, None] & dm[None, :], other=0.0)
     scp = key_head_scores(qt, kp, PREC, KEYS_M) * scale  # [SB * R, BG]
     scc = key_head_scores(qt, kc, PREC, KEYS_M) * scale
     return scp, jpm, scc, jcm
+
+
+@triton.jit
+def _lse_partial_hoisted(q, c2, lens, m_out, l_out, b, g, s, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN,
+                         CH2, NC2, G: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, S2: tl.constexpr,
+                         BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr,
+                         KEYS_M: tl.constexpr):
+    """HOIST: lse_partial with q and the first BJ C2 rows of the chunk loaded before the length is known (masked by
+    the capacity NC2; rows past n2 are masked in lse_update). The same arithmetic in the same order: the same
+    (max, sum) bits."""
+    h, gm, d, dm = group_heads(g, D, G, BG, BD)
+    start = s * CH2
+    jj = tl.arange(0, BJ)
+    base = c2 + b * s_2b + g * s_2h
+    j = start + jj
+    c = tl.load(base + j.to(tl.int64)[:, None] * s_2t + d[None, :], mask=(j < NC2)[:, None] & dm[None, :], other=0.0)
+    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
+                 other=0.0).to(tl.float32)
+    L = tl.load(lens + b)
+    if L >= DENSE_LEN:
+        n2 = tl.where(L >= KS2, (tl.maximum(L - KS2, 0)) // ST2 + 1, 0)
+        end = tl.minimum(start + CH2, n2)
+        m_i, l_i = lse_update(qt, c, j < end, tl.full([BG], float("-inf"), tl.float32),
+                              tl.zeros([BG], dtype=tl.float32), scale, PREC, KEYS_M)
+        for j0 in range(start + BJ, end, BJ):  # CH2 > BJ: fewer than 2 programs per 64 C2 keys
+            j = j0 + jj
+            jm = j < end
+            c = tl.load(base + j.to(tl.int64)[:, None] * s_2t + d[None, :], mask=jm[:, None] & dm[None, :],
+                        other=0.0)
+            m_i, l_i = lse_update(qt, c, jm, m_i, l_i, scale, PREC, KEYS_M)
+        o = (b * (G * HKV) + h) * S2 + s
+        tl.store(m_out + o, m_i, mask=gm)
+        tl.store(l_out + o, l_i, mask=gm)
 
 
 @triton.jit
@@ -456,7 +557,7 @@ def plan(cache, H: int, auto: bool = False):
     per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
     per (cache, H, knobs), kept in cache._ws."""
     key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
-           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_LOCAL_EARLY, FUSED_TAGGED)
+           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_LOCAL_EARLY, FUSED_TAGGED, FUSED_HOIST, FUSED_PREFETCH)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -498,7 +599,7 @@ def plan(cache, H: int, auto: bool = False):
     tb = max(1, min(spb_tile, FUSED_ATTEND_TILE // bs)) if pow2_bs else 1
     tag = FUSED_TAGGED and early
     nbar = 2 if tag else 3
-    cx = dict(EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, LOCAL=local, CB=CB, TAG=tag, NBAR=nbar,
+    cx = dict(HOIST=FUSED_HOIST, PREFETCH=0 if _interpreted() or dev.type != "cuda" else FUSED_PREFETCH, EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, LOCAL=local, CB=CB, TAG=tag, NBAR=nbar,
               LSE_LAST=FUSED_LSE_LAST, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
@@ -543,7 +644,8 @@ def decode(q, cache, scale, ws, times=False):
     ptrs = (q, c1, c2, kc, cache.v, lens, ws["m2"], ws["l2"], ws["bscore"], ws["sel"], o, ws["o_part"],
             ws["m_part"], ws["l_part"], ws["cnt"], ws["tbuf"])
     scalars = (q.stride(0), q.stride(1), s1[0], s1[1], s1[2], s2[0], s2[1], s2[2], sk[0], sk[1], sk[2],
-               o.stride(0), o.stride(1), scale, D, cache.config.dense_len, ws["nb"], ws["ch2"], ws["nslot"], ws["spb"])
+               o.stride(0), o.stride(1), scale, D, cache.config.dense_len, ws["nb"], ws["ch2"], ws["nslot"], ws["spb"],
+               c1.shape[1], c2.shape[1])
     phases = (1, 2, 3, 5) if (FUSED_PHASES or _interpreted() or q.device.type != "cuda") else (0,)
     for phase in phases:
         key = (prec, FAST.KEYS_M, q.dtype == torch.float32, phase, times)
