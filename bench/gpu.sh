@@ -80,6 +80,20 @@ if [ "$what" = fused ]; then  # the one-launch sparse decode step (SALA_SPARSE_D
   done
   grep -E "^== |\"mode\"|\"span_us\"|passed|failed|Error| \| " "$log" | cut -c1-600 | head -n 80
 fi
+if [ "$what" = ncu ]; then  # Nsight Compute on one warm launch of the fused decode step (if the image has ncu)
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  echo "ncu: ${NCU:-none}" | tee -a "$log"
+  if [ -n "$NCU" ]; then
+    step 240 "ncu: sections" "$NCU" -k regex:_fused_step_kernel -s 5 -c 1 --section SpeedOfLight --section LaunchStats \
+      --section Occupancy --section WarpStateStats --section SchedulerStats --section InstructionStats \
+      --section SourceCounters -o "$OUT/fused32k" python3 bench/ncu_decode_fused.py
+    step 120 "ncu: details" "$NCU" --import "$OUT/fused32k.ncu-rep" --print-details all
+    step 120 "ncu: sass" sh -c "\"$NCU\" --import \"$OUT/fused32k.ncu-rep\" --page source --csv --print-source sass > \"$OUT/fused32k_sass.csv\""
+    ls -la "$OUT" | tee -a "$log"
+    rm -f "$OUT/fused32k.ncu-rep"  # the CSV holds what is read back; the report can pass the 16 MB file limit
+  fi
+  grep -E "^== |ncu|Stall|stall|Warp Cycles|Issued|Duration|Elapsed|Registers|Achieved|Error|ERR" "$log" | cut -c1-300 | head -n 120
+fi
 if [ "$what" = tune ]; then
   step "${T_MODES:-240}" "sparse decode modes (knob sweep) at 1M and 32K" python3 bench/bench_sparse_decode.py \
     --modes --out "$OUT/modes"
