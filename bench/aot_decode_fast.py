@@ -74,16 +74,16 @@ def main():
     # the one-launch step (sparse_decode_fused.py)
     from sala_ops.triton import sparse_decode_fused as FU
     ptrs = dict(q="*bf16", c1="*fp32", c2="*fp32", kc="*bf16", vc="*bf16", lens="*i32", m2="*fp32", l2="*fp32",
-                bscore="*fp32", sel="*i32", o="*bf16", o_part="*fp32", m_part="*fp32", l_part="*fp32", cnt="*i64",
+                bscore="*fp32", bcarry="*i64", sel="*i32", o="*bf16", o_part="*fp32", m_part="*fp32", l_part="*fp32", cnt="*i64",
                 tbuf="*i64")
     for nbp, np_, nsub in ((512, 64, 1), (4096, 64, 4)):
         ints = dict(s_qb=4096, s_qh=128, s_1b=256 * 4096, s_1t=256, s_1h=128, s_2b=256 * 1024, s_2t=256, s_2h=128,
                     s_cb=256 * 65536, s_ct=256, s_ch=128, s_ob=4096, s_oh=128, D=128, DENSE_LEN=8192, NBMAX=nbp,
-                    CH2=16, NSLOT=128, SPB=2, NC1=4095, NC2=1023)
+                    CH2=16, NSLOT=128, SPB=2, NR=nbp // 16 + 1)
         cx = dict(G=16, KS=32, ST=16, BS=64, KS2=128, ST2=64, INIT=1, WB=32, R=4, E=1, SB=16, NSUB=nsub, KSEL=96,
                   KSP=128, NBP=nbp, NP=np_, NSP=64, BG=16, BD=128, BJ=16, BN=64, PREC="split2", KEYS_M=True,
                   IEEE=False, K=4, NIT=F.search_steps(4), EARLY=nsub == 1, SORT=True, TB=2,
-                  LSE_LAST=True, MC=4, LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3, HOIST=True, PREFETCH=1)
+                  LSE_LAST=True, MC=4, LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3, CARRY=False, WHATIF=0)
         for nw, ns in ((8, 3), (4, 3), (4, 2), (8, 1)):
             comp(f"fused NBP {nbp} early={nsub == 1} sort", FU._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0), nw, ns)
@@ -95,12 +95,12 @@ def main():
              dict(cx, PHASE=3, LOCAL=True, TB=1), FU.FUSED_WARPS, FU.FUSED_STAGES)
         if nsub == 1:  # TAG needs the EARLY score ranges
             comp(f"fused NBP {nbp} local tag", FU._fused_step_kernel, dict(ptrs, bscore="*i64"), ints, ("scale",),
-                 dict(cx, PHASE=0, LOCAL=True, TB=1, TAG=True, NBAR=2), FU.FUSED_WARPS, FU.FUSED_STAGES)
+                 dict(cx, PHASE=0, LOCAL=True, TB=1, TAG=True, NBAR=2, CARRY=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
             comp(f"fused NBP {nbp} local tag timed", FU._fused_step_kernel, dict(ptrs, bscore="*i64"), ints, ("scale",),
-                 dict(cx, PHASE=0, LOCAL=True, TB=1, TAG=True, NBAR=2, TIMES=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
+                 dict(cx, PHASE=0, LOCAL=True, TB=1, TAG=True, NBAR=2, CARRY=True, TIMES=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
             for ph in (2, 3, 5):
                 comp(f"fused NBP {nbp} local tag phase {ph}", FU._fused_step_kernel, dict(ptrs, bscore="*i64"), ints, ("scale",),
-                     dict(cx, PHASE=ph, LOCAL=True, TB=1, TAG=True, NBAR=2), FU.FUSED_WARPS, FU.FUSED_STAGES)
+                     dict(cx, PHASE=ph, LOCAL=True, TB=1, TAG=True, NBAR=2, CARRY=True), FU.FUSED_WARPS, FU.FUSED_STAGES)
         for sort in (False, True):
             comp(f"fused NBP {nbp} early={nsub == 1} sort={sort}", FU._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0, SORT=sort), FU.FUSED_WARPS, FU.FUSED_STAGES)

@@ -445,10 +445,10 @@ def _fused_ws(cache):
     # 3 programs per row (not a power of two), one score range: the products before barrier 1 (EARLY);
     # the 2 slots of a program as one tile of 2 blocks (TB); no early local block (LOCAL off)
     (3, (4, 2), [40, 55], 30, 16, None, 3, None, "auto", True, dict(NP=3, EARLY=True, SORT=True, TB=2, LOCAL=False,
-                                                                     TAG=True)),
+                                                                     TAG=True, CARRY=True)),
     # bisect select, no EARLY, the slots one block per step (_attend_split: tile 0), LOCAL off
     (3, (4, 2), [40, 55], 30, 16, None, 5, None, "bisect", False, dict(NP=5, EARLY=False, SORT=False, TB=1, TAG=False,
-                                                                        LOCAL=False)),
+                                                                        LOCAL=False, CARRY=False)),
     # LOCAL: 8 programs, up to 5 score ranges of 4 blocks: the programs without one attend to the window's blocks
     # early (E > 0), the rest of the list one block per program
     (4, (8, 2), [150, 260], 12, 24, (16, 8), 8, 4, "sort", True, dict(NP=8, NSUB=1, EARLY=True, SORT=True, MC=2,
@@ -515,6 +515,9 @@ def test_fast_fused_nan_poisoned_workspace(monkeypatch, local):
                 for name in ("m2", "l2", "bscore", "o_part", "m_part", "l_part"):
                     # TAG's int64 score words: garbage bits with the tag of step 0
                     ws[name].fill_(float("nan") if ws[name].is_floating_point() else 12345)
+                # CARRY's words: a huge score (1.7e38) with the tag of step 0, which wins the selection wherever a
+                # carry is read that this step did not write
+                ws["bcarry"].fill_(0x7F000000)
                 ws["sel"].fill_(12345)
         return orig(q, cache, *a, **kw)
     monkeypatch.setattr(mod, "sparse_decode", poisoned)
@@ -522,14 +525,10 @@ def test_fast_fused_nan_poisoned_workspace(monkeypatch, local):
     _run("triton", cfg, [20, 120, 45], 8, 4, 2, 16, device=DEV, seed=41)
 
 
-@pytest.mark.parametrize("hoist", [True, False])
-def test_fast_fused_stale_compressed_key_capacity(monkeypatch, hoist):
-    """The fused step's phase-1 loads (FUSED_HOIST) read the compressed-key rows up to the cache's capacity before
-    the length is known: rows past a sequence's count (a former sequence's keys, here NaN) must not reach its
-    scores, LSE or selection. Results as in _run with NaN in every row past the counts before each step."""
-    from sala_ops.triton import sparse_decode_fused as FUSED
+def test_fast_fused_stale_compressed_key_capacity(monkeypatch):
+    """Compressed-key rows past a sequence's count (a former sequence's keys, here NaN) must not reach its scores,
+    LSE or selection. Results as in _run with NaN in every row past the counts before each step."""
     _fused_knobs(monkeypatch, 8)
-    monkeypatch.setattr(FUSED, "FUSED_HOIST", hoist)
     import sys
     orig = sparse_decode
     mod = sys.modules[__name__]
@@ -546,7 +545,7 @@ def test_fast_fused_stale_compressed_key_capacity(monkeypatch, hoist):
     # 6 selected blocks, 3 of them free at the longest prompts; 4 query heads per KV head weighed by their LSE
     cfg = dict(SMALL, topk=6, dense_len=50, lse_kernel_size=16, lse_kernel_stride=8)
     cache, _ = _run("triton", cfg, [150, 260, 45], 10, 8, 2, 24, device=DEV, seed=43)
-    assert _fused_ws(cache)["cx"]["HOIST"] == hoist
+    assert _fused_ws(cache)["cx"]["CARRY"]
 
 
 def test_fast_fused_falls_back_past_its_block_limit(monkeypatch):

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ._launch import launch as _launch
 from .sparse_decode_kernels import (_attend_split, combine_head_part, combined_lse, forced_blocks, group_heads,
-                                    key_head_scores, lse_partial, lse_update, online_softmax_step)
+                                    key_head_scores, lse_partial, online_softmax_step)
 from . import sparse_decode_fast as FAST
 from .sparse_decode_fast import _choose, _row_bits, choose_at, pool_subtile, score_range, search_steps, window_p
 
@@ -97,17 +97,14 @@ FUSED_LOCAL_EARLY = os.environ.get("SALA_SPARSE_DECODE_FUSED_LOCAL_EARLY", "1") 
 # release fence + counter atomic + polling round trip before the selection can load them (H200 run 6 call 4 at
 # 32K: barrier 2 ~1.2 us, then the select's load of the scores). EARLY score ranges only.
 FUSED_TAGGED = os.environ.get("SALA_SPARSE_DECODE_FUSED_TAGGED", "1") == "1"
-# HOIST: phase 1's loads (q, the C1 rows of the score range, the C2 rows of the LSE chunk) go out before the row's
-# length is known, masked by the cache's capacity only (the length-dependent masks apply to the products), and
-# TAG's step tag is read by a plain volatile load (the relaxed atomic made every thread wait for it at a bar.sync).
-# Without it the chain at the start was the counter (bar.sync) -> lens -> C1 / q + C2: three dependent memory
-# round trips before the first product, one with it.
-FUSED_HOIST = os.environ.get("SALA_SPARSE_DECODE_FUSED_HOIST", "1") == "1"
-# PREFETCH: at the start, prefetch.global (1: into L2, 2: into L1) every line phase 1 will load (the program's C1
-# rows, its C2 chunk, q, the length), so that the loads' dependent chain (Triton converts each dot operand to its
-# layout through shared memory, with a bar.sync, right after its load, which holds back the next load) pays one
-# DRAM round trip instead of three. Compiled GPU runs only (the interpreter has no inline asm).
-FUSED_PREFETCH = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_PREFETCH", "1"))
+# CARRY: with TAG, a score range's first block takes the max P of the E windows before it (the last windows of the
+# range before) from the program of that range, as a tagged int64 word in bcarry that the selection folds in,
+# instead of loading those windows again and running two more q.C1 dots for them (64 rows for E = 1 valid:
+# H200 this session, 32K: kernel 16.3 -> 15.5 us with the dots dropped)
+FUSED_CARRY = os.environ.get("SALA_SPARSE_DECODE_FUSED_CARRY", "1") == "1"
+# WHATIF (timing experiments only, wrong results): bit 1 drops the E windows before each score range (no kp
+# load or dots), bit 2 replaces the select's sort by an unsorted pick: the time each costs on the critical path
+FUSED_WHATIF = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_WHATIF", "0"))
 # _row_bits_tagged's bound on re-reads (~1 us each; a jit function reads only constexpr globals)
 _TAG_SPIN = tl.constexpr(1 << 22)
 # keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0, one block, or a block size that
@@ -145,9 +142,9 @@ def _stamp(tbuf, i: tl.constexpr, TIMES: tl.constexpr):
 
 
 @triton.jit
-def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, m_part, l_part, cnt, tbuf,
+def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, bcarry, sel, o, o_part, m_part, l_part, cnt, tbuf,
                        s_qb, s_qh, s_1b, s_1t, s_1h, s_2b, s_2t, s_2h, s_cb, s_ct, s_ch, s_ob, s_oh,
-                       scale, D, DENSE_LEN, NBMAX, CH2, NSLOT, SPB, NC1, NC2,
+                       scale, D, DENSE_LEN, NBMAX, CH2, NSLOT, SPB, NR,
                        G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
                        KS2: tl.constexpr, ST2: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr,
                        R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr,
@@ -156,7 +153,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
                        NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
                        LSE_LAST: tl.constexpr, MC: tl.constexpr, LOCAL: tl.constexpr, CB: tl.constexpr,
-                       TAG: tl.constexpr, NBAR: tl.constexpr, HOIST: tl.constexpr, PREFETCH: tl.constexpr,
+                       TAG: tl.constexpr, NBAR: tl.constexpr, CARRY: tl.constexpr, WHATIF: tl.constexpr = 0,
                        TIMES: tl.constexpr = False):
     """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1, 2, 3, 5: that phase only (3 = select
     and attend, 5 = merge). TIMES: stamps at the phase boundaries into tbuf [B * Hkv, NP, 16] (int64)."""
@@ -171,36 +168,25 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
     l_e = tl.zeros([BG], dtype=tl.float32)
     acc_e = tl.zeros([BG, BD], dtype=tl.float32)
     gen = 0
-    if PREFETCH > 0:
-        if (PHASE == 0) | (PHASE == 1):
-            _prefetch_phase1(q, c1, c2, lens, b, g, p * SB, NP - 1 - p if LSE_LAST else p, s_qb, s_qh, s_1b, s_1t,
-                             s_1h, s_2b, s_2t, s_2h, D, CH2, NC1, NC2, G, R, E, SB, BG, BD, BJ, EARLY, PREFETCH)
     if TAG:  # this step's tag: every program reads the counter before the step's last barrier can complete
-        if HOIST:  # a load: nothing waits for it before the first use (an atomic is one thread + a bar.sync)
-            gen = (tl.load(cnt + row, volatile=True) // (NBAR * NP)) & 0x7FFFFFFF
-        else:
-            gen = (tl.atomic_add(cnt + row, 0, sem="relaxed", scope="gpu") // (NBAR * NP)) & 0x7FFFFFFF
+        gen = (tl.atomic_add(cnt + row, 0, sem="relaxed", scope="gpu") // (NBAR * NP)) & 0x7FFFFFFF
     _stamp(tb, 0, TIMES)
     _stamp(tb, 1, TIMES)
     if EARLY:  # in PHASE 0 before barrier 1; the PHASE 2 launch recomputes them
         if (PHASE == 0) | (PHASE == 2):
             scp, jpm, scc, jcm = _range_dots(q, c1, lens, b, g, p * SB, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D,
-                                             DENSE_LEN, NC1, G, KS, ST, BS, R, E, SB, BG, BD, PREC, KEYS_M, HOIST)
+                                             DENSE_LEN, G, KS, ST, BS, R, E, SB, BG, BD, PREC, KEYS_M, CARRY)
     if (PHASE == 0) | (PHASE == 1):
-        if HOIST:
-            _lse_partial_hoisted(q, c2, lens, m2, l2, b, g, NP - 1 - p if LSE_LAST else p, HKV, s_qb, s_qh, s_2b, s_2t,
-                                 s_2h, scale, D, DENSE_LEN, CH2, NC2, G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
-        else:
-            lse_partial(q, c2, lens, m2, l2, b, g, NP - 1 - p if LSE_LAST else p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h,
-                        scale, D, DENSE_LEN, CH2, G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
+        lse_partial(q, c2, lens, m2, l2, b, g, NP - 1 - p if LSE_LAST else p, HKV, s_qb, s_qh, s_2b, s_2t, s_2h,
+                    scale, D, DENSE_LEN, CH2, G, KS2, ST2, NP, BG, BD, BJ, PREC, KEYS_M)
     _stamp(tb, 2, TIMES)
     if PHASE == 0:
         _row_barrier(cnt + row, NP)
     _stamp(tb, 3, TIMES)
     if (PHASE == 0) | (PHASE == 2):
         if EARLY:
-            _range_scores(scp, jpm, scc, jcm, lens, m2, l2, bscore, b, g, p * SB, HKV, D, DENSE_LEN, NBMAX,
-                          G, BS, NP, NSP, R, E, SB, BG, BD, TAG, gen)
+            _range_scores(scp, jpm, scc, jcm, lens, m2, l2, bscore, bcarry, NR, b, g, p * SB, HKV, D, DENSE_LEN,
+                          NBMAX, G, BS, NP, NSP, R, E, SB, BG, BD, TAG, CARRY, gen)
         else:
             score_range(q, c1, lens, m2, l2, bscore, b, g, p, HKV, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
                         NBMAX, G, KS, ST, BS, NP, NSP, R, E, SB, NSUB, BG, BD, PREC, KEYS_M, True)
@@ -217,16 +203,16 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
                 m_e, l_e, acc_e = _attend_local_early(q, kc, vc, lens, b, g, p, s_qb, s_qh, s_cb, s_ct, s_ch, scale, D,
                                                       DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG,
                                                       BD, IEEE)
-            _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K,
-                          NIT, SORT, LOCAL, p, NP, CB, TAG, gen)
+            _select_slots(bscore, bcarry, NR, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL,
+                          KSP, NBP, K, NIT, SORT, LOCAL, p, NP, CB, TAG, CARRY, SB, gen, WHATIF)
             _stamp(tb, 6, TIMES)
             tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_list
             _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
                          scale, D, DENSE_LEN, NSLOT, SPB, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG, BD, TB,
                          IEEE)
     elif (PHASE == 0) | (PHASE == 3):
-        _select_slots(bscore, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP, NBP, K, NIT,
-                      SORT, False, p, NP, CB, TAG, gen)
+        _select_slots(bscore, bcarry, NR, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL, KSP,
+                      NBP, K, NIT, SORT, False, p, NP, CB, TAG, CARRY, SB, gen)
         _stamp(tb, 6, TIMES)
         tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_split
         if TB > 1:
@@ -251,129 +237,65 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, sel, o, o_part, 
 
 
 @triton.jit
-def _prefetch_lines(ptrs, mask, LEVEL: tl.constexpr):
-    """prefetch.global.L1 (LEVEL 2) or .L2 (LEVEL 1) of the lines holding ptrs where mask: nothing waits for it."""
-    if LEVEL == 2:
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.u32 $0, 0; }",
-                                  "=r,l,r", [ptrs.to(tl.int64), mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-    else:
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                                  "=r,l,r", [ptrs.to(tl.int64), mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-
-@triton.jit
-def _prefetch_phase1(q, c1, c2, lens, b, g, b0, s, s_qb, s_qh, s_1b, s_1t, s_1h, s_2b, s_2t, s_2h, D, CH2, NC1, NC2,
-                     G: tl.constexpr, R: tl.constexpr, E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr,
-                     BD: tl.constexpr, BJ: tl.constexpr, EARLY: tl.constexpr, LEVEL: tl.constexpr):
-    """PREFETCH: the 128-byte lines of what phase 1 loads (_range_dots' C1 rows when EARLY, the C2 rows of LSE
-    chunk s, q's group, the length), with capacity masks only (no load waits for the length)."""
-    h, gm, d, dm = group_heads(g, D, G, BG, BD)
-    QL: tl.constexpr = 1024 // q.dtype.element_ty.primitive_bitwidth  # elements of q per line
-    QN: tl.constexpr = (BD + QL - 1) // QL
-    dq = tl.arange(0, QN) * QL
-    _prefetch_lines(q + b * s_qb + h[:, None] * s_qh + dq[None, :], gm[:, None] & (dq < D)[None, :], LEVEL)
-    CN: tl.constexpr = (BD + 31) // 32  # fp32 compressed keys: 32 per line
-    dc = tl.arange(0, CN) * 32
-    if EARLY:  # windows (b0 - SB) * R .. : the E before the range and the SB * R in it
-        j = (b0 - SB) * R + tl.arange(0, 2 * SB * R)
-        jm = (j >= b0 * R - E) & (j >= 0) & (j < NC1)
-        _prefetch_lines(c1 + b * s_1b + g * s_1h + j.to(tl.int64)[:, None] * s_1t + dc[None, :],
-                        jm[:, None] & (dc < D)[None, :], LEVEL)
-    j2 = s * CH2 + tl.arange(0, BJ)
-    _prefetch_lines(c2 + b * s_2b + g * s_2h + j2.to(tl.int64)[:, None] * s_2t + dc[None, :],
-                    (j2 < NC2)[:, None] & (dc < D)[None, :], LEVEL)
-    _prefetch_lines(lens + b + tl.arange(0, 1), tl.arange(0, 1) == 0, LEVEL)
-
-
-@triton.jit
-def _range_dots(q, c1, lens, b, g, b0, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN, NC1,
+def _range_dots(q, c1, lens, b, g, b0, s_qb, s_qh, s_1b, s_1t, s_1h, scale, D, DENSE_LEN,
                 G: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, R: tl.constexpr,
                 E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                KEYS_M: tl.constexpr, HOIST: tl.constexpr):
+                KEYS_M: tl.constexpr, CARRY: tl.constexpr):
     """EARLY: the q.C1 * scale products of the one-sub-tile range starting at block b0, as score_range computes
     them (the same dots, the same layouts: bit-identical P): the E windows of block b0 - 1 (scp, valid jpm) and the
     SB * R windows starting in the range (scc, valid jcm). All masks are off for a dense row or a range past the
-    query's block. HOIST: the C1 rows are loaded masked by the capacity NC1 only, before the length is known (rows
-    past n1 may hold a former sequence's keys; jpm / jcm mask their products, and a product row depends on its key
-    row alone); else nothing past n1 is loaded."""
-    h, gm, d, dm = group_heads(g, D, G, BG, BD)
-    base = c1 + b * s_1b + g * s_1h
-    wi = tl.arange(0, SB * R)
-    jp = (b0 - SB) * R + wi
-    jc = b0 * R + wi
-    if HOIST:  # before q: q's conversion to the dot layout (a bar.sync) waits for q, and would hold these back
-        kpm = (jp >= b0 * R - E) & (jp >= 0) & (jp < NC1)
-        kp = tl.load(base + jp.to(tl.int64)[:, None] * s_1t + d[None, :], mask=kpm[:, None] & dm[None, :], other=0.0)
-        kc = tl.load(base + jc.to(tl.int64)[:, None] * s_1t + d[None, :], mask=(jc < NC1)[:, None] & dm[None, :],
-                     other=0.0)
-    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
-                 other=0.0).to(tl.float32)
+    query's block (nothing loaded). CARRY: no E windows (the range before computes them: _range_scores), scp is 0."""
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     n1 = tl.where(L >= KS, tl.maximum(L - KS, 0) // ST + 1, 0)
     n1 = tl.where((L >= DENSE_LEN) & (b0 <= qb), n1, 0)  # no window of a dense row / a range past the query
+    h, gm, d, dm = group_heads(g, D, G, BG, BD)
+    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
+                 other=0.0).to(tl.float32)
+    base = c1 + b * s_1b + g * s_1h
+    wi = tl.arange(0, SB * R)
+    jp = (b0 - SB) * R + wi
     jpm = (jp >= b0 * R - E) & (jp >= 0) & (jp < n1)
+    jc = b0 * R + wi
     jcm = jc < n1
-    if not HOIST:
+    if CARRY:
+        scp = tl.zeros([SB * R, BG], dtype=tl.float32)
+        jpm = jpm & False
+    else:
         kp = tl.load(base + jp.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jpm[:, None] & dm[None, :], other=0.0)
-        kc = tl.load(base + jc.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jcm[:, None] & dm[None, :], other=0.0)
-    scp = key_head_scores(qt, kp, PREC, KEYS_M) * scale  # [SB * R, BG]
+        scp = key_head_scores(qt, kp, PREC, KEYS_M) * scale  # [SB * R, BG]
+    kc = tl.load(base + jc.to(tl.int64)[:, None] * s_1t + d[None, :], mask=jcm[:, None] & dm[None, :], other=0.0)
     scc = key_head_scores(qt, kc, PREC, KEYS_M) * scale
     return scp, jpm, scc, jcm
 
 
 @triton.jit
-def _lse_partial_hoisted(q, c2, lens, m_out, l_out, b, g, s, HKV, s_qb, s_qh, s_2b, s_2t, s_2h, scale, D, DENSE_LEN,
-                         CH2, NC2, G: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, S2: tl.constexpr,
-                         BG: tl.constexpr, BD: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr,
-                         KEYS_M: tl.constexpr):
-    """HOIST: lse_partial with q and the first BJ C2 rows of the chunk loaded before the length is known (masked by
-    the capacity NC2; rows past n2 are masked in lse_update). The same arithmetic in the same order: the same
-    (max, sum) bits."""
-    h, gm, d, dm = group_heads(g, D, G, BG, BD)
-    start = s * CH2
-    jj = tl.arange(0, BJ)
-    base = c2 + b * s_2b + g * s_2h
-    j = start + jj
-    c = tl.load(base + j.to(tl.int64)[:, None] * s_2t + d[None, :], mask=(j < NC2)[:, None] & dm[None, :], other=0.0)
-    qt = tl.load(q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :],
-                 other=0.0).to(tl.float32)
-    L = tl.load(lens + b)
-    if L >= DENSE_LEN:
-        n2 = tl.where(L >= KS2, (tl.maximum(L - KS2, 0)) // ST2 + 1, 0)
-        end = tl.minimum(start + CH2, n2)
-        m_i, l_i = lse_update(qt, c, j < end, tl.full([BG], float("-inf"), tl.float32),
-                              tl.zeros([BG], dtype=tl.float32), scale, PREC, KEYS_M)
-        for j0 in range(start + BJ, end, BJ):  # CH2 > BJ: fewer than 2 programs per 64 C2 keys
-            j = j0 + jj
-            jm = j < end
-            c = tl.load(base + j.to(tl.int64)[:, None] * s_2t + d[None, :], mask=jm[:, None] & dm[None, :],
-                        other=0.0)
-            m_i, l_i = lse_update(qt, c, jm, m_i, l_i, scale, PREC, KEYS_M)
-        o = (b * (G * HKV) + h) * S2 + s
-        tl.store(m_out + o, m_i, mask=gm)
-        tl.store(l_out + o, l_i, mask=gm)
-
-
-@triton.jit
-def _range_scores(scp, jpm, scc, jcm, lens, m_in, l_in, bscore, b, g, b0, HKV, D, DENSE_LEN, NBMAX,
+def _range_scores(scp, jpm, scc, jcm, lens, m_in, l_in, bscore, bcarry, NR, b, g, b0, HKV, D, DENSE_LEN, NBMAX,
                   G: tl.constexpr, BS: tl.constexpr, S2: tl.constexpr, S2P: tl.constexpr, R: tl.constexpr,
-                  E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, TAG: tl.constexpr, gen):
+                  E: tl.constexpr, SB: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, TAG: tl.constexpr,
+                  CARRY: tl.constexpr, gen):
     """EARLY: the block scores of the range from _range_dots' products and the combined LSE (score_range's
-    arithmetic, split around barrier 1). TAG: as int64 words, score bits | gen << 32 (_row_bits_tagged)."""
+    arithmetic, split around barrier 1). TAG: as int64 words, score bits | gen << 32 (_row_bits_tagged). CARRY:
+    the range's first block without the E windows before it; the max P of this range's last E windows goes to
+    bcarry[row, range + 1] as a tagged word, for the next range's first block (max is exact in any order)."""
     L = tl.load(lens + b)
     qb = (L - 1) // BS
     if (L >= DENSE_LEN) & (b0 <= qb):
         h, gm, d, dm = group_heads(g, D, G, BG, BD)
         lse = combined_lse(m_in, l_in, b, h, gm, G, HKV, S2, S2P, True)
-        carry = tl.max(window_p(scp, lse, jpm, gm), axis=0)
+        if CARRY:
+            carry = 0.0
+        else:
+            carry = tl.max(window_p(scp, lse, jpm, gm), axis=0)
         score, carry = pool_subtile(window_p(scc, lse, jcm, gm), carry, R, E, SB)
         bb = b0 + tl.arange(0, SB)
         if TAG:
             word = (score.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | (gen.to(tl.int64) << 32)
             tl.store(bscore + (b * HKV + g) * NBMAX + bb, word, mask=(bb <= qb) & (bb < NBMAX))
+            if CARRY:
+                if b0 + SB <= qb:  # the next range's first block exists (and so that program reads this word)
+                    cword = (carry.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | (gen.to(tl.int64) << 32)
+                    tl.store(bcarry + (b * HKV + g) * NR + b0 // SB + 1, cword)
         else:
             tl.store(bscore + (b * HKV + g) * NBMAX + bb, score, mask=(bb <= qb) & (bb < NBMAX))
 
@@ -429,10 +351,11 @@ def _attend_share(q, kc, vc, sel, o_part, m_part, l_part, b, g, s, HKV, s_qb, s_
 
 
 @triton.jit
-def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
+def _select_slots(bscore, bcarry, NR, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
                   BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
                   NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr, SORT: tl.constexpr,
-                  LOCAL: tl.constexpr, p, NP: tl.constexpr, CB: tl.constexpr, TAG: tl.constexpr, gen):
+                  LOCAL: tl.constexpr, p, NP: tl.constexpr, CB: tl.constexpr, TAG: tl.constexpr,
+                  CARRY: tl.constexpr, SB: tl.constexpr, gen, WHATIF: tl.constexpr = 0):
     """Slots [s_lo, s_lo + SPB) of row's selection into sel: the blocks ranked s_lo.. among the n_sel chosen
     (ascending block order, as the one-level select stores them), -1 past n_sel; -1 below dense_len (the
     attention then takes every block). The whole row's selection is computed to know those ranks. LOCAL: also
@@ -448,10 +371,12 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
             n_sel = tl.minimum(qb + 1, KSEL)
             bb = tl.arange(0, NBP)
             if TAG:
-                bits, valid = _row_bits_tagged(bscore, row, bb, qb, NBMAX, INIT, WB, gen)
+                bits, valid = _row_bits_tagged(bscore, bcarry, NR, row, bb, qb, NBMAX, INIT, WB, CARRY, SB, gen)
             else:
                 bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
-            if SORT:
+            if WHATIF & 2:
+                chosen, pos = choose_at(bits, n_sel, tl.max(tl.where(bb == n_sel - 1, bits, -1), axis=0))
+            elif SORT:
                 # the n_sel-th largest score bits by a sort of the int32 bits themselves (n_sel <= the valid count
                 # qb + 1; invalid entries are -1), ties at it to the lowest blocks as the bisect path does
                 chosen, pos = choose_at(bits, n_sel, tl.max(tl.where(bb == n_sel - 1, tl.sort(bits, descending=True),
@@ -471,20 +396,27 @@ def _select_slots(bscore, lens, sel, b, row, s_lo, SPB, DENSE_LEN, NBMAX,
 
 
 @triton.jit
-def _row_bits_tagged(bscore, row, bb, qb, NBMAX, INIT: tl.constexpr, WB: tl.constexpr, gen):
+def _row_bits_tagged(bscore, bcarry, NR, row, bb, qb, NBMAX, INIT: tl.constexpr, WB: tl.constexpr,
+                     CARRY: tl.constexpr, SB: tl.constexpr, gen):
     """_row_bits from TAG words: re-read (volatile loads: strong, served where other SMs' stores land) until
     every valid word carries tag gen, so the selection sees this step's scores, written by other programs
-    without a barrier between. A bounded wait (_TAG_SPIN reads): never hang the GPU."""
+    without a barrier between. A bounded wait (_TAG_SPIN reads): never hang the GPU. CARRY: the first block of
+    each score range but the first also waits for its carry word and takes the max of the two (P >= 0: the
+    int32 bits order as the floats)."""
     valid = (bb <= qb) & (bb < NBMAX)
     ptr = bscore + row * NBMAX + bb
+    cm = valid & (bb % SB == 0) & (bb > 0) & CARRY
+    cptr = bcarry + row * NR + bb // SB
     w = tl.load(ptr, mask=valid, other=0, volatile=True)
-    pending = tl.sum(tl.where(valid & ((w >> 32) != gen), 1, 0), axis=0)
+    cw = tl.load(cptr, mask=cm, other=0, volatile=True)
+    pending = tl.sum(tl.where((valid & ((w >> 32) != gen)) | (cm & ((cw >> 32) != gen)), 1, 0), axis=0)
     it = 0
     while (pending > 0) & (it < _TAG_SPIN):
         w = tl.load(ptr, mask=valid, other=0, volatile=True)
-        pending = tl.sum(tl.where(valid & ((w >> 32) != gen), 1, 0), axis=0)
+        cw = tl.load(cptr, mask=cm, other=0, volatile=True)
+        pending = tl.sum(tl.where((valid & ((w >> 32) != gen)) | (cm & ((cw >> 32) != gen)), 1, 0), axis=0)
         it += 1
-    sc = (w & 0xFFFFFFFF).to(tl.int32)
+    sc = tl.maximum((w & 0xFFFFFFFF).to(tl.int32), tl.where(cm, (cw & 0xFFFFFFFF).to(tl.int32), 0))
     sc = tl.where(forced_blocks(bb, qb, INIT, WB), 0x7F800000, sc)  # +inf bits, as _row_bits
     return tl.where(valid, sc, -1), valid
 
@@ -557,7 +489,7 @@ def plan(cache, H: int, auto: bool = False):
     per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
     per (cache, H, knobs), kept in cache._ws."""
     key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
-           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_LOCAL_EARLY, FUSED_TAGGED, FUSED_HOIST, FUSED_PREFETCH)
+           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_LOCAL_EARLY, FUSED_TAGGED, FUSED_CARRY, FUSED_WHATIF)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -598,8 +530,9 @@ def plan(cache, H: int, auto: bool = False):
     # _attend_tiles' tile is TB * bs keys: a power of two only when bs is one
     tb = max(1, min(spb_tile, FUSED_ATTEND_TILE // bs)) if pow2_bs else 1
     tag = FUSED_TAGGED and early
+    carry = FUSED_CARRY and tag
     nbar = 2 if tag else 3
-    cx = dict(HOIST=FUSED_HOIST, PREFETCH=0 if _interpreted() or dev.type != "cuda" else FUSED_PREFETCH, EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, LOCAL=local, CB=CB, TAG=tag, NBAR=nbar,
+    cx = dict(WHATIF=FUSED_WHATIF, CARRY=carry, EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, LOCAL=local, CB=CB, TAG=tag, NBAR=nbar,
               LSE_LAST=FUSED_LSE_LAST, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
@@ -612,6 +545,9 @@ def plan(cache, H: int, auto: bool = False):
               # TAG: int64 words, tag -1 until the first step writes them (a step's tag is >= 0)
               bscore=(torch.full((B, Hkv, nb), -1, dtype=torch.int64, device=dev) if tag
                       else torch.empty(B, Hkv, nb, dtype=f32, device=dev)),
+              # CARRY: the E-window carry into each score range's first block, tagged as bscore; nr words per row
+              nr=FAST._cdiv(nb, SB) + 1,
+              bcarry=torch.full((B, Hkv, FAST._cdiv(nb, SB) + 1 if carry else 1), -1, dtype=torch.int64, device=dev),
               sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),
               o_part=torch.empty(B, H, np_, D, dtype=f32, device=dev),
               m_part=torch.empty(B, H, np_, dtype=f32, device=dev), l_part=torch.empty(B, H, np_, dtype=f32, device=dev),
@@ -641,11 +577,11 @@ def decode(q, cache, scale, ws, times=False):
     c1, c2, kc, lens = cache.c1, cache.c2, cache.k, cache.lengths
     s1, s2, sk = c1.stride(), c2.stride(), kc.stride()
     prec = "tf32x3" if FAST.SCORE_DOT == "split2" and q.dtype == torch.float32 else FAST.SCORE_DOT
-    ptrs = (q, c1, c2, kc, cache.v, lens, ws["m2"], ws["l2"], ws["bscore"], ws["sel"], o, ws["o_part"],
+    ptrs = (q, c1, c2, kc, cache.v, lens, ws["m2"], ws["l2"], ws["bscore"], ws["bcarry"], ws["sel"], o, ws["o_part"],
             ws["m_part"], ws["l_part"], ws["cnt"], ws["tbuf"])
     scalars = (q.stride(0), q.stride(1), s1[0], s1[1], s1[2], s2[0], s2[1], s2[2], sk[0], sk[1], sk[2],
                o.stride(0), o.stride(1), scale, D, cache.config.dense_len, ws["nb"], ws["ch2"], ws["nslot"], ws["spb"],
-               c1.shape[1], c2.shape[1])
+               ws["nr"])
     phases = (1, 2, 3, 5) if (FUSED_PHASES or _interpreted() or q.device.type != "cuda") else (0,)
     for phase in phases:
         key = (prec, FAST.KEYS_M, q.dtype == torch.float32, phase, times)
