@@ -83,7 +83,7 @@ def main():
         cx = dict(G=16, KS=32, ST=16, BS=64, KS2=128, ST2=64, INIT=1, WB=32, R=4, E=1, SB=16, NSUB=nsub, KSEL=96,
                   KSP=128, NBP=nbp, NP=np_, NSP=64, BG=16, BD=128, BJ=16, BN=64, PREC="split2", KEYS_M=True,
                   IEEE=False, K=4, NIT=F.search_steps(4), EARLY=nsub == 1, SORT=True, TB=2,
-                  LSE_LAST=True, MC=4, LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3, CARRY=False, WHATIF=0)
+                  LSE_LAST=True, MC=4, LOCAL=False, CB=16 * nsub, TAG=False, NBAR=3, CARRY=False)
         for nw, ns in ((8, 3), (4, 3), (4, 2), (8, 1)):
             comp(f"fused NBP {nbp} early={nsub == 1} sort", FU._fused_step_kernel, ptrs, ints, ("scale",),
                  dict(cx, PHASE=0), nw, ns)

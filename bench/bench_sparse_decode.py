@@ -208,7 +208,7 @@ if os.environ.get("SALA_DECODE_MODES"):  # a JSON list of knob dicts instead of 
 KNOBS = ("SELECT_MODE", "SCORE_DOT", "KEYS_M", "SCORE_WARPS", "SELECT_K", "SELECT_WARPS", "CB_BLOCKS",
          "SPB_BLOCKS", "MERGE_CHUNK", "SELECT_RANGE", "SCORE_PROGRAMS", "ATTEND_MERGE", "PDL", "FUSED",
          "FUSED_PROGRAMS", "FUSED_EARLY", "FUSED_SELECT", "FUSED_ATTEND_TILE", "FUSED_WARPS", "FUSED_STAGES", "FUSED_LSE_LAST",
-         "FUSED_MERGE_CHUNKS", "FUSED_LOCAL_EARLY", "FUSED_TAGGED", "FUSED_HOIST", "FUSED_PREFETCH", "FUSED_WHATIF", "SB_BLOCKS")  # FUSED_* but FUSED itself: in sparse_decode_fused
+         "FUSED_MERGE_CHUNKS", "FUSED_LOCAL_EARLY", "FUSED_TAGGED", "FUSED_CARRY", "SB_BLOCKS")  # FUSED_* but FUSED itself: in sparse_decode_fused
 
 
 def modes_case(B, L, rows):

@@ -21,7 +21,7 @@ the same row. So one launch of NP programs per row can run the whole step with t
 Redundant selection instead of a fourth barrier: the programs would otherwise wait for one program to select;
 each holds at most FUSED_MAX_BLOCKS int32 scores in registers. (H200 run 6 measured the alternative, each program
 ranking its share of the blocks and a fourth barrier: 18.0 vs 16.8 us at 32K; two programs per SM: 19.1 vs 17.5.)
-FUSED_LOCAL_EARLY and FUSED_TAGGED reshape phases 2-3 (see there).
+FUSED_LOCAL_EARLY, FUSED_TAGGED and FUSED_CARRY reshape phases 1-3 (see there).
 
 The row barrier (_row_barrier) spins on an int64 counter that only ever grows (one barrier = the NP increments
 from a multiple of NP to the next), so nothing resets it and CUDA-graph replays need no host work. A spin
@@ -102,9 +102,6 @@ FUSED_TAGGED = os.environ.get("SALA_SPARSE_DECODE_FUSED_TAGGED", "1") == "1"
 # instead of loading those windows again and running two more q.C1 dots for them (64 rows for E = 1 valid:
 # H200 this session, 32K: kernel 16.3 -> 15.5 us with the dots dropped)
 FUSED_CARRY = os.environ.get("SALA_SPARSE_DECODE_FUSED_CARRY", "1") == "1"
-# WHATIF (timing experiments only, wrong results): bit 1 drops the E windows before each score range (no kp
-# load or dots), bit 2 replaces the select's sort by an unsorted pick: the time each costs on the critical path
-FUSED_WHATIF = int(os.environ.get("SALA_SPARSE_DECODE_FUSED_WHATIF", "0"))
 # _row_bits_tagged's bound on re-reads (~1 us each; a jit function reads only constexpr globals)
 _TAG_SPIN = tl.constexpr(1 << 22)
 # keys per attention step (FUSED_ATTEND_TILE // block_size blocks as one tile; 0, one block, or a block size that
@@ -153,8 +150,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, bcarry, sel, o, 
                        PREC: tl.constexpr, KEYS_M: tl.constexpr, IEEE: tl.constexpr, K: tl.constexpr,
                        NIT: tl.constexpr, PHASE: tl.constexpr, EARLY: tl.constexpr, SORT: tl.constexpr, TB: tl.constexpr,
                        LSE_LAST: tl.constexpr, MC: tl.constexpr, LOCAL: tl.constexpr, CB: tl.constexpr,
-                       TAG: tl.constexpr, NBAR: tl.constexpr, CARRY: tl.constexpr, WHATIF: tl.constexpr = 0,
-                       TIMES: tl.constexpr = False):
+                       TAG: tl.constexpr, NBAR: tl.constexpr, CARRY: tl.constexpr, TIMES: tl.constexpr = False):
     """Grid (B, Hkv, NP). PHASE 0: the whole step with row barriers; PHASE 1, 2, 3, 5: that phase only (3 = select
     and attend, 5 = merge). TIMES: stamps at the phase boundaries into tbuf [B * Hkv, NP, 16] (int64)."""
     b = tl.program_id(0).to(tl.int64)
@@ -204,7 +200,7 @@ def _fused_step_kernel(q, c1, c2, kc, vc, lens, m2, l2, bscore, bcarry, sel, o, 
                                                       DENSE_LEN, m_e, l_e, acc_e, G, BS, INIT, WB, KSEL, NP, CB, BG,
                                                       BD, IEEE)
             _select_slots(bscore, bcarry, NR, lens, sel, b, row, p * SPB, SPB, DENSE_LEN, NBMAX, BS, INIT, WB, KSEL,
-                          KSP, NBP, K, NIT, SORT, LOCAL, p, NP, CB, TAG, CARRY, SB, gen, WHATIF)
+                          KSP, NBP, K, NIT, SORT, LOCAL, p, NP, CB, TAG, CARRY, SB, gen)
             _stamp(tb, 6, TIMES)
             tl.debug_barrier()  # this program's sel stores, then its own reads of them in _attend_list
             _attend_list(q, kc, vc, lens, sel, o_part, m_part, l_part, b, g, p, HKV, s_qb, s_qh, s_cb, s_ct, s_ch,
@@ -355,7 +351,7 @@ def _select_slots(bscore, bcarry, NR, lens, sel, b, row, s_lo, SPB, DENSE_LEN, N
                   BS: tl.constexpr, INIT: tl.constexpr, WB: tl.constexpr, KSEL: tl.constexpr, KSP: tl.constexpr,
                   NBP: tl.constexpr, K: tl.constexpr, NIT: tl.constexpr, SORT: tl.constexpr,
                   LOCAL: tl.constexpr, p, NP: tl.constexpr, CB: tl.constexpr, TAG: tl.constexpr,
-                  CARRY: tl.constexpr, SB: tl.constexpr, gen, WHATIF: tl.constexpr = 0):
+                  CARRY: tl.constexpr, SB: tl.constexpr, gen):
     """Slots [s_lo, s_lo + SPB) of row's selection into sel: the blocks ranked s_lo.. among the n_sel chosen
     (ascending block order, as the one-level select stores them), -1 past n_sel; -1 below dense_len (the
     attention then takes every block). The whole row's selection is computed to know those ranks. LOCAL: also
@@ -374,9 +370,7 @@ def _select_slots(bscore, bcarry, NR, lens, sel, b, row, s_lo, SPB, DENSE_LEN, N
                 bits, valid = _row_bits_tagged(bscore, bcarry, NR, row, bb, qb, NBMAX, INIT, WB, CARRY, SB, gen)
             else:
                 bits, valid = _row_bits(bscore, row, bb, qb, NBMAX, INIT, WB)
-            if WHATIF & 2:
-                chosen, pos = choose_at(bits, n_sel, tl.max(tl.where(bb == n_sel - 1, bits, -1), axis=0))
-            elif SORT:
+            if SORT:
                 # the n_sel-th largest score bits by a sort of the int32 bits themselves (n_sel <= the valid count
                 # qb + 1; invalid entries are -1), ties at it to the lowest blocks as the bisect path does
                 chosen, pos = choose_at(bits, n_sel, tl.max(tl.where(bb == n_sel - 1, tl.sort(bits, descending=True),
@@ -489,7 +483,7 @@ def plan(cache, H: int, auto: bool = False):
     per SM; with auto (the default mode) more than AUTO_MAX_BLOCKS or fewer than AUTO_MIN_PROGRAMS. Built once
     per (cache, H, knobs), kept in cache._ws."""
     key = ("fused", H, auto, FUSED_PROGRAMS, FUSED_EARLY, FUSED_SELECT, FUSED_ATTEND_TILE, FUSED_WARPS,
-           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_LOCAL_EARLY, FUSED_TAGGED, FUSED_CARRY, FUSED_WHATIF)
+           FUSED_STAGES, FUSED_LSE_LAST, FUSED_MERGE_CHUNKS, FUSED_LOCAL_EARLY, FUSED_TAGGED, FUSED_CARRY)
     if key in cache._ws:
         return cache._ws[key]
     cfg = cache.config
@@ -532,7 +526,7 @@ def plan(cache, H: int, auto: bool = False):
     tag = FUSED_TAGGED and early
     carry = FUSED_CARRY and tag
     nbar = 2 if tag else 3
-    cx = dict(WHATIF=FUSED_WHATIF, CARRY=carry, EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, LOCAL=local, CB=CB, TAG=tag, NBAR=nbar,
+    cx = dict(CARRY=carry, EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, LOCAL=local, CB=CB, TAG=tag, NBAR=nbar,
               LSE_LAST=FUSED_LSE_LAST, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
               WB=cfg.window_size // bs, R=R, E=(cfg.kernel_size - 1) // st, SB=SB, NSUB=CB // SB,
