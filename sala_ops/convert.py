@@ -46,7 +46,6 @@ Design decisions
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from dataclasses import asdict
 from typing import Callable, Optional, Sequence

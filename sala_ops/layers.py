@@ -25,7 +25,6 @@ packed sequences are supported through `cu_seqlens` (or HF's `cu_seq_lens_q`) wi
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -31,7 +31,6 @@ cache (SALA_OPS_BACKEND / use_backend to force one; CPU + TRITON_INTERPRET=1 run
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 import torch

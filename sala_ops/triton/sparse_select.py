@@ -23,7 +23,6 @@ Memory: O(M x NB) registers per program; nothing of size T x T/bs ever exists in
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -271,7 +270,7 @@ def select(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Ten
     Queries that see fewer than dense_len keys (t + 1 < dense_len) get every causal block (0..qb),
     as dense attention; pass dense_len=0 for pure selection."""
     Tq, H, D = q.shape
-    Tk, Hkv = k.shape[0], k.shape[1]
+    Hkv = k.shape[1]
     G = H // Hkv
     wb = window_size // block_size
     k_sel = topk + wb
