@@ -100,7 +100,7 @@ FUSED_TAGGED = os.environ.get("SALA_SPARSE_DECODE_FUSED_TAGGED", "1") == "1"
 # CARRY: with TAG, a score range's first block takes the max P of the E windows before it (the last windows of the
 # range before) from the program of that range, as a tagged int64 word in bcarry that the selection folds in,
 # instead of loading those windows again and running two more q.C1 dots for them (64 rows for E = 1 valid:
-# H200 this session, 32K: kernel 16.3 -> 15.5 us with the dots dropped)
+# H200 run 7 calls 6-7, same process, 32K: kernel 15.6-15.8 us with CARRY vs 16.5-16.6 without)
 FUSED_CARRY = os.environ.get("SALA_SPARSE_DECODE_FUSED_CARRY", "1") == "1"
 # _row_bits_tagged's bound on re-reads (~1 us each; a jit function reads only constexpr globals)
 _TAG_SPIN = tl.constexpr(1 << 22)
@@ -526,6 +526,7 @@ def plan(cache, H: int, auto: bool = False):
     tag = FUSED_TAGGED and early
     carry = FUSED_CARRY and tag
     nbar = 2 if tag else 3
+    nr = FAST._cdiv(nb, SB)  # CARRY words per row, one per score range (words 1.. are written: range r writes r + 1)
     cx = dict(CARRY=carry, EARLY=early, SORT=sort, TB=FAST._pow2(tb) if tb > 1 else 1, LOCAL=local, CB=CB, TAG=tag, NBAR=nbar,
               LSE_LAST=FUSED_LSE_LAST, MC=_merge_chunks(np_, G, max(16, FAST._pow2(D))), G=G, KS=cfg.kernel_size, ST=st, BS=bs,
               KS2=cfg.c2[0], ST2=cfg.c2[1], INIT=cfg.init_blocks,
@@ -539,9 +540,8 @@ def plan(cache, H: int, auto: bool = False):
               # TAG: int64 words, tag -1 until the first step writes them (a step's tag is >= 0)
               bscore=(torch.full((B, Hkv, nb), -1, dtype=torch.int64, device=dev) if tag
                       else torch.empty(B, Hkv, nb, dtype=f32, device=dev)),
-              # CARRY: the E-window carry into each score range's first block, tagged as bscore; nr words per row
-              nr=FAST._cdiv(nb, SB) + 1,
-              bcarry=torch.full((B, Hkv, FAST._cdiv(nb, SB) + 1 if carry else 1), -1, dtype=torch.int64, device=dev),
+              # CARRY: the E-window carry into each score range's first block, tagged as bscore
+              nr=nr, bcarry=torch.full((B, Hkv, nr if carry else 1), -1, dtype=torch.int64, device=dev),
               sel=torch.full((B, Hkv, cfg.num_selected), -1, dtype=torch.int32, device=dev),
               o_part=torch.empty(B, H, np_, D, dtype=f32, device=dev),
               m_part=torch.empty(B, H, np_, dtype=f32, device=dev), l_part=torch.empty(B, H, np_, dtype=f32, device=dev),
@@ -585,4 +585,3 @@ def decode(q, cache, scale, ws, times=False):
                                         PHASE=phase, TIMES=times)
         _launch(_fused_step_kernel, ws["grid"], ptrs, scalars, cx)
     return o, ws["sel"]
-

@@ -169,22 +169,15 @@ def lse_partial(q, c2, lens, m_out, l_out, b, g, s, HKV, s_qb, s_qh, s_2b, s_2t,
             j = j0 + jj
             jm = j < end
             c = tl.load(base + j.to(tl.int64)[:, None] * s_2t + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-            m_i, l_i = lse_update(qt, c, jm, m_i, l_i, scale, PREC, KEYS_M)
+            sc = key_head_scores(qt, c, PREC, KEYS_M) * scale          # [BJ, BG]
+            sc = tl.where(jm[:, None], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe[None, :]), axis=0)
+            m_i = m_new
         o = (b * (G * HKV) + h) * S2 + s
         tl.store(m_out + o, m_i, mask=gm)
         tl.store(l_out + o, l_i, mask=gm)
-
-
-@triton.jit
-def lse_update(qt, c, jm, m_i, l_i, scale, PREC: tl.constexpr, KEYS_M: tl.constexpr):
-    """One chunk of lse_partial: (max, sum exp) per query head updated with the C2 keys c [BJ, BD] (rows jm
-    valid; the others may hold anything finite or not: a product row depends on its key row alone)."""
-    sc = key_head_scores(qt, c, PREC, KEYS_M) * scale          # [BJ, BG]
-    sc = tl.where(jm[:, None], sc, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe[None, :]), axis=0)
-    return m_new, l_i
 
 
 @triton.jit
