@@ -271,8 +271,9 @@ def fast_select_bench(T, select, select_fast, args, time_default=True):
     if args.sweep and not res["select_fast_fallback"]:
         saved = dict(F.FAST_CFG)
         sweep = {}
-        for tq, sb, w, st, pps in ((4, 16, 8, 2, 1), (4, 16, 8, 3, 2), (4, 32, 8, 2, 2), (8, 16, 8, 2, 2),
-                                  (4, 16, 4, 2, 2), (4, 16, 8, 2, 4)):
+        # 8 warps: one program per SM (215-245 registers); 4 warps: two (255 registers, no spill on sm_90)
+        for tq, sb, w, st, pps in ((4, 16, 8, 2, 2), (4, 16, 8, 3, 2), (4, 32, 8, 2, 2), (4, 32, 8, 3, 2),
+                                  (8, 16, 8, 2, 2), (8, 16, 8, 3, 2), (4, 16, 4, 2, 2), (4, 16, 4, 3, 2)):
             F.FAST_CFG.update(tq=tq, sb=sb, num_warps=w, num_stages=st, programs_per_sm=pps)
             key = f"fast_tq{tq}_sb{sb}_w{w}_s{st}_pps{pps}"
             _try(sweep, key, lambda: _bench(select_fast))

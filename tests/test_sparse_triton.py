@@ -518,9 +518,14 @@ def test_tiled_dq_matches_onetoken_and_reference(G, D, tq, min_share):
     assert empty.any() and dq.reshape(*empty.shape, G, D)[empty].abs().max() == 0
 
 
-def test_tiled_dq_dispatch(monkeypatch):
-    """SALA_SPARSE_BWD_DQ=tiled routes the backward's dq to backward_dq; all gradients == reference."""
-    monkeypatch.setenv("SALA_SPARSE_BWD_DQ", "tiled")
+@pytest.mark.parametrize("env", [None, "onetoken"])
+def test_tiled_dq_dispatch(monkeypatch, env):
+    """The backward's dq goes to the tiled backward_dq by default and to the one-token kernel with
+    SALA_SPARSE_BWD_DQ=onetoken; all gradients == reference either way."""
+    if env is None:
+        monkeypatch.delenv("SALA_SPARSE_BWD_DQ", raising=False)
+    else:
+        monkeypatch.setenv("SALA_SPARSE_BWD_DQ", env)
     from sala_ops.triton import sparse_attn_tiled as TT
     calls = []
     orig = TT.backward_dq
@@ -531,7 +536,7 @@ def test_tiled_dq_dispatch(monkeypatch):
     exp = ref.block_sparse_attention(q, k, v, idx, block_size=16)
     for a, b, name in zip(_grads(out, (q, k, v), 12), _grads(exp, (q, k, v), 12), "qkv"):
         assert_close(a, b, TOL, f"d{name}")
-    assert calls, "the tiled dq was not used"
+    assert bool(calls) == (env is None), "the dq kernel did not follow SALA_SPARSE_BWD_DQ"
 
 
 def test_compress_keys_triton():

@@ -306,13 +306,14 @@ def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_
 
 
 def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size, dq_union=None):
-    """dq, dk, dv (dtypes of q, k, v). SALA_SPARSE_BWD_DQ=tiled (read per call) computes dq with
-    sparse_attn_tiled.backward_dq (K/V shared across tiles of consecutive tokens; `dq_union`: its
-    precomputed tile_union, else built here); default: the one-token dq kernel below."""
+    """dq, dk, dv (dtypes of q, k, v). dq by default with sparse_attn_tiled.backward_dq (K/V shared across
+    tiles of consecutive tokens; `dq_union`: its precomputed tile_union, else built here); H200, 9B config,
+    random q: the whole backward 221 vs 235 ms at 128K, 47.9 vs 53.5 at 32K (bench/NOTES_sparse.md, run 4).
+    SALA_SPARSE_BWD_DQ=onetoken (read per call) forces the one-token dq kernel below."""
     Tq, H, D = q.shape
     Tk, Hkv, DV = v.shape
     G = H // Hkv
-    tiled_dq = os.environ.get("SALA_SPARSE_BWD_DQ", "onetoken") == "tiled"
+    tiled_dq = os.environ.get("SALA_SPARSE_BWD_DQ", "tiled") != "onetoken"
     dq = None if tiled_dq and Tq > 0 else _sel.empty(q.shape, q.dtype, q.device)
     dk32 = torch.zeros(Tk, Hkv, D, dtype=torch.float32, device=q.device)
     dv32 = torch.zeros(Tk, Hkv, DV, dtype=torch.float32, device=q.device)

@@ -38,7 +38,7 @@ from .sparse_select import LOG2E, _interpreted, _pow2, _prec
 # Launch parameters (module level so that bench/bench_sparse.py --tiled-sweep can try others).
 # tq: tokens per tile (M = tq x G rows), min_share: hybrid threshold (1 = pure tiled).
 TILED_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=3)  # H200 sweep 2026-11-30: best at 128K, random q
-# The tiled dq (backward_dq, SALA_SPARSE_BWD_DQ=tiled): not measured on a GPU yet; see bench/NOTES_sparse.md.
+# The tiled dq (backward_dq; the default since H200 run 4, SALA_SPARSE_BWD_DQ=onetoken for the older kernel).
 TILED_DQ_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=2)
 _INV = 1 << 62
 
@@ -228,7 +228,7 @@ def forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size, tq=None, min_s
 
 
 # ----------------------------------------------------------------------------------------------
-# backward: dq over the tile's union (opt-in with SALA_SPARSE_BWD_DQ=tiled, see sparse_attn.backward)
+# backward: dq over the tile's union (the default; SALA_SPARSE_BWD_DQ=onetoken: the one-token kernel)
 
 
 @triton.jit

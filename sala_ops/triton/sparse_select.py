@@ -95,14 +95,16 @@ def c2_lse(q, C2, c20, n2v, sc2_t, sc2_h, g, d, dm, t_row, qk_scale,
     reference's fallback). Shared by the online (sparse_select) and fast (sparse_select_fast) kernels."""
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
-    for j0 in range(0, n2v, BN2):
+    # key j is visible to a row iff j < nv (its window ends by the row's token; j < n2v): one int32
+    # compare per score instead of the int64 window-end arithmetic
+    tv = (t_row + 1 - KS2).to(tl.int32)
+    nv = tl.minimum(tl.where(tv >= 0, tv // ST2 + 1, 0), n2v.to(tl.int32))
+    for j0 in range(0, n2v.to(tl.int32), BN2):
         j = j0 + tl.arange(0, BN2)
-        jv = j < n2v
         c = tl.load(C2 + (c20 + j)[:, None] * sc2_t + g * sc2_h + d[None, :],
-                    mask=jv[:, None] & dm[None, :], other=0.0)
+                    mask=(j < n2v)[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(c.to(q.dtype)), input_precision=PREC) * qk_scale
-        vis = jv[None, :] & ((ST2 * j + KS2)[None, :] <= (t_row + 1)[:, None])
-        s = tl.where(vis, s, float("-inf"))
+        s = tl.where(j[None, :] < nv[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)

@@ -12,14 +12,16 @@ tokens of one sequence, KV head g), taken round-robin from a list sorted by decr
   2. LSE over the visible C2 keys, online (log2 domain), exactly as sparse_select (0 if none);
   3. walk blocks 0 .. qb_last - WB - 1 (later blocks are forced or future for every token of the
      tile) in sub-tiles of SB blocks: ONE contiguous [SB*R, D] C1 tile (the windows that start in
-     the sub-tile, R = block_size / kernel_stride), one tl.dot, exp2(s - lse) masked by per-token
-     window visibility, summed over the G heads (reshape), reshape [TQ, SB, R] + max for the R
-     windows starting in each block, max with the E = (kernel_size - 1) // kernel_stride last
-     windows of the previous block (a shift inside the sub-tile, a register carry across
-     sub-tiles). Block scores [TQ, SB] go to this program's scratch rows SCR[pid, TQ, NBP] (fp32,
-     L2-resident; n_programs x TQ x NBP, never T x T/bs);
-  4. barrier, then per TSEL rows: load [TSEL, NBP] scores, forced = +inf, future = -1 bits, a 31-step
-     binary search for the n_sel-th largest int32 bit pattern (scores are >= 0, so int order = float
+     the sub-tile, R = block_size / kernel_stride), one tl.dot with the windows as MMA rows and the
+     (token, head) pairs as columns (the head sum is then mostly in-thread), exp2(s - lse) masked by
+     one int32 compare per score (window j visible iff j < the row's count of complete windows),
+     summed over the G heads (reshape), reshape [SB, R, TQ] + max for the R windows starting in each
+     block. Stored to this program's scratch SCR[pid, 0, TQ, NBP] (fp32, L2-resident;
+     n_programs x 2 x TQ x NBP, never T x T/bs), and the max of each block's last E =
+     (kernel_size - 1) // kernel_stride windows to SCR[pid, 1]: those windows also intersect the next
+     block, and _score_bits folds them in when it reads the scores (no shift across the sub-tile);
+  4. barrier, then per TSEL rows: load [TSEL, NBP] scores (own, max the previous block's tail),
+     forced = +inf, future = -1 bits, a 31-step binary search for the n_sel-th largest int32 bit pattern (scores are >= 0, so int order = float
      order), choose bits > S plus the lowest-index bits == S (cumsum rank), compact ascending with a
      cumsum, store; -1 padding. No sort anywhere.
 Tiles whose last query has qb + 1 <= k_sel select every causal block and skip steps 1-3.
@@ -56,11 +58,17 @@ INTERPRET_PROGRAMS = 3  # small persistent grid under the interpreter: several i
 
 
 @triton.jit
-def _score_bits(rows, cb, walk_end, qb_tok, INIT, WB):
+def _score_bits(rows, cb, walk_end, qb_tok, INIT, WB, TAILS: tl.constexpr, E: tl.constexpr):
     """[TSEL, len(cb)] int32 sort keys of blocks cb from the scratch rows: the score's float bits (scores
     are >= 0, so int order = float order), +inf for the forced blocks (init, local window), -1 for
-    blocks after the token's own."""
+    blocks after the token's own. A block's score is the max of its own windows' (rows) and of the
+    last E windows of the block before it (rows + TAILS): the walk stores the two apart, so that it
+    needs no shift across its sub-tile."""
     sc = tl.load(rows + cb[None, :], mask=(cb < walk_end)[None, :], other=0.0, cache_modifier=".cg")
+    if E > 0:
+        tail = tl.load(rows + TAILS + cb[None, :] - 1, mask=((cb >= 1) & (cb <= walk_end))[None, :], other=0.0,
+                       cache_modifier=".cg")
+        sc = tl.maximum(sc, tail)
     valid = cb[None, :] <= qb_tok[:, None]
     forced = (cb[None, :] < INIT) | ((cb[None, :] + WB >= qb_tok[:, None]) & valid)
     sc = tl.where(forced, float("inf"), sc)
@@ -78,7 +86,7 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                         SCH: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    scr = SCR + pid.to(tl.int64) * (TQ * NBP)
+    scr = SCR + pid.to(tl.int64) * (2 * TQ * NBP)  # own scores, then tails
     r = tl.arange(0, ROWS)
     rm = r // GP
     rh = r % GP
@@ -104,7 +112,7 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
             # blocks >= qb_last - WB are forced or future for every token of the tile; a tile whose
             # last query keeps every causal block (qb + 1 <= k_sel) or is dense needs no score at all
             need = (t_last + 1 >= DENSE_LEN) & (qb_last + 1 > KSEL)
-            walk_end = tl.where(need, tl.maximum(qb_last - WB, 0), 0)
+            walk_end = tl.where(need, tl.maximum(qb_last - WB, 0), 0).to(tl.int32)
             if walk_end > 0:
                 rtok = m0 + rm
                 rok = (rtok < Lq) & (rh < G)
@@ -119,25 +127,26 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                 lse = S.c2_lse(q, C2, c20, n2v, sc2_t, sc2_h, g, d, dm, t_row, qk_scale, ROWS, BN2, KS2, ST2, PREC)
                 # ---- block scores of blocks 0 .. walk_end - 1, SB at a time, into the scratch rows
                 c10 = tl.load(c1_off + n).to(tl.int64)
-                n1 = tl.load(c1_off + n + 1).to(tl.int64) - c10
+                n1 = (tl.load(c1_off + n + 1).to(tl.int64) - c10).to(tl.int32)
                 base = C1 + c10 * sc1_t + g * sc1_h
-                carry = tl.zeros([TQ], dtype=tl.float32)
+                # row visibility as one int32 count: window j is visible to a row iff j < nvis (complete
+                # before the row's token, inside the sequence; 0 for padded rows). One compare per score.
+                tv = (t_row + 1 - KS1).to(tl.int32)
+                nvis = tl.where(rok & (tv >= 0), tv // ST1 + 1, 0)
+                qt = tl.trans(q)
                 for b0 in range(0, walk_end, SB):
                     j = b0 * R + wi
-                    jm = j < n1
-                    c = tl.load(base + j[:, None] * sc1_t + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-                    s = tl.dot(q, tl.trans(c.to(q.dtype)), input_precision=PREC) * qk_scale - lse[:, None]
-                    vis = jm[None, :] & ((ST1 * j + KS1)[None, :] <= (t_row + 1)[:, None]) & rok[:, None]
-                    p = tl.where(vis, tl.exp2(s), 0.0)
-                    pj = tl.sum(tl.reshape(p, [TQ, GP, SB * R]), 1)            # summed over the heads
-                    p3 = tl.reshape(pj, [TQ, SB, R])
-                    score = tl.max(p3, 2)                                       # windows bR .. bR+R-1
-                    tail = tl.max(tl.where(rr[None, None, :] >= R - E, p3, 0.0), 2)  # its last E windows
-                    prev = tl.max(tl.where((si[:, None] - 1 == si[None, :])[None, :, :], tail[:, None, :], 0.0), 2)
-                    prev = tl.where(si[None, :] == 0, carry[:, None], prev)     # tail of block b - 1
-                    score = tl.maximum(score, prev)
-                    carry = tl.max(tl.where(si[None, :] == SB - 1, tail, 0.0), 1)
-                    tl.store(scr + tqi[:, None] * NBP + (b0 + si)[None, :], score, mask=(b0 + si < NBP)[None, :])
+                    c = tl.load(base + j[:, None] * sc1_t + d[None, :], mask=(j < n1)[:, None] & dm[None, :], other=0.0)
+                    # windows as MMA rows, (token, head) as columns: the head sum is then mostly in-thread
+                    st = tl.dot(c.to(q.dtype), qt, input_precision=PREC)              # [SB * R, ROWS]
+                    p = tl.where(j[:, None] < nvis[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+                    pj = tl.sum(tl.reshape(p, [SB * R, TQ, GP]), 2)            # summed over the heads
+                    p3 = tl.reshape(pj, [SB, R, TQ])
+                    bm = (b0 + si < NBP)[:, None]
+                    tl.store(scr + tqi[None, :] * NBP + (b0 + si)[:, None], tl.max(p3, 1), mask=bm)  # windows bR .. bR+R-1
+                    if E > 0:  # its last E windows, which block b + 1 also intersects (folded in by _score_bits)
+                        tail = tl.max(tl.where(rr[None, :, None] >= R - E, p3, 0.0), 1)
+                        tl.store(scr + TQ * NBP + tqi[None, :] * NBP + (b0 + si)[:, None], tail, mask=bm)
             tl.debug_barrier()
             # ---- exact top-k per token, TSEL rows at a time
             for r0 in tl.static_range(0, TQ, TSEL):
@@ -157,7 +166,7 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                     lo = tl.zeros([TSEL], dtype=tl.int32)
                     hi = tl.full([TSEL], 2139095040, tl.int32)  # +inf
                     if SCH == NBP:  # the whole row in registers
-                        bits = _score_bits(rows, bb, walk_end, qb_tok, INIT, WB)
+                        bits = _score_bits(rows, bb, walk_end, qb_tok, INIT, WB, TQ * NBP, E)
                         for _ in range(31):
                             mid = lo + (hi - lo + 1) // 2
                             cnt = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
@@ -170,14 +179,14 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                             mid = lo + (hi - lo + 1) // 2
                             cnt = tl.zeros([TSEL], dtype=tl.int32)
                             for s0 in range(0, qb_last + 1, SCH):
-                                bits = _score_bits(rows, s0 + bb, walk_end, qb_tok, INIT, WB)
+                                bits = _score_bits(rows, s0 + bb, walk_end, qb_tok, INIT, WB, TQ * NBP, E)
                                 cnt += tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
                             ok = cnt >= n_sel
                             lo = tl.where(ok, mid, lo)
                             hi = tl.where(ok, hi, mid - 1)
                         n_gt = tl.zeros([TSEL], dtype=tl.int32)
                         for s0 in range(0, qb_last + 1, SCH):
-                            bits = _score_bits(rows, s0 + bb, walk_end, qb_tok, INIT, WB)
+                            bits = _score_bits(rows, s0 + bb, walk_end, qb_tok, INIT, WB, TQ * NBP, E)
                             n_gt += tl.sum((bits > lo[:, None]).to(tl.int32), axis=1)
                     n_eq = n_sel - n_gt  # how many of the blocks scoring exactly S, lowest index first
                     # compaction in chunks of CH blocks reloaded from the scratch (few registers)
@@ -185,7 +194,7 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                     out_run = tl.zeros([TSEL], dtype=tl.int32)
                     for c0 in range(0, qb_last + 1, CH):
                         cb = c0 + ch
-                        bc = _score_bits(rows, cb, walk_end, qb_tok, INIT, WB)
+                        bc = _score_bits(rows, cb, walk_end, qb_tok, INIT, WB, TQ * NBP, E)
                         eq = bc == lo[:, None]
                         rank = eq_run[:, None] + tl.cumsum(eq.to(tl.int32), axis=1)
                         chosen = (bc > lo[:, None]) | (eq & (rank <= n_eq[:, None]))
@@ -258,7 +267,7 @@ def select(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Ten
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     n_items = ntiles * Hkv
     nprog = _num_programs(q.device, n_items)
-    scr = torch.empty((nprog, TQ, nbp), dtype=torch.float32, device=q.device)
+    scr = torch.empty((nprog, 2, TQ, nbp), dtype=torch.float32, device=q.device)
     interp = S._interpreted()
     _select_fast_kernel[(nprog,)](
         q, c1, c2, out, scr, order, tseq, tstart, cu_q, cu_k, c1_off, c2_off, nseq, n_items, Hkv,
