@@ -455,6 +455,26 @@ def test_tiled_forward_matches_reference(G, D, tq, min_share):
     assert st["union_mean"] <= tq * idx.shape[2] and 0 < st["fill"] <= 1
 
 
+@pytest.mark.parametrize("tq,min_share", [(1, 1), (2, 2), (4, 1), (4, 2), (8, 3), (16, 4)])
+def test_tile_union_kernel_matches_torch(tq, min_share):
+    """The Triton union builder (tile_union) == the torch one (tile_union_torch), field by field: the
+    entry lists with token bits, counts, residual per-token lists, union sizes; three packed sequences
+    (one a query piece continuing a key prefix), rows with no block, tiles cut by sequence ends."""
+    from sala_ops.triton import sparse_attn_tiled as TT
+    _, _, _, idx, cu_q, _, _, _ = _tiled_case(5 + tq, 2, 16)
+    a, b = TT.tile_union_torch(idx, cu_q, tq, min_share), TT.tile_union(idx, cu_q, tq, min_share)
+    ok = a["tile_ok"]
+    assert torch.equal(ok, b["tile_ok"]) and bool(ok.any())
+    for key in ("uni", "ucnt", "tseq", "tstart"):
+        assert torch.equal(a[key].long(), b[key].long()), key
+    for key in ("union", "nsel"):
+        assert torch.equal(a[key][ok].long(), b[key][ok].long()), key
+    assert (a["resid"] is None) == (b["resid"] is None) == (min_share <= 1)
+    if min_share > 1:
+        assert torch.equal(a["resid"], b["resid"])
+        assert bool((a["resid"] >= 0).any()) and bool((a["ucnt"] > 0).any()), "both kinds of entries occur"
+
+
 def test_tiled_forward_dispatch_and_backward(monkeypatch):
     """SALA_SPARSE_FWD=tiled routes block_sparse_attention's forward to the tiled kernel; the
     existing backward (which reads its lse) gives the reference gradients."""

@@ -48,8 +48,10 @@ from . import sparse_select as S
 # the default kernel runs; programs_per_sm: persistent grid = that x number of SMs.
 # nbp_max stays 4096 (256K keys at block 64; longer sequences take the online kernel) until the chunked
 # search below has run on a GPU; SALA_SPARSE_SELECT_MAX_BLOCKS=65536 (read at import) lets it take them.
+# H200 sweep 2026-12-03 at 128K (bench_sparse.py --select-only --sweep): 4 warps / 3 stages 28.2 ms (255 registers,
+# two programs per SM), 8 warps / 2 stages 52.0 (one per SM), 8 warps / 3 stages 44.7, tq 8 + 8 warps + 3 stages 34.1.
 FAST_CFG = dict(tq=4, sb=16, sel_elems=8192, nbp_max=int(os.environ.get("SALA_SPARSE_SELECT_MAX_BLOCKS", "4096")),
-                nbp_reg=4096, num_warps=8, num_stages=2, programs_per_sm=2, ch=256)
+                nbp_reg=4096, num_warps=4, num_stages=3, programs_per_sm=2, ch=256)
 # nbp_reg: rows of at most this many blocks are searched in registers; longer rows (past 256K keys at
 # block 64) are searched in chunks of nbp_reg reloaded from the scratch at every bisection step
 # (31 x NBP / nbp_reg chunk reads per row: at 1M keys ~4 TB of L2 reads per layer, about a sixth of the

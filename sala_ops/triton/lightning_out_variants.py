@@ -1,0 +1,182 @@
+"""Candidate variants of the chunk-output pass (`_chunk_out_kernel`, lightning_chunk.py), selected with
+SALA_LIGHTNING_OUT=<name> (read at every call; unset or "default" = today's kernel). They compute the same
+function for every caller of `chunk_outputs` (forward outputs, dq, dk, dv), so the whole test file can run
+with a variant selected.
+
+  v1  same schedule as the default, less work per 64-token block (sm_90 SASS, bench/NOTES_lightning.md):
+      head dims as constexprs (no head-dim masks at D = 128), an unmasked loop over full blocks and one
+      peeled masked tail block (first in reverse, last forward), decay vectors hoisted, int32 tile
+      offsets on a scalar int64 block base, out_scale and kv_mult folded into the intra-block mask,
+      `q S` chained into the `A v` accumulator, the state update accumulating into `lam^BT S`.
+  v2  v1 with the state-update weights on k^T instead of v: v then has no register use, so Triton's
+      pipeliner gives it two shared buffers like q and k, and the next block's copies are issued before
+      the `q S` / `A v` products instead of after the last one.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from . import lightning_chunk as LC
+
+VARIANTS = ("default", "v1", "v2")
+
+
+def variant() -> str:
+    name = os.environ.get("SALA_LIGHTNING_OUT", "default") or "default"
+    if name not in VARIANTS:
+        raise ValueError(f"SALA_LIGHTNING_OUT must be one of {VARIANTS}, got {name!r}")
+    return name
+
+
+@triton.jit
+def _ld(ptr, mrow, mcol, MROW: tl.constexpr, MCOL: tl.constexpr):
+    # masks only where a constexpr says they can be false (full blocks at D = 128 load unmasked)
+    if MROW:
+        if MCOL:
+            x = tl.load(ptr, mask=mrow[:, None] & mcol[None, :], other=0.0)
+        else:
+            x = tl.load(ptr, mask=mrow[:, None], other=0.0)
+    else:
+        if MCOL:
+            x = tl.load(ptr, mask=mcol[None, :], other=0.0)
+        else:
+            x = tl.load(ptr)
+    return x
+
+
+@triton.jit
+def _st(ptr, x, mrow, mcol, MROW: tl.constexpr, MCOL: tl.constexpr):
+    if MROW:
+        if MCOL:
+            tl.store(ptr, x, mask=mrow[:, None] & mcol[None, :])
+        else:
+            tl.store(ptr, x, mask=mrow[:, None])
+    else:
+        if MCOL:
+            tl.store(ptr, x, mask=mcol[None, :])
+        else:
+            tl.store(ptr, x)
+
+
+@triton.jit
+def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt, mk, mv,
+           MT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr, W_ON_K: tl.constexpr, PREC: tl.constexpr):
+    """One block: o = diag(wq) q S + (q k^T * dmask) v; returns lam_ln S + k^T diag(wk) v."""
+    qt = _ld(qb + offq, mt, mk, MT, MK)
+    kt = _ld(kb + offk, mt, mk, MT, MK)
+    vt = _ld(vb + offv, mt, mv, MT, MV)
+    A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
+    o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
+    o = tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
+    _st(ob + offo, o.to(ob.dtype.element_ty), mt, mv, MT, MV)
+    if W_ON_K:
+        kw = (kt.to(tl.float32) * wk[:, None]).to(kt.dtype)
+        S = tl.dot(tl.trans(kw), vt, S * lam_ln, input_precision=PREC)
+    else:
+        vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
+        S = tl.dot(tl.trans(kt), vw, S * lam_ln, input_precision=PREC)
+    return S
+
+
+@triton.autotune(configs=LC._configs([64, 32], [4, 8], [2, 3]) + ([] if LC._PINNED else LC._configs([128], [8], [2, 3]))
+                 + LC._f32_configs(LC._F32_OUT),
+                 key=["DK", "DV", "BT", "REVERSE", "W_ON_K"],
+                 prune_configs_by={"early_config_prune": LC._by_dtype(LC._F32_OUT)})
+@triton.jit
+def _chunk_out_v_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
+                        T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,
+                        st_sk, st_sv, out_scale, kv_mult, DK: tl.constexpr, DV: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
+                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr, W_ON_K: tl.constexpr):
+    i_v, h, c, a, b, s2 = LC._program_chunk(DV, BV, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
+                                             IS_VARLEN)
+    MK: tl.constexpr = DK < BK
+    MV: tl.constexpr = DV % BV != 0
+    offs_k = tl.arange(0, BK)
+    offs_t = tl.arange(0, BT)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk = offs_k < DK
+    mv = offs_v < DV
+    st_base = (c.to(tl.int64) * H + h) * DK * DV
+    S = tl.load(st_ptr + st_base + offs_k[:, None] * st_sk + offs_v[None, :] * st_sv,
+                mask=mk[:, None] & mv[None, :], other=0.0)
+    if REVERSE:
+        dif = offs_t[None, :] - offs_t[:, None]
+        eq = BT - 1 - offs_t
+        ek = offs_t + 1
+    else:
+        dif = offs_t[:, None] - offs_t[None, :]
+        eq = offs_t + 1
+        ek = BT - 1 - offs_t
+    # both scales on the mask: the A v product then needs no rescale, and o accumulates q S and A v in place
+    dmask = tl.where(dif >= 0, tl.exp2(-s2 * tl.maximum(dif, 0).to(tl.float32)), 0.0) * (kv_mult * out_scale)
+    wq = tl.exp2(-s2 * eq.to(tl.float32)) * out_scale
+    wk = tl.exp2(-s2 * ek.to(tl.float32)) * kv_mult
+    lam_bt = tl.exp2(-s2 * BT)
+    # int32 in-tile offsets (loop invariant) on a scalar int64 block base: one 64-bit add per address
+    offq = offs_t[:, None] * stride_q + offs_k[None, :]
+    offk = offs_t[:, None] * stride_k + offs_k[None, :]
+    offv = offs_t[:, None] * stride_v + offs_v[None, :]
+    offo = offs_t[:, None] * stride_o + offs_v[None, :]
+    qh = q_ptr + (h // GQ) * DK
+    kh = k_ptr + (h // GK) * DK
+    vh = v_ptr + (h // GV) * DV
+    oh = o_ptr + h * DV
+    n = b - a
+    nfull = (n // BT).to(tl.int32)
+    rem = (n - nfull * BT).to(tl.int32)
+    mfull = offs_t < BT
+    # the partial block (if any) is the chunk's last in memory: processed first in reverse, last forward
+    if REVERSE:
+        if rem > 0:
+            S = _tail(qh, kh, vh, oh, a + nfull * BT, stride_q, stride_k, stride_v, stride_o, offq, offk, offv,
+                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, W_ON_K, PREC)
+    for m in range(0, nfull):
+        if REVERSE:
+            p = a + (nfull - 1 - m) * BT
+        else:
+            p = a + m * BT
+        S = _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
+                   offq, offk, offv, offo, S, dmask, wq, wk, lam_bt, mfull, mk, mv, False, MK, MV, W_ON_K, PREC)
+    if not REVERSE:
+        if rem > 0:
+            S = _tail(qh, kh, vh, oh, a + nfull * BT, stride_q, stride_k, stride_v, stride_o, offq, offk, offv,
+                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, W_ON_K, PREC)
+
+
+@triton.jit
+def _tail(qh, kh, vh, oh, p, stride_q, stride_k, stride_v, stride_o, offq, offk, offv, offo, S, dmask, s2, ln,
+          offs_t, out_scale, kv_mult, mk, mv, MK: tl.constexpr, MV: tl.constexpr, REVERSE: tl.constexpr,
+          W_ON_K: tl.constexpr, PREC: tl.constexpr):
+    mt = offs_t < ln
+    if REVERSE:
+        eq = ln - 1 - offs_t
+        ek = offs_t + 1
+    else:
+        eq = offs_t + 1
+        ek = ln - 1 - offs_t
+    wq = tl.where(mt, tl.exp2(-s2 * eq.to(tl.float32)), 0.0) * out_scale
+    wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0) * kv_mult
+    return _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
+                  offq, offk, offv, offo, S, dmask, wq, wk, tl.exp2(-s2 * ln.to(tl.float32)), mt, mk, mv,
+                  True, MK, MV, W_ON_K, PREC)
+
+
+def chunk_outputs(name, qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult, reverse,
+                  ch):
+    """LC.chunk_outputs with the variant kernel (same arguments and result)."""
+    DK, DV = kk.shape[-1], vv.shape[-1]
+    st_sk, st_sv = (1, DK) if transposed else (DV, 1)
+    grid = lambda META: (triton.cdiv(DV, META["BV"]) * H * ch.NS,)  # noqa: E731  (flat: see the default kernel)
+    _chunk_out_v_kernel[grid](qq, kk, vv, out, states, decay, *ch.args(), H, GQ, GK, GV,
+                              qq.shape[-2] * DK, kk.shape[-2] * DK, vv.shape[-2] * DV, out.shape[-2] * DV,
+                              st_sk, st_sv, float(out_scale), float(kv_mult), DK=DK, DV=DV,
+                              BK=LC._pad(DK), BT=ch.BT, REVERSE=reverse, IS_VARLEN=ch.varlen,
+                              PREC=LC._dot_precision(qq.dtype), W_ON_K=name == "v2")
+    return out
+
+
+__all__ = ["variant", "VARIANTS", "chunk_outputs"]
