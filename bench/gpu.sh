@@ -10,7 +10,8 @@
 #   bash bench/gpu.sh decode   # sparse decode: modes sweep, gpu tests, the benchmark (~8 min)
 #   bash bench/gpu.sh fused    # sparse decode: the one-launch step's phases (per FUSED_DIAG_ENVS) and modes, decode +
 #                              # layer gpu tests, the bench, the quick bench per FUSED_BENCH_ENVS (~8 min)
-#   bash bench/gpu.sh select   # sparse prefill: gpu tests, fast-selection config sweep at 128K, bench_sparse (~7 min)
+#   bash bench/gpu.sh select   # sparse prefill: gpu tests, fast-selection config sweep at 128K, bench_sparse,
+#                              # the load-only floor (bench_sparse_floor.py) (~8 min)
 #   bash bench/gpu.sh tune     # sparse decode knob sweep + every lightning forward config timed (~9 min)
 #   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
@@ -87,7 +88,9 @@ if [ "$what" = select ]; then  # sparse prefill: GPU tests, the fast selection's
   step "${T_SEL_SWEEP:-150}" "sparse selection: configs at 128K" python3 bench/bench_sparse.py --seqlens 131072 \
     --select-only --sweep --out "$OUT/select"
   step "${T_SPARSE:-200}" bench_sparse python3 bench/bench_sparse.py --seqlens 32768 131072 65536 --out "$OUT"
-  grep -E "^== |passed|failed|Error|fast_tq| \| " "$log" | cut -c1-300 | head -n 80
+  step "${T_FLOOR:-150}" "sparse attention load-only floor" python3 bench/bench_sparse_floor.py --seqlens 32768 131072 \
+    --inputs random smooth --out "$OUT"
+  grep -E "^== |passed|failed|Error|fast_tq| \| |^ *[0-9]+ +(random|smooth)|^ +T +inputs" "$log" | cut -c1-300 | head -n 80
 fi
 if [ "$what" = ncu ]; then  # Nsight Compute on one warm launch of the fused decode step (if the image has ncu)
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
