@@ -403,11 +403,10 @@ def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out
                   ch: Chunks):
     """Pass 3: out[b, t, h] for every token, from the chunk start states (`transposed`: the state
     buffer holds [DV, DK] tiles and is read as its transpose)."""
-    out_variant = os.environ.get("SALA_LIGHTNING_OUT", "default") or "default"
-    if out_variant != "default":  # candidate kernels (lightning_out_variants.py), read per call
-        from . import lightning_out_variants as OV
-        return OV.chunk_outputs(OV.variant(), qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay,
-                                out_scale, kv_mult, reverse, ch)
+    from . import lightning_chunk_out as CO
+    if CO.variant() == "v1":  # the default (lightning_chunk_out.py); SALA_LIGHTNING_OUT=v0: the kernel below
+        return CO.chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult,
+                                reverse, ch)
     DK, DV = kk.shape[-1], vv.shape[-1]
     if transposed:
         st_sk, st_sv = 1, DK

@@ -1,16 +1,14 @@
-"""Candidate variants of the chunk-output pass (`_chunk_out_kernel`, lightning_chunk.py), selected with
-SALA_LIGHTNING_OUT=<name> (read at every call; unset or "default" = today's kernel). They compute the same
-function for every caller of `chunk_outputs` (forward outputs, dq, dk, dv), so the whole test file can run
-with a variant selected.
+"""The chunk-output pass (pass 3 of lightning_chunk.py: o for every token from its chunk's start state), the
+default since H200 run 8 (2026-12-03): same schedule as lightning_chunk._chunk_out_kernel (now selected with
+SALA_LIGHTNING_OUT=v0, read at every call), less work per 64-token block. It serves every caller of
+`chunk_outputs` (forward outputs, dq, dk, dv).
 
-  v1  same schedule as the default, less work per 64-token block (sm_90 SASS, bench/NOTES_lightning.md):
-      head dims as constexprs (no head-dim masks at D = 128), an unmasked loop over full blocks and one
-      peeled masked tail block (first in reverse, last forward), decay vectors hoisted, int32 tile
-      offsets on a scalar int64 block base, out_scale and kv_mult folded into the intra-block mask,
-      `q S` chained into the `A v` accumulator, the state update accumulating into `lam^BT S`.
-  v2  v1 with the state-update weights on k^T instead of v: v then has no register use, so Triton's
-      pipeliner gives it two shared buffers like q and k, and the next block's copies are issued before
-      the `q S` / `A v` products instead of after the last one.
+From the sm_90 SASS of the v0 loop (bench/NOTES_lightning.md, run 8: 845 -> 586 instructions per block at
+BV 64 / 4 warps): head dims as constexprs (no head-dim masks at D = 128), an unmasked loop over full blocks
+and one peeled masked tail block (first in reverse, last forward), decay vectors hoisted, int32 tile
+offsets on a scalar int64 block base, out_scale and kv_mult folded into the intra-block mask, `q S`
+chained into the `A v` accumulator, the state update accumulating into `lam^BT S`. (Measured and dropped:
+the update weights on k^T instead of v, which gives v a second shared buffer but costs more than it saves.)
 """
 from __future__ import annotations
 
@@ -21,11 +19,11 @@ import triton.language as tl
 
 from . import lightning_chunk as LC
 
-VARIANTS = ("default", "v1", "v2")
+VARIANTS = ("v1", "v0")  # v1: this file (default); v0: lightning_chunk._chunk_out_kernel
 
 
 def variant() -> str:
-    name = os.environ.get("SALA_LIGHTNING_OUT", "default") or "default"
+    name = os.environ.get("SALA_LIGHTNING_OUT", "v1") or "v1"
     if name not in VARIANTS:
         raise ValueError(f"SALA_LIGHTNING_OUT must be one of {VARIANTS}, got {name!r}")
     return name
@@ -63,7 +61,7 @@ def _st(ptr, x, mrow, mcol, MROW: tl.constexpr, MCOL: tl.constexpr):
 
 @triton.jit
 def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt, mk, mv,
-           MT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr, W_ON_K: tl.constexpr, PREC: tl.constexpr):
+           MT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr, PREC: tl.constexpr):
     """One block: o = diag(wq) q S + (q k^T * dmask) v; returns lam_ln S + k^T diag(wk) v."""
     qt = _ld(qb + offq, mt, mk, MT, MK)
     kt = _ld(kb + offk, mt, mk, MT, MK)
@@ -72,25 +70,22 @@ def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt,
     o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
     o = tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
     _st(ob + offo, o.to(ob.dtype.element_ty), mt, mv, MT, MV)
-    if W_ON_K:
-        kw = (kt.to(tl.float32) * wk[:, None]).to(kt.dtype)
-        S = tl.dot(tl.trans(kw), vt, S * lam_ln, input_precision=PREC)
-    else:
-        vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
-        S = tl.dot(tl.trans(kt), vw, S * lam_ln, input_precision=PREC)
-    return S
+    vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
+    return tl.dot(tl.trans(kt), vw, S * lam_ln, input_precision=PREC)
 
 
-@triton.autotune(configs=LC._configs([64, 32], [4, 8], [2, 3]) + ([] if LC._PINNED else LC._configs([128], [8], [2, 3]))
+# No BV=32 configs: bf16 BV=32 / 4 warps / 2 stages hit an illegal memory access on the H200 in the reverse
+# (dk) call of the T=3000 GQA test (cause not found; BV=32 never won for the default either).
+@triton.autotune(configs=LC._configs([64], [4, 8], [2, 3]) + ([] if LC._PINNED else LC._configs([128], [8], [2, 3]))
                  + LC._f32_configs(LC._F32_OUT),
-                 key=["DK", "DV", "BT", "REVERSE", "W_ON_K"],
+                 key=["DK", "DV", "BT", "REVERSE"],
                  prune_configs_by={"early_config_prune": LC._by_dtype(LC._F32_OUT)})
 @triton.jit
-def _chunk_out_v_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
+def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
                         T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,
                         st_sk, st_sv, out_scale, kv_mult, DK: tl.constexpr, DV: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr, W_ON_K: tl.constexpr):
+                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     i_v, h, c, a, b, s2 = LC._program_chunk(DV, BV, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
                                              IS_VARLEN)
     MK: tl.constexpr = DK < BK
@@ -133,24 +128,24 @@ def _chunk_out_v_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_sta
     if REVERSE:
         if rem > 0:
             S = _tail(qh, kh, vh, oh, a + nfull * BT, stride_q, stride_k, stride_v, stride_o, offq, offk, offv,
-                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, W_ON_K, PREC)
+                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, PREC)
     for m in range(0, nfull):
         if REVERSE:
             p = a + (nfull - 1 - m) * BT
         else:
             p = a + m * BT
         S = _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
-                   offq, offk, offv, offo, S, dmask, wq, wk, lam_bt, mfull, mk, mv, False, MK, MV, W_ON_K, PREC)
+                   offq, offk, offv, offo, S, dmask, wq, wk, lam_bt, mfull, mk, mv, False, MK, MV, PREC)
     if not REVERSE:
         if rem > 0:
             S = _tail(qh, kh, vh, oh, a + nfull * BT, stride_q, stride_k, stride_v, stride_o, offq, offk, offv,
-                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, W_ON_K, PREC)
+                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, PREC)
 
 
 @triton.jit
 def _tail(qh, kh, vh, oh, p, stride_q, stride_k, stride_v, stride_o, offq, offk, offv, offo, S, dmask, s2, ln,
           offs_t, out_scale, kv_mult, mk, mv, MK: tl.constexpr, MV: tl.constexpr, REVERSE: tl.constexpr,
-          W_ON_K: tl.constexpr, PREC: tl.constexpr):
+          PREC: tl.constexpr):
     mt = offs_t < ln
     if REVERSE:
         eq = ln - 1 - offs_t
@@ -162,20 +157,20 @@ def _tail(qh, kh, vh, oh, p, stride_q, stride_k, stride_v, stride_o, offq, offk,
     wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0) * kv_mult
     return _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
                   offq, offk, offv, offo, S, dmask, wq, wk, tl.exp2(-s2 * ln.to(tl.float32)), mt, mk, mv,
-                  True, MK, MV, W_ON_K, PREC)
+                  True, MK, MV, PREC)
 
 
-def chunk_outputs(name, qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult, reverse,
+def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult, reverse,
                   ch):
-    """LC.chunk_outputs with the variant kernel (same arguments and result)."""
+    """LC.chunk_outputs with this kernel (same arguments and result)."""
     DK, DV = kk.shape[-1], vv.shape[-1]
     st_sk, st_sv = (1, DK) if transposed else (DV, 1)
     grid = lambda META: (triton.cdiv(DV, META["BV"]) * H * ch.NS,)  # noqa: E731  (flat: see the default kernel)
-    _chunk_out_v_kernel[grid](qq, kk, vv, out, states, decay, *ch.args(), H, GQ, GK, GV,
+    _chunk_out_v1_kernel[grid](qq, kk, vv, out, states, decay, *ch.args(), H, GQ, GK, GV,
                               qq.shape[-2] * DK, kk.shape[-2] * DK, vv.shape[-2] * DV, out.shape[-2] * DV,
                               st_sk, st_sv, float(out_scale), float(kv_mult), DK=DK, DV=DV,
                               BK=LC._pad(DK), BT=ch.BT, REVERSE=reverse, IS_VARLEN=ch.varlen,
-                              PREC=LC._dot_precision(qq.dtype), W_ON_K=name == "v2")
+                              PREC=LC._dot_precision(qq.dtype))
     return out
 
 
