@@ -462,7 +462,7 @@ def test_tile_union_kernel_matches_torch(tq, min_share):
     (one a query piece continuing a key prefix), rows with no block, tiles cut by sequence ends."""
     from sala_ops.triton import sparse_attn_tiled as TT
     _, _, _, idx, cu_q, _, _, _ = _tiled_case(5 + tq, 2, 16)
-    a, b = TT.tile_union_torch(idx, cu_q, tq, min_share), TT.tile_union(idx, cu_q, tq, min_share)
+    a, b = TT.tile_union_torch(idx, cu_q, tq, min_share), TT.tile_union(idx, cu_q, tq, min_share, kernel=True)
     ok = a["tile_ok"]
     assert torch.equal(ok, b["tile_ok"]) and bool(ok.any())
     for key in ("uni", "ucnt", "tseq", "tstart"):

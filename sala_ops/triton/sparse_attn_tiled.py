@@ -246,10 +246,14 @@ def _tile_union_kernel(IDX, UNI, UCNT, USZ, NSEL, RES, tile_seq, tile_start, cu_
                  mask=tok_ok & (c < S) & (c >= rcnt))
 
 
-def tile_union(idx, cu_q, tq, min_share=1):
-    """tile_union_torch's result (same dict) from one Triton launch per call: grid (tiles, Hkv)."""
+def tile_union(idx, cu_q, tq, min_share=1, kernel=None):
+    """tile_union_torch's result (same dict) from one Triton launch per call: grid (tiles, Hkv).
+    kernel=None: the kernel on a GPU, the torch ops under the interpreter (whose op-by-op bitonic sort made
+    the union 60% of a sparse backward test's time); the kernel's own test passes kernel=True."""
     Tq, Hkv, S = idx.shape
-    if tq > 16 or Tq == 0:  # the kernel's sort vector is tq x pow2(S) keys; larger tiles keep the torch path
+    if kernel is None:
+        kernel = not _interpreted()
+    if not kernel or tq > 16 or Tq == 0:  # the sort vector is tq x pow2(S) keys; larger tiles keep the torch ops
         return tile_union_torch(idx, cu_q, tq, min_share)
     dev = idx.device
     nseq = cu_q.numel() - 1
