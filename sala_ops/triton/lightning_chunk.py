@@ -108,6 +108,22 @@ def _chunk_bounds(c, chunk_start_ptr, chunk_end_ptr, T, NSS, L, IS_VARLEN: tl.co
 
 
 @triton.jit
+def block_weights(offs_t, ln, mt, s2, out_scale, kv_mult, REVERSE: tl.constexpr):
+    """Decay weights of one block of ln tokens (rows past ln: 0): wq[i] for the state term of output i
+    (lam^(i+1), in time order), wk[j] for token j's share of the block's state update (lam^(ln-1-j));
+    mirrored in reverse. Times out_scale and kv_mult."""
+    if REVERSE:
+        eq = ln - 1 - offs_t
+        ek = offs_t + 1
+    else:
+        eq = offs_t + 1
+        ek = ln - 1 - offs_t
+    wq = tl.where(mt, tl.exp2(-s2 * eq.to(tl.float32)), 0.0) * out_scale
+    wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0) * kv_mult
+    return wq, wk
+
+
+@triton.jit
 def _program_chunk(DV, BV: tl.constexpr, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
                    IS_VARLEN: tl.constexpr):
     """Decode this program's (V-block i_v, head h, chunk c) from its flat id (V-block fastest) and return
@@ -272,14 +288,7 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
                      mask=mt[:, None] & mk[None, :], other=0.0)
         vt = tl.load(v_ptr + t[:, None] * stride_v + hv * DV + offs_v[None, :],
                      mask=mt[:, None] & mv[None, :], other=0.0)
-        if REVERSE:
-            eq = ln - 1 - offs_t
-            ek = offs_t + 1
-        else:
-            eq = offs_t + 1
-            ek = ln - 1 - offs_t
-        wq = tl.where(mt, tl.exp2(-s2 * eq.to(tl.float32)), 0.0) * out_scale
-        wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0) * kv_mult
+        wq, wk = block_weights(offs_t, ln, mt, s2, out_scale, kv_mult, REVERSE)
         # (q diag(wq)) S = diag(wq) (q S): the row weights go on the product, the loaded q tile feeds
         # the tensor cores as it is
         A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask

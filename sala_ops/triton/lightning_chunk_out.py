@@ -108,6 +108,7 @@ def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_st
         ek = BT - 1 - offs_t
     # both scales on the mask: the A v product then needs no rescale, and o accumulates q S and A v in place
     dmask = tl.where(dif >= 0, tl.exp2(-s2 * tl.maximum(dif, 0).to(tl.float32)), 0.0) * (kv_mult * out_scale)
+    # LC.block_weights for a full block, without its row mask (so the loop's PTX stays the measured one)
     wq = tl.exp2(-s2 * eq.to(tl.float32)) * out_scale
     wk = tl.exp2(-s2 * ek.to(tl.float32)) * kv_mult
     lam_bt = tl.exp2(-s2 * BT)
@@ -147,14 +148,7 @@ def _tail(qh, kh, vh, oh, p, stride_q, stride_k, stride_v, stride_o, offq, offk,
           offs_t, out_scale, kv_mult, mk, mv, MK: tl.constexpr, MV: tl.constexpr, REVERSE: tl.constexpr,
           PREC: tl.constexpr):
     mt = offs_t < ln
-    if REVERSE:
-        eq = ln - 1 - offs_t
-        ek = offs_t + 1
-    else:
-        eq = offs_t + 1
-        ek = ln - 1 - offs_t
-    wq = tl.where(mt, tl.exp2(-s2 * eq.to(tl.float32)), 0.0) * out_scale
-    wk = tl.where(mt, tl.exp2(-s2 * ek.to(tl.float32)), 0.0) * kv_mult
+    wq, wk = LC.block_weights(offs_t, ln, mt, s2, out_scale, kv_mult, REVERSE)
     return _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
                   offq, offk, offv, offo, S, dmask, wq, wk, tl.exp2(-s2 * ln.to(tl.float32)), mt, mk, mv,
                   True, MK, MV, PREC)

@@ -16,8 +16,9 @@ out where its token did not select the block (plus the token-level causal mask).
 The union is built on the device by `tile_union` (one Triton launch, no host sync; `tile_union_torch`
 is the same in torch ops, 12 ms at 128K on the H200): per (tile, KV head) the TQ lists are concatenated
 as keys block * TQ + token, sorted, and cut into runs of equal block; each run becomes one int64 entry
-(block << 32) | bitmask-of-tokens-that-chose-it, ascending, -1 padded, with a count per (tile, head). The kernel reads entry s, tests bit `token` per row, and its loop is a
-plain `for s in range(count)` over a precomputed list, so Triton's pipeliner can prefetch K/V.
+(block << 32) | bitmask-of-tokens-that-chose-it, ascending, -1 padded, with a count per (tile, head).
+The kernel reads entry s, tests bit `token` per row, and its loop is a plain `for s in range(count)`
+over a precomputed list, so Triton's pipeliner can prefetch K/V.
 
 Hybrid (min_share > 1): a union block chosen by fewer than min_share of the tile's tokens wastes most
 of its M rows. Such entries are left out of the tile list and go, per token, through the existing

@@ -21,9 +21,9 @@ tokens of one sequence, KV head g), taken round-robin from a list sorted by decr
      (kernel_size - 1) // kernel_stride windows to SCR[pid, 1]: those windows also intersect the next
      block, and _score_bits folds them in when it reads the scores (no shift across the sub-tile);
   4. barrier, then per TSEL rows: load [TSEL, NBP] scores (own, max the previous block's tail),
-     forced = +inf, future = -1 bits, a 31-step binary search for the n_sel-th largest int32 bit pattern (scores are >= 0, so int order = float
-     order), choose bits > S plus the lowest-index bits == S (cumsum rank), compact ascending with a
-     cumsum, store; -1 padding. No sort anywhere.
+     forced = +inf, future = -1 bits, a 31-step binary search for the n_sel-th largest int32 bit
+     pattern (scores are >= 0, so int order = float order), choose bits > S plus the lowest-index
+     bits == S (cumsum rank), compact ascending with a cumsum, store; -1 padding. No sort anywhere.
 Tiles whose last query has qb + 1 <= k_sel select every causal block and skip steps 1-3.
 
 Limits (else sparse_select.select runs): block_size % kernel_stride == 0, R a power of two,
@@ -145,7 +145,8 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                     pj = tl.sum(tl.reshape(p, [SB * R, TQ, GP]), 2)            # summed over the heads
                     p3 = tl.reshape(pj, [SB, R, TQ])
                     bm = (b0 + si < NBP)[:, None]
-                    tl.store(scr + tqi[None, :] * NBP + (b0 + si)[:, None], tl.max(p3, 1), mask=bm)  # windows bR .. bR+R-1
+                    # windows bR .. bR+R-1
+                    tl.store(scr + tqi[None, :] * NBP + (b0 + si)[:, None], tl.max(p3, 1), mask=bm)
                     if E > 0:  # its last E windows, which block b + 1 also intersects (folded in by _score_bits)
                         tail = tl.max(tl.where(rr[None, :, None] >= R - E, p3, 0.0), 1)
                         tl.store(scr + TQ * NBP + tqi[None, :] * NBP + (b0 + si)[:, None], tail, mask=bm)
