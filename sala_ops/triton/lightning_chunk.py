@@ -413,7 +413,7 @@ def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out
     """Pass 3: out[b, t, h] for every token, from the chunk start states (`transposed`: the state
     buffer holds [DV, DK] tiles and is read as its transpose)."""
     from . import lightning_chunk_out as CO
-    if CO.variant() == "v1":  # the default (lightning_chunk_out.py); SALA_LIGHTNING_OUT=v0: the kernel below
+    if CO.variant() != "v0":  # the default (lightning_chunk_out.py); SALA_LIGHTNING_OUT=v0: the kernel below
         return CO.chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult,
                                 reverse, ch)
     DK, DV = kk.shape[-1], vv.shape[-1]

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 from . import lightning_chunk as LC
 
-VARIANTS = ("v1", "v0")  # v1: this file (default); v0: lightning_chunk._chunk_out_kernel
+# v1: this file (default); v1mma / v1mma1: this file with the update weights applied by products (WMMA 2 / 1,
+# see _block; 16-bit inputs only, fp32 inputs keep register scaling); v0: lightning_chunk._chunk_out_kernel
+VARIANTS = ("v1", "v1mma", "v1mma1", "v0")
+_WMMA = {"v1": 0, "v1mma": 2, "v1mma1": 1}
 
 
 def variant() -> str:
@@ -60,9 +64,23 @@ def _st(ptr, x, mrow, mcol, MROW: tl.constexpr, MCOL: tl.constexpr):
 
 
 @triton.jit
-def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt, mk, mv,
-           MT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr, PREC: tl.constexpr):
-    """One block: o = diag(wq) q S + (q k^T * dmask) v; returns lam_ln S + k^T diag(wk) v."""
+def _diag(w, BT: tl.constexpr, dtype):
+    """diag(w) as two [BT, BT] matrices of `dtype` whose sum is w to ~16 mantissa bits (hi, lo split): a
+    product with both, accumulated in fp32, weights rows as exactly as scaling in fp32 registers would."""
+    eye = tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :]
+    hi = w.to(dtype)
+    lo = (w - hi.to(tl.float32)).to(dtype)
+    return tl.where(eye, hi[:, None], 0.0).to(dtype), tl.where(eye, lo[:, None], 0.0).to(dtype)
+
+
+@triton.jit
+def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, whi, wlo, lam_ln, mt, mk, mv,
+           MT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr, PREC: tl.constexpr, WMMA: tl.constexpr):
+    """One block: o = diag(wq) q S + (q k^T * dmask) v; returns lam_ln S + k^T diag(wk) v.
+
+    WMMA = 0: diag(wk) v scaled in registers. WMMA = 2: as the products diag(hi) v + diag(lo) v (whi, wlo from
+    _diag), so the loaded v tile is only ever a tensor-core operand read from shared memory (no register use);
+    WMMA = 1: the hi product only (wk rounded to the input dtype first)."""
     qt = _ld(qb + offq, mt, mk, MT, MK)
     kt = _ld(kb + offk, mt, mk, MT, MK)
     vt = _ld(vb + offv, mt, mv, MT, MV)
@@ -70,7 +88,13 @@ def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt,
     o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
     o = tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
     _st(ob + offo, o.to(ob.dtype.element_ty), mt, mv, MT, MV)
-    vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
+    if WMMA == 0:
+        vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
+    else:
+        vw = tl.dot(whi, vt, input_precision=PREC)
+        if WMMA == 2:
+            vw = tl.dot(wlo, vt, vw, input_precision=PREC)
+        vw = vw.to(vt.dtype)
     return tl.dot(tl.trans(kt), vw, S * lam_ln, input_precision=PREC)
 
 
@@ -78,14 +102,14 @@ def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt,
 # (dk) call of the T=3000 GQA test (cause not found; BV=32 never won for the default either).
 @triton.autotune(configs=LC._configs([64], [4, 8], [2, 3]) + ([] if LC._PINNED else LC._configs([128], [8], [2, 3]))
                  + LC._f32_configs(LC._F32_OUT),
-                 key=["DK", "DV", "BT", "REVERSE"],
+                 key=["DK", "DV", "BT", "REVERSE", "WMMA"],
                  prune_configs_by={"early_config_prune": LC._by_dtype(LC._F32_OUT)})
 @triton.jit
 def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
                         T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,
                         st_sk, st_sv, out_scale, kv_mult, DK: tl.constexpr, DV: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr, WMMA: tl.constexpr):
     i_v, h, c, a, b, s2 = LC._program_chunk(DV, BV, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
                                              IS_VARLEN)
     MK: tl.constexpr = DK < BK
@@ -112,6 +136,7 @@ def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_st
     wq = tl.exp2(-s2 * eq.to(tl.float32)) * out_scale
     wk = tl.exp2(-s2 * ek.to(tl.float32)) * kv_mult
     lam_bt = tl.exp2(-s2 * BT)
+    whi, wlo = _diag(wk, BT, q_ptr.dtype.element_ty)
     # int32 in-tile offsets (loop invariant) on a scalar int64 block base: one 64-bit add per address
     offq = offs_t[:, None] * stride_q + offs_k[None, :]
     offk = offs_t[:, None] * stride_k + offs_k[None, :]
@@ -129,29 +154,31 @@ def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_st
     if REVERSE:
         if rem > 0:
             S = _tail(qh, kh, vh, oh, a + nfull * BT, stride_q, stride_k, stride_v, stride_o, offq, offk, offv,
-                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, PREC)
+                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, BT, MK, MV, REVERSE, PREC, WMMA)
     for m in range(0, nfull):
         if REVERSE:
             p = a + (nfull - 1 - m) * BT
         else:
             p = a + m * BT
         S = _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
-                   offq, offk, offv, offo, S, dmask, wq, wk, lam_bt, mfull, mk, mv, False, MK, MV, PREC)
+                   offq, offk, offv, offo, S, dmask, wq, wk, whi, wlo, lam_bt, mfull, mk, mv, False, MK, MV, PREC,
+                   WMMA)
     if not REVERSE:
         if rem > 0:
             S = _tail(qh, kh, vh, oh, a + nfull * BT, stride_q, stride_k, stride_v, stride_o, offq, offk, offv,
-                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, PREC)
+                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, BT, MK, MV, REVERSE, PREC, WMMA)
 
 
 @triton.jit
 def _tail(qh, kh, vh, oh, p, stride_q, stride_k, stride_v, stride_o, offq, offk, offv, offo, S, dmask, s2, ln,
-          offs_t, out_scale, kv_mult, mk, mv, MK: tl.constexpr, MV: tl.constexpr, REVERSE: tl.constexpr,
-          PREC: tl.constexpr):
+          offs_t, out_scale, kv_mult, mk, mv, BT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr,
+          REVERSE: tl.constexpr, PREC: tl.constexpr, WMMA: tl.constexpr):
     mt = offs_t < ln
     wq, wk = LC.block_weights(offs_t, ln, mt, s2, out_scale, kv_mult, REVERSE)
+    whi, wlo = _diag(wk, BT, qh.dtype.element_ty)
     return _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
-                  offq, offk, offv, offo, S, dmask, wq, wk, tl.exp2(-s2 * ln.to(tl.float32)), mt, mk, mv,
-                  True, MK, MV, PREC)
+                  offq, offk, offv, offo, S, dmask, wq, wk, whi, wlo, tl.exp2(-s2 * ln.to(tl.float32)), mt, mk,
+                  mv, True, MK, MV, PREC, WMMA)
 
 
 def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult, reverse,
@@ -164,7 +191,8 @@ def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out
                               qq.shape[-2] * DK, kk.shape[-2] * DK, vv.shape[-2] * DV, out.shape[-2] * DV,
                               st_sk, st_sv, float(out_scale), float(kv_mult), DK=DK, DV=DV,
                               BK=LC._pad(DK), BT=ch.BT, REVERSE=reverse, IS_VARLEN=ch.varlen,
-                              PREC=LC._dot_precision(qq.dtype))
+                              PREC=LC._dot_precision(qq.dtype),
+                              WMMA=0 if qq.dtype == torch.float32 else _WMMA[variant()])
     return out
 
 
