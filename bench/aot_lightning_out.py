@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--reverse", action="store_true")
     ap.add_argument("--seq", action="store_true", help="print the key-opcode sequence of the main loop")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--wmma", type=int, default=0, help="the kernel's WMMA constexpr (0 = v1, 2 = v1mma)")
+    ap.add_argument("--tma", action="store_true", help="the TMA variant (_chunk_out_tma_kernel)")
     a = ap.parse_args()
     if a.triton:
         sys.path.insert(0, a.triton)
@@ -80,13 +80,18 @@ def main():
     dt = a.dtype
     for cfg in a.configs.split(","):
         bv, nw, ns = map(int, cfg.split(":"))
-        k = comp(f"chunk_out_v1 {dt} BV {bv}", LCO._chunk_out_v1_kernel.fn,
-                 dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", o_ptr=f"*{dt}", st_ptr="*fp32",
-                      decay_ptr="*fp32", chunk_start_ptr="*i64", chunk_end_ptr="*i64"),
+        ptrs = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", o_ptr=f"*{dt}", st_ptr="*fp32",
+                    decay_ptr="*fp32", chunk_start_ptr="*i64", chunk_end_ptr="*i64")
+        kern = LCO._chunk_out_v1_kernel.fn
+        if a.tma:
+            kern = LCO._chunk_out_tma_kernel.fn
+            for nm, cols in (("q_desc", D), ("k_desc", D), ("v_desc", bv), ("o_desc", bv)):
+                ptrs[nm] = f"tensordesc<{dt}[64, {cols}]>"
+        k = comp(f"chunk_out_{'tma' if a.tma else 'v1'} {dt} BV {bv}", kern, ptrs,
                  dict(T=131072, NSS=16, L=8192, H=H, GQ=1, GK=1, GV=1, stride_q=H * D, stride_k=H * D,
                       stride_v=H * D, stride_o=H * D, st_sk=D, st_sv=1),
                  ("out_scale", "kv_mult"),
-                 dict(DK=D, DV=D, BK=D, BV=bv, BT=64, REVERSE=a.reverse, IS_VARLEN=False, PREC="tf32", WMMA=a.wmma), nw, ns)
+                 dict(DK=D, DV=D, BK=D, BV=bv, BT=64, REVERSE=a.reverse, IS_VARLEN=False, PREC="tf32"), nw, ns)
         if k is None:
             continue
         loops = sass_loops(k.asm["cubin"], nvdisasm)

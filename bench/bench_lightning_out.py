@@ -2,7 +2,7 @@
 the pass alone and the whole forward per variant, and each variant's output against the default's (bf16,
 B=1, H=32, D=128). fla is not timed here: bench_lightning.py --cases bfloat16:fwd:highest does that.
 
-    python bench/bench_lightning_out.py --T 32768,131072 [--variants v0,v1]
+    python bench/bench_lightning_out.py --T 32768,131072 [--variants v1,tma] [--backward]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="32768,131072")
     ap.add_argument("--variants", default="v0,v1")
+    ap.add_argument("--backward", action="store_true", help="also time forward+backward per variant")
     a = ap.parse_args()
     decay = sala_ops.sala_decay_slopes(H).cuda().float()
     scale = D ** -0.5
@@ -43,8 +44,8 @@ def main():
                 LC.chunk_outputs(q, k, v, 1, 1, 1, H, o, states, False, decay, scale, 1.0, False, ch)
 
             out_pass()
-            fn = LC._chunk_out_kernel if name == "v0" else __import__(
-                "sala_ops.triton.lightning_chunk_out", fromlist=["x"])._chunk_out_v1_kernel
+            CO = __import__("sala_ops.triton.lightning_chunk_out", fromlist=["x"])
+            fn = {"v0": LC._chunk_out_kernel, "tma": CO._chunk_out_tma_kernel}.get(name, CO._chunk_out_v1_kernel)
             cfg = fn.best_config if hasattr(fn, "best_config") else None
             err = 0.0 if ref is None else ((o.float() - ref).norm() / ref.norm()).item()
             if ref is None:
@@ -52,8 +53,17 @@ def main():
             t_out = triton.testing.do_bench(out_pass, warmup=25, rep=200, return_mode="median")
             t_fwd = triton.testing.do_bench(lambda: sala_ops.lightning_attention(q, k, v, decay, scale=scale),
                                             warmup=25, rep=200, return_mode="median")
-            print(f"T {T:7d} {name:8s} chunk_out {t_out:.4f} ms  fwd {t_fwd:.4f} ms  rel err vs first {err:.2e}  "
-                  f"config {cfg}", flush=True)
+            t_fb = float("nan")
+            if a.backward:
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                do = torch.randn_like(q)
+
+                def fwd_bwd():
+                    sala_ops.lightning_attention(qg, kg, vg, decay, scale=scale).output.backward(do)
+                t_fb = triton.testing.do_bench(fwd_bwd, warmup=10, rep=200, return_mode="median",
+                                               grad_to_none=[qg, kg, vg])
+            print(f"T {T:7d} {name:8s} chunk_out {t_out:.4f} ms  fwd {t_fwd:.4f} ms  fwd+bwd {t_fb:.4f} ms  "
+                  f"rel err vs first {err:.2e}  config {cfg}", flush=True)
         os.environ.pop("SALA_LIGHTNING_OUT", None)
 
 

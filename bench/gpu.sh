@@ -12,9 +12,10 @@
 #                              # layer gpu tests, the bench, the quick bench per FUSED_BENCH_ENVS (~8 min)
 #   bash bench/gpu.sh select   # sparse prefill: gpu tests, fast-selection config sweep at 128K, bench_sparse,
 #                              # the load-only floor (bench_sparse_floor.py) (~8 min)
-#   bash bench/gpu.sh lightning  # chunk-output variants (LOUT_VARIANTS) timed, their tests, the forward vs fla per
-#                              # LFWD_ENVS entry (comma-separated env assignments, "none" = defaults) (~5 min)
-#   bash bench/gpu.sh lightlong  # lightning gpu tests with the 1M checked segment, fwd+bwd vs fla at 32K/128K (~8 min)
+#   bash bench/gpu.sh lightning  # chunk-output variants (LOUT_VARIANTS) timed (fwd, fwd+bwd), the forward vs fla per
+#                              # LFWD_ENVS entry (comma-separated env assignments, "none" = defaults), their tests (~6 min)
+#   bash bench/gpu.sh lightlong  # lightning gpu tests with the 1M checked segment, fwd and fwd+bwd vs fla at 32K/128K
+#                              # (LFB_CASES) (~8 min)
 #   bash bench/gpu.sh tune     # sparse decode knob sweep + every lightning forward config timed (~9 min)
 #   bash bench/gpu.sh all      # tests, bench, extra (longer per-call limits only)
 # Carry [".whl", ".triton_cache"] (bench/gpu_env.sh: peers' wheels, compile + autotune cache); after the
@@ -97,22 +98,22 @@ if [ "$what" = select ]; then  # sparse prefill: GPU tests, the fast selection's
 fi
 if [ "$what" = lightning ]; then
   step "${T_LOUT:-200}" "lightning chunk-output variants" python3 bench/bench_lightning_out.py --T 32768,131072 \
-    --variants "${LOUT_VARIANTS:-v1,v1mma,v1mma1}"
-  step 150 "lightning chunk-output tests" python3 -m pytest -q tests/test_lightning_chunk_out.py -p no:cacheprovider \
-    -rfE || tests_rc=$?
+    --variants "${LOUT_VARIANTS:-v1,tma}" --backward
   for e in ${LFWD_ENVS:-none}; do
     assign=${e//,/ }; [ "$e" = none ] && assign=
     step "${T_LFWD:-120}" "lightning fwd vs fla ($e)" env $assign python3 bench/bench_lightning.py \
       --T 32768,131072 --cases bfloat16:fwd:highest --out "$OUT/fwd_${e//[^A-Za-z0-9]/_}"
   done
-  grep -E "^== |^T |passed|failed|Error| \| " "$log" | cut -c1-300 | head -n 80
+  step "${T_LOUT_TESTS:-150}" "lightning chunk-output tests" python3 -m pytest -q tests/test_lightning_chunk_out.py \
+    -p no:cacheprovider -rfE || tests_rc=$?
+  grep -E "^== |^T |^(op|fwd|fwd\+bwd) |passed|failed|Error| \| " "$log" | cut -c1-300 | head -n 80
 fi
 if [ "$what" = lightlong ]; then
   step "${T_LTESTS:-300}" "gpu tests: lightning (1M checked segment included)" python3 -m pytest -q -m gpu \
     tests/test_lightning_triton.py -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
-  step "${T_LFB:-260}" "lightning fwd+bwd vs fla" python3 bench/bench_lightning.py --T 32768,131072 \
-    --cases bfloat16:fwd+bwd:highest --out "$OUT/fwdbwd"
-  grep -E "^== |passed|failed|Error| \| " "$log" | cut -c1-300 | head -n 80
+  step "${T_LFB:-260}" "lightning fwd and fwd+bwd vs fla" python3 bench/bench_lightning.py --T 32768,131072 \
+    --cases "${LFB_CASES:-bfloat16:fwd:highest,bfloat16:fwd+bwd:highest}" --out "$OUT/fwdbwd"
+  grep -E "^== |^(op|fwd|fwd\+bwd) |passed|failed|Error| \| " "$log" | cut -c1-300 | head -n 80
 fi
 if [ "$what" = ncu ]; then  # Nsight Compute on one warm launch of the fused decode step (if the image has ncu)
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)

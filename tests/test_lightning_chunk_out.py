@@ -63,23 +63,55 @@ def test_out_variant_equals_default(name, case, monkeypatch):
         assert_close(g, w, 1e-5, f"{name} {what}")
 
 
-# 16-bit inputs (the only ones the MMA weighting runs for; fp16 because the interpreter's bf16 dot is broken)
-_WMMA_CASES = [0, 2] if not HAS_CUDA else [0, 1]
+class _Counting:
+    """Stands in for a Triton kernel (kernel[grid](...)) and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls += 1
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
-@pytest.mark.parametrize("case", _WMMA_CASES)
-def test_update_weights_by_products(case, monkeypatch):
-    """v1mma applies the update weights diag(wk) v as two products (hi + lo split of wk) instead of scaling v
-    in registers: equal to v1 up to the fp32 summation order, i.e. far below one fp16 ulp of a weight
-    (2^-11 = 4.9e-4; dropping the lo product fails here). v1mma1 (hi only) is off by about that much."""
+# head dims equal to their tile width (64, 128: a TMA tile is whole heads), GQA, varlen, chunk starts off the
+# block grid
+_TMA_CASES = [(1, 70, 2, 1, 64, (32, 16), None, True, 0.1), (1, 79, 4, 2, 64, (32, 16), [5, 40, 1, 33], True, 0.1)]
+if HAS_CUDA:
+    _TMA_CASES = _CASES
+
+
+@pytest.mark.parametrize("case", _TMA_CASES)
+def test_tma_variant_equals_v1(case, monkeypatch):
+    """SALA_LIGHTNING_OUT=tma (q, k, v, o tiles moved by TMA descriptors) computes what v1 computes, forward and
+    all three backward uses, and really runs (launch count); 16-bit inputs (fp16: the interpreter's bf16 dot is
+    broken). Same products in the same order, so equal up to fp32 rounding of the accumulation."""
+    from sala_ops.triton import lightning_chunk_out as CO
     dt = torch.float16
-    want = _run("v1", _CASES[case], monkeypatch, dt)
-    exact = _run("v1mma", _CASES[case], monkeypatch, dt)
-    rounded = _run("v1mma1", _CASES[case], monkeypatch, dt)
-    for what, g, w in zip(("o", "final_state", "dq", "dk", "dv", "d_initial_state"), exact, want):
-        assert_close(g, w, 5e-5, f"v1mma {what}")
-    for what, g, w in zip(("o", "final_state", "dq", "dk", "dv", "d_initial_state"), rounded, want):
-        assert_close(g, w, 1e-3, f"v1mma1 {what}")
+    want = _run("v1", case, monkeypatch, dt)
+    counter = _Counting(CO._chunk_out_tma_kernel)
+    monkeypatch.setattr(CO, "_chunk_out_tma_kernel", counter)
+    got = _run("tma", case, monkeypatch, dt)
+    assert counter.calls == 4  # forward, dq, dk, dv
+    for what, g, w in zip(("o", "final_state", "dq", "dk", "dv", "d_initial_state"), got, want):
+        assert_close(g, w, 1e-5, f"tma {what}")
+
+
+def test_tma_variant_falls_back_to_v1(monkeypatch):
+    """Head dims TMA cannot tile per head (24) and fp32 inputs run the v1 kernel under SALA_LIGHTNING_OUT=tma."""
+    from sala_ops.triton import lightning_chunk_out as CO
+    counter = _Counting(CO._chunk_out_tma_kernel)
+    monkeypatch.setattr(CO, "_chunk_out_tma_kernel", counter)
+    case = (1, 40, 2, 2, 24, (32, 16), None, True, 0.1) if not HAS_CUDA else (1, 100, 2, 2, 96, (64, 64), None, True, 0.1)
+    want = _run("v1", case, monkeypatch, torch.float16)
+    got = _run("tma", case, monkeypatch, torch.float16)
+    got32 = _run("tma", _CASES[0], monkeypatch)
+    assert counter.calls == 0
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert all(torch.isfinite(g).all() for g in got32)
 
 
 def test_out_variant_name_checked(monkeypatch):

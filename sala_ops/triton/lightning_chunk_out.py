@@ -20,10 +20,9 @@ import triton.language as tl
 
 from . import lightning_chunk as LC
 
-# v1: this file (default); v1mma / v1mma1: this file with the update weights applied by products (WMMA 2 / 1,
-# see _block; 16-bit inputs only, fp32 inputs keep register scaling); v0: lightning_chunk._chunk_out_kernel
-VARIANTS = ("v1", "v1mma", "v1mma1", "v0")
-_WMMA = {"v1": 0, "v1mma": 2, "v1mma1": 1}
+# v1: _chunk_out_v1_kernel (default); tma: _chunk_out_tma_kernel (16-bit inputs whose tiles TMA can address, else
+# v1); v0: lightning_chunk._chunk_out_kernel
+VARIANTS = ("v1", "tma", "v0")
 
 
 def variant() -> str:
@@ -64,23 +63,9 @@ def _st(ptr, x, mrow, mcol, MROW: tl.constexpr, MCOL: tl.constexpr):
 
 
 @triton.jit
-def _diag(w, BT: tl.constexpr, dtype):
-    """diag(w) as two [BT, BT] matrices of `dtype` whose sum is w to ~16 mantissa bits (hi, lo split): a
-    product with both, accumulated in fp32, weights rows as exactly as scaling in fp32 registers would."""
-    eye = tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :]
-    hi = w.to(dtype)
-    lo = (w - hi.to(tl.float32)).to(dtype)
-    return tl.where(eye, hi[:, None], 0.0).to(dtype), tl.where(eye, lo[:, None], 0.0).to(dtype)
-
-
-@triton.jit
-def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, whi, wlo, lam_ln, mt, mk, mv,
-           MT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr, PREC: tl.constexpr, WMMA: tl.constexpr):
-    """One block: o = diag(wq) q S + (q k^T * dmask) v; returns lam_ln S + k^T diag(wk) v.
-
-    WMMA = 0: diag(wk) v scaled in registers. WMMA = 2: as the products diag(hi) v + diag(lo) v (whi, wlo from
-    _diag), so the loaded v tile is only ever a tensor-core operand read from shared memory (no register use);
-    WMMA = 1: the hi product only (wk rounded to the input dtype first)."""
+def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt, mk, mv,
+           MT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr, PREC: tl.constexpr):
+    """One block: o = diag(wq) q S + (q k^T * dmask) v; returns lam_ln S + k^T diag(wk) v."""
     qt = _ld(qb + offq, mt, mk, MT, MK)
     kt = _ld(kb + offk, mt, mk, MT, MK)
     vt = _ld(vb + offv, mt, mv, MT, MV)
@@ -88,32 +73,15 @@ def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, whi, wlo, l
     o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
     o = tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
     _st(ob + offo, o.to(ob.dtype.element_ty), mt, mv, MT, MV)
-    if WMMA == 0:
-        vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
-    else:
-        vw = tl.dot(whi, vt, input_precision=PREC)
-        if WMMA == 2:
-            vw = tl.dot(wlo, vt, vw, input_precision=PREC)
-        vw = vw.to(vt.dtype)
+    vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
     return tl.dot(tl.trans(kt), vw, S * lam_ln, input_precision=PREC)
 
 
-# No BV=32 configs: bf16 BV=32 / 4 warps / 2 stages hit an illegal memory access on the H200 in the reverse
-# (dk) call of the T=3000 GQA test (cause not found; BV=32 never won for the default either).
-@triton.autotune(configs=LC._configs([64], [4, 8], [2, 3]) + ([] if LC._PINNED else LC._configs([128], [8], [2, 3]))
-                 + LC._f32_configs(LC._F32_OUT),
-                 key=["DK", "DV", "BT", "REVERSE", "WMMA"],
-                 prune_configs_by={"early_config_prune": LC._by_dtype(LC._F32_OUT)})
 @triton.jit
-def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
-                        T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,
-                        st_sk, st_sv, out_scale, kv_mult, DK: tl.constexpr, DV: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr, WMMA: tl.constexpr):
-    i_v, h, c, a, b, s2 = LC._program_chunk(DV, BV, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
-                                             IS_VARLEN)
-    MK: tl.constexpr = DK < BK
-    MV: tl.constexpr = DV % BV != 0
+def _prologue(st_ptr, c, h, i_v, s2, H, st_sk, st_sv, out_scale, kv_mult, DK: tl.constexpr, DV: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr):
+    """The loop invariants of one (chunk, head, V-block) program: tile index vectors and masks, the chunk's
+    start state S, the intra-block decay mask and the full-block weights."""
     offs_k = tl.arange(0, BK)
     offs_t = tl.arange(0, BT)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -136,7 +104,27 @@ def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_st
     wq = tl.exp2(-s2 * eq.to(tl.float32)) * out_scale
     wk = tl.exp2(-s2 * ek.to(tl.float32)) * kv_mult
     lam_bt = tl.exp2(-s2 * BT)
-    whi, wlo = _diag(wk, BT, q_ptr.dtype.element_ty)
+    return offs_k, offs_t, offs_v, mk, mv, S, dmask, wq, wk, lam_bt
+
+
+# No BV=32 configs: bf16 BV=32 / 4 warps / 2 stages hit an illegal memory access on the H200 in the reverse
+# (dk) call of the T=3000 GQA test (cause not found; BV=32 never won for the default either).
+@triton.autotune(configs=LC._configs([64], [4, 8], [2, 3]) + ([] if LC._PINNED else LC._configs([128], [8], [2, 3]))
+                 + LC._f32_configs(LC._F32_OUT),
+                 key=["DK", "DV", "BT", "REVERSE"],
+                 prune_configs_by={"early_config_prune": LC._by_dtype(LC._F32_OUT)})
+@triton.jit
+def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
+                        T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v, stride_o,
+                        st_sk, st_sv, out_scale, kv_mult, DK: tl.constexpr, DV: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
+                        IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    i_v, h, c, a, b, s2 = LC._program_chunk(DV, BV, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
+                                             IS_VARLEN)
+    MK: tl.constexpr = DK < BK
+    MV: tl.constexpr = DV % BV != 0
+    offs_k, offs_t, offs_v, mk, mv, S, dmask, wq, wk, lam_bt = _prologue(
+        st_ptr, c, h, i_v, s2, H, st_sk, st_sv, out_scale, kv_mult, DK, DV, BK, BV, BT, REVERSE)
     # int32 in-tile offsets (loop invariant) on a scalar int64 block base: one 64-bit add per address
     offq = offs_t[:, None] * stride_q + offs_k[None, :]
     offk = offs_t[:, None] * stride_k + offs_k[None, :]
@@ -154,45 +142,151 @@ def _chunk_out_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_st
     if REVERSE:
         if rem > 0:
             S = _tail(qh, kh, vh, oh, a + nfull * BT, stride_q, stride_k, stride_v, stride_o, offq, offk, offv,
-                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, BT, MK, MV, REVERSE, PREC, WMMA)
+                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, PREC)
     for m in range(0, nfull):
         if REVERSE:
             p = a + (nfull - 1 - m) * BT
         else:
             p = a + m * BT
         S = _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
-                   offq, offk, offv, offo, S, dmask, wq, wk, whi, wlo, lam_bt, mfull, mk, mv, False, MK, MV, PREC,
-                   WMMA)
+                   offq, offk, offv, offo, S, dmask, wq, wk, lam_bt, mfull, mk, mv, False, MK, MV, PREC)
     if not REVERSE:
         if rem > 0:
             S = _tail(qh, kh, vh, oh, a + nfull * BT, stride_q, stride_k, stride_v, stride_o, offq, offk, offv,
-                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, BT, MK, MV, REVERSE, PREC, WMMA)
+                      offo, S, dmask, s2, rem, offs_t, out_scale, kv_mult, mk, mv, MK, MV, REVERSE, PREC)
+
+
+@triton.jit
+def _block_tma(q_desc, k_desc, v_desc, o_desc, p, cq, ck, cv, co, S, dmask, wq, wk, lam_bt, PREC: tl.constexpr):
+    """_block for a full block, its tiles moved by TMA (rows p.., columns from cq / ck / cv / co)."""
+    qt = q_desc.load([p, cq])
+    kt = k_desc.load([p, ck])
+    vt = v_desc.load([p, cv])
+    A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
+    o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
+    o = tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
+    o_desc.store([p, co], o.to(o_desc.dtype))
+    vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
+    return tl.dot(tl.trans(kt), vw, S * lam_bt, input_precision=PREC)
+
+
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' tiles follow the config's BV (and the call's BT, BK)."""
+    BT, BK, BV = nargs["BT"], nargs["BK"], nargs["BV"]
+    nargs["q_desc"].block_shape = [BT, BK]
+    nargs["k_desc"].block_shape = [BT, BK]
+    nargs["v_desc"].block_shape = [BT, BV]
+    nargs["o_desc"].block_shape = [BT, BV]
+
+
+def _tma_configs():
+    if LC._PINNED:
+        cfgs = [(bv, 4, 1) for bv in (64, 32, 16)]
+    else:
+        cfgs = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3)]
+    return [triton.Config({"BV": bv}, num_warps=w, num_stages=st, pre_hook=_tma_block_shapes) for bv, w, st in cfgs]
+
+
+def _tma_prune(configs, nargs, **kw):
+    """BV must divide DV (a TMA tile cannot be masked per head); pinned (interpreter): the largest such BV."""
+    DV = nargs["DV"] if "DV" in nargs else kw["DV"]
+    ok = [c for c in configs if DV % c.kwargs["BV"] == 0]
+    return ok[:1] if LC._PINNED else ok
+
+
+@triton.autotune(configs=_tma_configs(), key=["DK", "DV", "BT", "REVERSE"],
+                 prune_configs_by={"early_config_prune": _tma_prune})
+@triton.jit
+def _chunk_out_tma_kernel(q_desc, k_desc, v_desc, o_desc, q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr,
+                          chunk_start_ptr, chunk_end_ptr, T, NSS, L, H, GQ, GK, GV, stride_q, stride_k, stride_v,
+                          stride_o, st_sk, st_sv, out_scale, kv_mult, DK: tl.constexpr, DV: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
+                          IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """_chunk_out_v1_kernel with the full blocks' q, k, v tiles loaded and o stored by TMA (one copy instruction
+    per tile instead of per-thread cp.async with their address arithmetic). Needs DK == BK and BV | DV: a TMA
+    tile spans whole head dims. The partial tail block keeps the masked pointer path (a TMA tile past the
+    sequence end would read and write the next sequence's rows)."""
+    i_v, h, c, a, b, s2 = LC._program_chunk(DV, BV, H, decay_ptr, chunk_start_ptr, chunk_end_ptr, T, NSS, L,
+                                             IS_VARLEN)
+    offs_k, offs_t, offs_v, mk, mv, S, dmask, wq, wk, lam_bt = _prologue(
+        st_ptr, c, h, i_v, s2, H, st_sk, st_sv, out_scale, kv_mult, DK, DV, BK, BV, BT, REVERSE)
+    cq = (h // GQ) * DK
+    ck = (h // GK) * DK
+    cv = (h // GV) * DV + i_v * BV
+    co = h * DV + i_v * BV
+    n = b - a
+    nfull = (n // BT).to(tl.int32)
+    rem = (n - nfull * BT).to(tl.int32)
+    a32 = a.to(tl.int32)  # TMA coordinates are int32 (the wrapper checks B * T < 2^31)
+    # the tail block's pointer offsets, as in v1
+    offq = offs_t[:, None] * stride_q + offs_k[None, :]
+    offk = offs_t[:, None] * stride_k + offs_k[None, :]
+    offv = offs_t[:, None] * stride_v + offs_v[None, :]
+    offo = offs_t[:, None] * stride_o + offs_v[None, :]
+    if REVERSE:
+        if rem > 0:
+            S = _tail(q_ptr + cq, k_ptr + ck, v_ptr + (h // GV) * DV, o_ptr + h * DV, a + nfull * BT, stride_q,
+                      stride_k, stride_v, stride_o, offq, offk, offv, offo, S, dmask, s2, rem, offs_t, out_scale,
+                      kv_mult, mk, mv, False, False, REVERSE, PREC)
+    for m in range(0, nfull):
+        if REVERSE:
+            p = a32 + (nfull - 1 - m) * BT
+        else:
+            p = a32 + m * BT
+        S = _block_tma(q_desc, k_desc, v_desc, o_desc, p, cq, ck, cv, co, S, dmask, wq, wk, lam_bt, PREC)
+    if not REVERSE:
+        if rem > 0:
+            S = _tail(q_ptr + cq, k_ptr + ck, v_ptr + (h // GV) * DV, o_ptr + h * DV, a + nfull * BT, stride_q,
+                      stride_k, stride_v, stride_o, offq, offk, offv, offo, S, dmask, s2, rem, offs_t, out_scale,
+                      kv_mult, mk, mv, False, False, REVERSE, PREC)
 
 
 @triton.jit
 def _tail(qh, kh, vh, oh, p, stride_q, stride_k, stride_v, stride_o, offq, offk, offv, offo, S, dmask, s2, ln,
-          offs_t, out_scale, kv_mult, mk, mv, BT: tl.constexpr, MK: tl.constexpr, MV: tl.constexpr,
-          REVERSE: tl.constexpr, PREC: tl.constexpr, WMMA: tl.constexpr):
+          offs_t, out_scale, kv_mult, mk, mv, MK: tl.constexpr, MV: tl.constexpr, REVERSE: tl.constexpr,
+          PREC: tl.constexpr):
     mt = offs_t < ln
     wq, wk = LC.block_weights(offs_t, ln, mt, s2, out_scale, kv_mult, REVERSE)
-    whi, wlo = _diag(wk, BT, qh.dtype.element_ty)
     return _block(qh + p * stride_q, kh + p * stride_k, vh + p * stride_v, oh + p * stride_o,
-                  offq, offk, offv, offo, S, dmask, wq, wk, whi, wlo, tl.exp2(-s2 * ln.to(tl.float32)), mt, mk,
-                  mv, True, MK, MV, PREC, WMMA)
+                  offq, offk, offv, offo, S, dmask, wq, wk, tl.exp2(-s2 * ln.to(tl.float32)), mt, mk, mv,
+                  True, MK, MV, PREC)
+
+
+def _tma_ok(qq, kk, vv, out, BT):
+    """Whether the TMA kernel can take these tensors: 16-bit inputs, power-of-two head dims of at least 16 bytes per row
+    (so a tile is whole head dims), 16-byte aligned bases and row strides (TMA's rules), int32 row coordinates."""
+    DK, DV = kk.shape[-1], vv.shape[-1]
+    ts = (qq, kk, vv, out)
+    # out may be fp32: dk, dv of GQA heads, summed over the group afterwards
+    return (qq.dtype in (torch.float16, torch.bfloat16) and kk.dtype == vv.dtype == qq.dtype
+            and out.dtype in (qq.dtype, torch.float32)
+            and DK == LC._pad(DK) and DK >= 8 and DV >= 8 and DV & (DV - 1) == 0
+            and all(t.data_ptr() % 16 == 0 and (t.shape[-2] * t.shape[-1]) % 8 == 0 for t in ts)
+            and qq.numel() // (qq.shape[-2] * DK) + BT < 2 ** 31)
+
+
+def _desc(t, BT):
+    """A 2D TensorDescriptor over [tokens, heads * D] (the block shape is set per config by _tma_block_shapes)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    w = t.shape[-2] * t.shape[-1]
+    return TensorDescriptor(t, [t.numel() // w, w], [w, 1], [BT, t.shape[-1]])
 
 
 def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult, reverse,
                   ch):
-    """LC.chunk_outputs with this kernel (same arguments and result)."""
+    """LC.chunk_outputs with this file's kernels (same arguments and result)."""
     DK, DV = kk.shape[-1], vv.shape[-1]
     st_sk, st_sv = (1, DK) if transposed else (DV, 1)
     grid = lambda META: (triton.cdiv(DV, META["BV"]) * H * ch.NS,)  # noqa: E731  (flat: see the default kernel)
-    _chunk_out_v1_kernel[grid](qq, kk, vv, out, states, decay, *ch.args(), H, GQ, GK, GV,
-                              qq.shape[-2] * DK, kk.shape[-2] * DK, vv.shape[-2] * DV, out.shape[-2] * DV,
-                              st_sk, st_sv, float(out_scale), float(kv_mult), DK=DK, DV=DV,
-                              BK=LC._pad(DK), BT=ch.BT, REVERSE=reverse, IS_VARLEN=ch.varlen,
-                              PREC=LC._dot_precision(qq.dtype),
-                              WMMA=0 if qq.dtype == torch.float32 else _WMMA[variant()])
+    args = (qq, kk, vv, out, states, decay, *ch.args(), H, GQ, GK, GV,
+            qq.shape[-2] * DK, kk.shape[-2] * DK, vv.shape[-2] * DV, out.shape[-2] * DV,
+            st_sk, st_sv, float(out_scale), float(kv_mult))
+    meta = dict(DK=DK, DV=DV, BK=LC._pad(DK), BT=ch.BT, REVERSE=reverse, IS_VARLEN=ch.varlen,
+                PREC=LC._dot_precision(qq.dtype))
+    if variant() == "tma" and _tma_ok(qq, kk, vv, out, ch.BT):
+        _chunk_out_tma_kernel[grid](*(_desc(t, ch.BT) for t in (qq, kk, vv, out)), *args, **meta)
+    else:
+        _chunk_out_v1_kernel[grid](*args, **meta)
     return out
 
 
