@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--reverse", action="store_true")
     ap.add_argument("--seq", action="store_true", help="print the key-opcode sequence of the main loop")
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--prec", default="tf32", help="PREC constexpr (fp32 inputs: tf32, tf32x3, f16s)")
     ap.add_argument("--tma", action="store_true", help="the TMA variant (_chunk_out_tma_kernel)")
     a = ap.parse_args()
     if a.triton:
@@ -91,7 +92,7 @@ def main():
                  dict(T=131072, NSS=16, L=8192, H=H, GQ=1, GK=1, GV=1, stride_q=H * D, stride_k=H * D,
                       stride_v=H * D, stride_o=H * D, st_sk=D, st_sv=1),
                  ("out_scale", "kv_mult"),
-                 dict(DK=D, DV=D, BK=D, BV=bv, BT=64, REVERSE=a.reverse, IS_VARLEN=False, PREC="tf32"), nw, ns)
+                 dict(DK=D, DV=D, BK=D, BV=bv, BT=64, REVERSE=a.reverse, IS_VARLEN=False, PREC=a.prec), nw, ns)
         if k is None:
             continue
         loops = sass_loops(k.asm["cubin"], nvdisasm)

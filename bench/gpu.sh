@@ -13,7 +13,8 @@
 #   bash bench/gpu.sh select   # sparse prefill: gpu tests, fast-selection config sweep at 128K, bench_sparse,
 #                              # the load-only floor (bench_sparse_floor.py) (~8 min)
 #   bash bench/gpu.sh lightning  # chunk-output variants (LOUT_VARIANTS) timed (fwd, fwd+bwd), the forward vs fla per
-#                              # LFWD_ENVS entry (comma-separated env assignments, "none" = defaults), their tests (~6 min)
+#                              # LFWD_ENVS entry (comma-separated env assignments, "none" = defaults), fp32 inputs vs
+#                              # fla per LF32_ENVS entry, the variants' tests (~8 min)
 #   bash bench/gpu.sh lightlong  # lightning gpu tests with the 1M checked segment, fwd and fwd+bwd vs fla at 32K/128K
 #                              # (LFB_CASES) (~8 min)
 #   bash bench/gpu.sh tune     # sparse decode knob sweep + every lightning forward config timed (~9 min)
@@ -104,8 +105,14 @@ if [ "$what" = lightning ]; then
     step "${T_LFWD:-120}" "lightning fwd vs fla ($e)" env $assign python3 bench/bench_lightning.py \
       --T 32768,131072 --cases bfloat16:fwd:highest --out "$OUT/fwd_${e//[^A-Za-z0-9]/_}"
   done
-  step "${T_LOUT_TESTS:-150}" "lightning chunk-output tests" python3 -m pytest -q tests/test_lightning_chunk_out.py \
-    -p no:cacheprovider -rfE || tests_rc=$?
+  for e in ${LF32_ENVS:-}; do  # fp32 inputs (TF32 on both sides; SALA_LIGHTNING_F32_DOT=f16s: scaled fp16 tiles)
+    assign=${e//,/ }; [ "$e" = none ] && assign=
+    step "${T_LF32:-120}" "lightning fp32 fwd vs fla ($e)" env $assign python3 bench/bench_lightning.py \
+      --T 32768,131072 --cases float32:fwd:high --out "$OUT/f32_${e//[^A-Za-z0-9]/_}"
+  done
+  step "${T_LOUT_TESTS:-150}" "lightning chunk-output and f16s tests" python3 -m pytest -q tests/test_lightning_chunk_out.py \
+    tests/test_lightning_triton.py -k "not gpu_ and (chunk_out or tma or f16s or variant)" -p no:cacheprovider -rfE \
+    || tests_rc=$?
   grep -E "^== |^T |^(op|fwd|fwd\+bwd) |passed|failed|Error| \| " "$log" | cut -c1-300 | head -n 80
 fi
 if [ "$what" = lightlong ]; then

@@ -104,7 +104,8 @@ def test_tma_variant_falls_back_to_v1(monkeypatch):
     from sala_ops.triton import lightning_chunk_out as CO
     counter = _Counting(CO._chunk_out_tma_kernel)
     monkeypatch.setattr(CO, "_chunk_out_tma_kernel", counter)
-    case = (1, 40, 2, 2, 24, (32, 16), None, True, 0.1) if not HAS_CUDA else (1, 100, 2, 2, 96, (64, 64), None, True, 0.1)
+    case = ((1, 40, 2, 2, 24, (32, 16), None, True, 0.1) if not HAS_CUDA
+            else (1, 100, 2, 2, 96, (64, 64), None, True, 0.1))
     want = _run("v1", case, monkeypatch, torch.float16)
     got = _run("tma", case, monkeypatch, torch.float16)
     got32 = _run("tma", _CASES[0], monkeypatch)

@@ -168,6 +168,45 @@ def test_fwd_bwd_fp16_within_low_precision_bound(case):
         assert_close(g, r, max(2 * rel_err(lo, r), 1e-5), f"fp16 {name}")
 
 
+@pytest.mark.parametrize("mag", [1.0, 1e5, 1e-6])
+@pytest.mark.parametrize("case", [(1, 70, 2, 1, 64, 64, (32, 16), None), (1, 61, 4, 2, 24, 40, (16, 16), [20, 1, 40])])
+def test_fp32_f16s_products_within_tf32_bound(case, mag, monkeypatch):
+    """SALA_LIGHTNING_F32_DOT=f16s (fp32 inputs, every product on fp16 tiles scaled by a power of two from the tile's
+    largest entry): outputs, final state and all gradients within 4 TF32 ulps (2^-11 relative) of each entry's sum
+    of |terms| (the reference run on |q|, |k|, |v|, |S0|, |dO|), at magnitudes fp16 alone could not hold (1e5
+    overflows it, 1e-6 is subnormal there)."""
+    B, T, H, Hkv, K, V, chunk, lens = case
+    monkeypatch.setenv("SALA_LIGHTNING_F32_DOT", "f16s")
+    LC.CHUNK_OVERRIDE = chunk
+    N = B if lens is None else len(lens)
+    cu = None if lens is None else torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV)
+    q, k, v, decay, _ = _inputs(B, T, H, Hkv, K, V, False, False, 11)
+    q, k, v = q * mag, k * mag, v * mag
+    S0 = seeded_randn(14, N, H, K, V, device=DEV) * mag * mag
+    do = seeded_randn(15, B, T, H, V, device=DEV)
+    dfin = seeded_randn(16, N, H, K, V, device=DEV)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, S0)]
+    out = _lightning(*leaves[:3], decay, initial_state=leaves[3], output_final_state=True, cu_seqlens=cu)
+    got = [out.output, out.final_state, *torch.autograd.grad([out.output, out.final_state], leaves, [do, dfin])]
+    o_ref, f_ref, g_ref = _ref_all(q, k, v, decay, None, S0, True, cu, do, dfin)
+    o_abs, f_abs, g_abs = _ref_all(q.abs(), k.abs(), v.abs(), decay, None, S0.abs(), True, cu, do.abs(), dfin.abs())
+    for name, g, r, a in zip(("o", "final_state", "dq", "dk", "dv", "d_initial_state"), got, [o_ref, f_ref, *g_ref],
+                             [o_abs, f_abs, *g_abs]):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        worst = ((g.double() - r).abs() / a.clamp_min(1e-300)).max().item()
+        assert worst <= 4 * 2 ** -11, f"f16s {name}: error {worst:.2e} of the |terms| sum (mag {mag:g})"
+        if not HAS_CUDA and name == "o":  # the interpreter's TF32 is exact fp32: fp16 rounding shows f16s ran
+            assert worst > 2 ** -16, f"f16s o: error {worst:.2e}, no fp16 rounding seen"
+
+
+def test_fp32_f16s_refused_by_other_kernels(monkeypatch):
+    monkeypatch.setenv("SALA_LIGHTNING_F32_DOT", "f16s")
+    monkeypatch.setenv("SALA_LIGHTNING_OUT", "v0")
+    q = seeded_randn(1, 1, 8, 2, 8, device=DEV)
+    with pytest.raises(ValueError, match="f16s"):
+        _lightning(q, q, q, torch.full((2,), 0.1, device=DEV))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # equivalences
 

@@ -34,7 +34,8 @@ the chunk), so the final-state gradient enters as G_T = d final_state without a 
 Accumulation and states are fp32. With bf16/fp16 inputs the tensor-core products take 16-bit
 operands (the decay-weighted scores and the state are rounded to the input dtype for the product,
 accumulation stays fp32); with fp32 inputs the products use TF32x3 (near-fp32 accuracy) when
-torch.get_float32_matmul_precision() is "highest" (torch's default) and plain TF32 otherwise.
+torch.get_float32_matmul_precision() is "highest" (torch's default) and plain TF32 otherwise
+(SALA_LIGHTNING_F32_DOT=f16s, not yet measured on a GPU: fp16 tiles with power-of-two scales, see f16_scaled).
 
 Index arithmetic on token offsets is int64 (1M tokens x 32 heads x 128 dims passes 2^31).
 """
@@ -139,7 +140,22 @@ def _program_chunk(DV, BV: tl.constexpr, H, decay_ptr, chunk_start_ptr, chunk_en
     return i_v, h, c, a, b, s2
 
 
-@triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]) + _f32_configs(_F32_LOCAL), key=["DK", "DV", "BT", "REVERSE"],
+@triton.jit
+def f16_scaled(x):
+    """An fp32 tile as fp16 times 2^s, with the integer s chosen from the tile's largest |x| so that it lands in
+    [2^14, 2^15): fp16 keeps TF32's 11-bit significand, and the power-of-two scale keeps the tile inside fp16's
+    range (entries below 2^-28 of the largest become subnormal: far under one TF32 ulp of the tile's large
+    terms). Returns (the fp16 tile, 2^-s); products of such tiles times the two 2^-s are exact rescalings."""
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # floor(log2 amax) for a normal amax
+    sh = tl.minimum(tl.maximum(14 - e, -126), 126)  # 2^sh and 2^-sh both normal fp32 numbers
+    up = ((sh + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - sh) << 23).to(tl.float32, bitcast=True)
+    return (x * up).to(tl.float16), down
+
+
+@triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]) + _f32_configs(_F32_LOCAL),
+                 key=["DK", "DV", "BT", "REVERSE", "PREC"],
                  prune_configs_by={"early_config_prune": _by_dtype(_F32_LOCAL)})
 @triton.jit
 def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_end_ptr,
@@ -172,7 +188,11 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
         else:
             e = (b - 1 - t).to(tl.float32)
         w = tl.where(mt, tl.exp2(-s2 * e), 0.0)
-        if BV <= BK:  # weight the narrower operand
+        if PREC == "f16s":  # fp32 inputs as scaled fp16 tiles (f16_scaled): 16-bit tensor-core products
+            kh, ik = f16_scaled(kt)
+            vh, iv = f16_scaled(vt * w[:, None])
+            acc += tl.dot(tl.trans(kh), vh) * ik * iv
+        elif BV <= BK:  # weight the narrower operand
             vw = (vt.to(tl.float32) * w[:, None]).to(vt.dtype)
             acc += tl.dot(tl.trans(kt), vw, input_precision=PREC)
         else:
@@ -312,7 +332,10 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
 # SALA_LIGHTNING_F32_DOT (diagnostics): the fp32 products' precision. (A "bf16x3" option, the token-sum products
 # as three bf16 products of hi/lo splits, measured slower than TF32 on the H200 in run 5, 0.69x / 0.76x fla vs
 # 0.73x / 0.81x at 32K / 128K, and was removed: bench/NOTES_lightning.md.)
-F32_DOTS = ("tf32", "tf32x3", "ieee")
+# "f16s": each fp32 tile rounded to fp16 after a power-of-two scale from its largest entry (f16_scaled): TF32's
+# significand, 16-bit tensor-core products (which take the token-major layouts that TF32 products do not), v1
+# chunk-output kernel only.
+F32_DOTS = ("tf32", "tf32x3", "ieee", "f16s")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -324,6 +347,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
             raise ValueError(f"lightning_attention: SALA_LIGHTNING_F32_DOT must be one of {F32_DOTS}, got {forced!r}")
         return forced
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _no_f16s(dtype: torch.dtype, what: str):
+    if _dot_precision(dtype) == "f16s":
+        raise ValueError(f"lightning_attention: SALA_LIGHTNING_F32_DOT=f16s runs with the default chunk-output "
+                         f"kernel only, not with {what}")
 
 
 def _pad(d: int) -> int:
@@ -416,6 +445,7 @@ def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out
     if CO.variant() != "v0":  # the default (lightning_chunk_out.py); SALA_LIGHTNING_OUT=v0: the kernel below
         return CO.chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult,
                                 reverse, ch)
+    _no_f16s(qq.dtype, "SALA_LIGHTNING_OUT=v0")
     DK, DV = kk.shape[-1], vv.shape[-1]
     if transposed:
         st_sk, st_sv = 1, DK
