@@ -35,7 +35,7 @@ Accumulation and states are fp32. With bf16/fp16 inputs the tensor-core products
 operands (the decay-weighted scores and the state are rounded to the input dtype for the product,
 accumulation stays fp32); with fp32 inputs the products use TF32x3 (near-fp32 accuracy) when
 torch.get_float32_matmul_precision() is "highest" (torch's default) and plain TF32 otherwise
-(SALA_LIGHTNING_F32_DOT=f16s, not yet measured on a GPU: fp16 tiles with power-of-two scales, see f16_scaled).
+(SALA_LIGHTNING_F32_DOT=f16s, not yet measured on a GPU: fp16 tiles with power-of-two scales, f16_scaled).
 
 Index arithmetic on token offsets is int64 (1M tokens x 32 heads x 128 dims passes 2^31).
 """
@@ -141,16 +141,28 @@ def _program_chunk(DV, BV: tl.constexpr, H, decay_ptr, chunk_start_ptr, chunk_en
 
 
 @triton.jit
-def f16_scaled(x):
-    """An fp32 tile as fp16 times 2^s, with the integer s chosen from the tile's largest |x| so that it lands in
-    [2^14, 2^15): fp16 keeps TF32's 11-bit significand, and the power-of-two scale keeps the tile inside fp16's
-    range (entries below 2^-28 of the largest become subnormal: far under one TF32 ulp of the tile's large
-    terms). Returns (the fp16 tile, 2^-s); products of such tiles times the two 2^-s are exact rescalings."""
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # floor(log2 amax) for a normal amax
-    sh = tl.minimum(tl.maximum(14 - e, -126), 126)  # 2^sh and 2^-sh both normal fp32 numbers
-    up = ((sh + 127) << 23).to(tl.float32, bitcast=True)
-    down = ((127 - sh) << 23).to(tl.float32, bitcast=True)
+def pow2_scale(bound):
+    """(2^s, 2^-s) for the integer s that puts a positive fp32 `bound` in [2^14, 2^15), clamped so both are
+    normal fp32 numbers. A tile whose entries are at most `bound` in size, times 2^s, fits fp16."""
+    e = ((bound.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # floor(log2 bound) for a normal bound
+    sh = tl.minimum(tl.maximum(14 - e, -126), 126)
+    return ((sh + 127) << 23).to(tl.float32, bitcast=True), ((127 - sh) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def amax(x):
+    return tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+
+
+@triton.jit
+def f16_scaled(x, bound):
+    """An fp32 tile as fp16 times 2^s (pow2_scale of `bound`, at least the tile's largest |x|): fp16 keeps TF32's
+    11-bit significand and the power-of-two scale keeps the tile inside fp16's range. Only entries below
+    2^-29 of `bound` lose significand bits (subnormal): a bound looser than the true maximum by a factor f
+    costs nothing while f * 2^-29 stays far under TF32's 2^-11, so bounds derived from other tiles' maxima
+    (a product's, instead of reducing over the product) are as good as the exact maximum.
+    Returns (the fp16 tile, 2^-s); products of such tiles times the two 2^-s are exact rescalings."""
+    up, down = pow2_scale(bound)
     return (x * up).to(tl.float16), down
 
 
@@ -189,8 +201,8 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
             e = (b - 1 - t).to(tl.float32)
         w = tl.where(mt, tl.exp2(-s2 * e), 0.0)
         if PREC == "f16s":  # fp32 inputs as scaled fp16 tiles (f16_scaled): 16-bit tensor-core products
-            kh, ik = f16_scaled(kt)
-            vh, iv = f16_scaled(vt * w[:, None])
+            kh, ik = f16_scaled(kt, amax(kt))
+            vh, iv = f16_scaled(vt * w[:, None], amax(vt))  # w <= 1
             acc += tl.dot(tl.trans(kh), vh) * ik * iv
         elif BV <= BK:  # weight the narrower operand
             vw = (vt.to(tl.float32) * w[:, None]).to(vt.dtype)
