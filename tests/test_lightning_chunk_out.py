@@ -78,7 +78,9 @@ class _Counting:
 
 # head dims equal to their tile width (64, 128: a TMA tile is whole heads), GQA, varlen, chunk starts off the
 # block grid
-_TMA_CASES = [(1, 70, 2, 1, 64, (32, 16), None, True, 0.1), (1, 79, 4, 2, 64, (32, 16), [5, 40, 1, 33], True, 0.1)]
+# (D = 128 runs two V-blocks of 64: the column offset of the second and the autotune pre-hook's tile widths)
+_TMA_CASES = [(1, 70, 2, 1, 64, (32, 16), None, True, 0.1), (1, 79, 4, 2, 64, (32, 16), [5, 40, 1, 33], True, 0.1),
+              (2, 37, 2, 1, 128, (32, 16), None, True, 0.1)]
 if HAS_CUDA:
     _TMA_CASES = _CASES
 
