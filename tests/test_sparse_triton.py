@@ -433,18 +433,22 @@ def _tiled_case(seed, G, D, S=5, bs=16):
     return q[0], k[0], v[0], idx, cu_q, cu_k, ts, bs
 
 
-@pytest.mark.parametrize("G,D,tq,min_share", [(1, 16, 4, 1), (2, 32, 8, 2), (4, 16, 4, 3), (3, 16, 8, 1),
-                                              (4, 32, 16, 4)])
-def test_tiled_forward_matches_reference(G, D, tq, min_share):
+# bs = 20: a block size that is not a power of two (the kernels' key tiles are 32 wide: the keys past the block
+# must get weight 0) and partial blocks at the ends of the sequences
+@pytest.mark.parametrize("G,D,tq,min_share,bs", [(1, 16, 4, 1, 16), (2, 32, 8, 2, 16), (4, 16, 4, 3, 16),
+                                                 (3, 16, 8, 1, 16), (4, 32, 16, 4, 16), (2, 16, 4, 2, 20)])
+def test_tiled_forward_matches_reference(G, D, tq, min_share, bs):
     """sparse_attn_tiled.forward (K/V shared across tq-token tiles; min_share > 1: hybrid with the
-    one-token kernel) == the reference, and its lse == the one-token kernel's (the backward reads it)."""
+    one-token kernel) == the reference, and its lse == the one-token kernel's (the backward reads it);
+    the one-token kernel's output == the reference too."""
     from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
-    q, k, v, idx, cu_q, cu_k, ts, bs = _tiled_case(31 + G + D, G, D)
+    q, k, v, idx, cu_q, cu_k, ts, bs = _tiled_case(31 + G + D, G, D, bs=bs)
     scale = D ** -0.5
     o, lse = TT.forward(q, k, v, idx, cu_q, cu_k, ts, scale, bs, tq=tq, min_share=min_share)
     exp = ref.block_sparse_attention(q[None], k[None], v[None], idx[None], bs, scale, cu_q, cu_k)[0]
     assert_close(o, exp, TOL)
     o1, lse1 = A.forward(q, k, v, idx, cu_q, cu_k, ts, scale, bs)
+    assert_close(o1, exp, TOL, "one-token kernel")
     assert torch.equal(torch.isinf(lse), torch.isinf(lse1)) and not torch.isnan(lse).any()
     fin = torch.isfinite(lse1)
     assert bool((lse[~fin] > 0).all()), "a row with no key has lse +inf"
@@ -511,14 +515,14 @@ def _packed_lse(q, k, idx, cu_q, cu_k, ts, bs, scale):
     return torch.where(torch.isinf(lse), float("inf"), lse).float()
 
 
-@pytest.mark.parametrize("G,D,tq,min_share", [(1, 16, 4, 1), (2, 32, 2, 2), (3, 16, 4, 2), (3, 32, 2, 1),
-                                              (2, 16, 4, 2)])
-def test_tiled_dq_matches_onetoken_and_reference(G, D, tq, min_share):
+@pytest.mark.parametrize("G,D,tq,min_share,bs", [(1, 16, 4, 1, 16), (2, 32, 2, 2, 16), (3, 16, 4, 2, 16),
+                                                 (3, 32, 2, 1, 16), (2, 16, 4, 2, 16), (2, 16, 4, 2, 20)])
+def test_tiled_dq_matches_onetoken_and_reference(G, D, tq, min_share, bs):
     """sparse_attn_tiled.backward_dq (the tile's union of blocks; min_share > 1: residual blocks per
     token through the one-token dq kernel into an fp32 partial) == the one-token dq kernel and the
     reference gradient; varlen with a query piece continuing a key prefix, rows with no key."""
     from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
-    q, k, v, idx, cu_q, cu_k, ts, bs = _tiled_case(57 + G + D, G, D)
+    q, k, v, idx, cu_q, cu_k, ts, bs = _tiled_case(57 + G + D, G, D, bs=bs)
     scale = D ** -0.5
     qg = q.detach().clone().requires_grad_(True)
     o = ref.block_sparse_attention(qg[None], k[None], v[None], idx[None], bs, scale, cu_q, cu_k)[0]

@@ -42,13 +42,13 @@ DKDV_CFG = dict(num_warps=4, num_stages=1, rows=64, chunk=256)  # H200 sweep, ru
 
 
 @triton.jit
-def block_kv(K, V, k0, kpos, kmask, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV):
-    """The K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_DV] rows kpos (within the sequence starting at key
-    row k0) of KV head g; rows outside kmask and padded columns read as 0."""
-    kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :],
-                 mask=kmask[:, None] & (d < D)[None, :], other=0.0)
-    vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :],
-                 mask=kmask[:, None] & (dv < DV)[None, :], other=0.0)
+def block_kv_rows(K, V, k0, kpos, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV):
+    """The K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_DV] rows kpos (within the sequence starting at key row
+    k0) of KV head g, padded columns read as 0. No row mask: callers clamp kpos into the sequence (<= Lk - 1)
+    and give rows past a block or the sequence weight 0 through their score mask, so the copies need no
+    per-row predicate (sm_90 SASS, bench/NOTES_sparse.md session 10)."""
+    kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :], mask=(d < D)[None, :], other=0.0)
+    vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
     return kk, vv
 
 
@@ -102,9 +102,10 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
     nn = tl.arange(0, BLOCK_N)
     for s in range(0, cnt):
         b = tl.load(ib + s).to(tl.int64)
-        kpos = b * BS + nn
-        kmask = (nn < BS) & (kpos < Lk) & (kpos <= t)
-        kk, vv = block_kv(K, V, k0, kpos, kmask, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
+        # keys nn <= t - b*BS (causal, hence also inside the sequence: t < Lk) and < BS: one compare per key;
+        # rows past the sequence end are read clamped to its last row, with weight 0 (block_kv_rows)
+        kmask = nn <= tl.minimum(t - b * BS, BS - 1).to(tl.int32)
+        kk, vv = block_kv_rows(K, V, k0, tl.minimum(b * BS + nn, Lk - 1), g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
         sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
         sc = tl.where(kmask[None, :], sc, float("-inf"))
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, sc, vv, PREC)
@@ -176,9 +177,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, tok_seq, cu_q, cu_k,
     nn = tl.arange(0, BLOCK_N)
     for s in range(0, cnt):
         b = tl.load(ib + s).to(tl.int64)
-        kpos = b * BS + nn
-        kmask = (nn < BS) & (kpos < Lk) & (kpos <= t)
-        kk, vv = block_kv(K, V, k0, kpos, kmask, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
+        # keys nn <= t - b*BS (causal, hence also inside the sequence: t < Lk) and < BS: one compare per key;
+        # rows past the sequence end are read clamped to its last row, with weight 0 (block_kv_rows)
+        kmask = nn <= tl.minimum(t - b * BS, BS - 1).to(tl.int32)
+        kk, vv = block_kv_rows(K, V, k0, tl.minimum(b * BS + nn, Lk - 1), g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
         sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
         p = tl.where(kmask[None, :], tl.exp2(sc - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
