@@ -42,25 +42,31 @@ DKDV_CFG = dict(num_warps=4, num_stages=1, rows=64, chunk=256)  # H200 sweep, ru
 
 
 @triton.jit
-def block_kv_rows(K, V, k0, kpos, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV):
-    """The K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_DV] rows kpos (within the sequence starting at key row
-    k0) of KV head g, padded columns read as 0. No row mask: callers clamp kpos into the sequence (<= Lk - 1)
-    and give rows past a block or the sequence weight 0 through their score mask, so the copies need no
-    per-row predicate (sm_90 SASS, bench/NOTES_sparse.md session 10)."""
-    kk = tl.load(K + (k0 + kpos)[:, None] * sk_t + g * sk_h + d[None, :], mask=(d < D)[None, :], other=0.0)
-    vv = tl.load(V + (k0 + kpos)[:, None] * sv_t + g * sv_h + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
+def block_kv_rows(K, V, k0, b, BS, Lk, nn, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV):
+    """The K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_DV] rows b*BS + nn of KV head g (sequence starting at key
+    row k0, Lk keys), padded columns read as 0. No row mask: rows past the sequence end are read clamped to
+    its last row, and callers give them (and rows past the block, nn >= BS) weight 0 through their score mask,
+    so the copies need no per-row predicate; the addresses are an int64 scalar block base plus int32 in-tile
+    offsets (sm_90 SASS, bench/NOTES_sparse.md session 10)."""
+    kb = k0 + b * BS
+    rows = tl.minimum(nn, tl.maximum(tl.minimum(Lk - 1 - b * BS, BS), 0).to(tl.int32))
+    kk = tl.load(K + kb * sk_t + g * sk_h + (rows[:, None] * sk_t + d[None, :]), mask=(d < D)[None, :], other=0.0)
+    vv = tl.load(V + kb * sv_t + g * sv_h + (rows[:, None] * sv_t + dv[None, :]), mask=(dv < DV)[None, :],
+                 other=0.0)
     return kk, vv
 
 
 @triton.jit
-def softmax_step(m_i, l_i, acc, sc, vv, PREC: tl.constexpr):
-    """Online softmax (log2 domain): fold the scores sc [M, N] (-inf = masked) of one key block and its
-    values vv into the running row max m_i, sum l_i and unnormalised output acc. A row with every key
-    masked so far keeps m = -inf, l = 0, acc = 0."""
-    m_new = tl.maximum(m_i, tl.max(sc, 1))
+def softmax_step(m_i, l_i, acc, sc, vv, qk_scale, PREC: tl.constexpr):
+    """Online softmax (log2 domain): fold the raw scores sc = q k^T [M, N] (-inf = masked) of one key block,
+    times qk_scale (> 0), and its values vv into the running row max m_i, sum l_i and unnormalised output
+    acc. A row with every key masked so far keeps m = -inf, l = 0, acc = 0. The scale goes on the row
+    maxima (max(sc) * s == max(sc * s) exactly: rounding is monotonic) and into one FMA per score in the
+    exponent, instead of a multiply per score before the max."""
+    m_new = tl.maximum(m_i, tl.max(sc, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(sc - m_safe[:, None])
+    p = tl.exp2(sc * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
     return m_new, l_i, acc
@@ -105,10 +111,9 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
         # keys nn <= t - b*BS (causal, hence also inside the sequence: t < Lk) and < BS: one compare per key;
         # rows past the sequence end are read clamped to its last row, with weight 0 (block_kv_rows)
         kmask = nn <= tl.minimum(t - b * BS, BS - 1).to(tl.int32)
-        kk, vv = block_kv_rows(K, V, k0, tl.minimum(b * BS + nn, Lk - 1), g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
-        sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
-        sc = tl.where(kmask[None, :], sc, float("-inf"))
-        m_i, l_i, acc = softmax_step(m_i, l_i, acc, sc, vv, PREC)
+        kk, vv = block_kv_rows(K, V, k0, b, BS, Lk, nn, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
+        sc = tl.where(kmask[None, :], tl.dot(q, tl.trans(kk), input_precision=PREC), float("-inf"))
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, sc, vv, qk_scale, PREC)
     o, lse = softmax_finish(m_i, l_i, acc)
     tl.store(O + i * so_t + (g * G + h)[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
              mask=hm[:, None] & (dv < DV)[None, :])
@@ -180,7 +185,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, tok_seq, cu_q, cu_k,
         # keys nn <= t - b*BS (causal, hence also inside the sequence: t < Lk) and < BS: one compare per key;
         # rows past the sequence end are read clamped to its last row, with weight 0 (block_kv_rows)
         kmask = nn <= tl.minimum(t - b * BS, BS - 1).to(tl.int32)
-        kk, vv = block_kv_rows(K, V, k0, tl.minimum(b * BS + nn, Lk - 1), g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
+        kk, vv = block_kv_rows(K, V, k0, b, BS, Lk, nn, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
         sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
         p = tl.where(kmask[None, :], tl.exp2(sc - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vv), input_precision=PREC)

@@ -72,7 +72,7 @@ def union_block(e, rbit, rok, t_row, nn, K, V, k0, Lk, g, sk_t, sk_h, sv_t, sv_h
     sel = (((e >> rbit) & 1) != 0) & rok  # the row's token selected block b (bits 0..31 of e)
     rel = tl.minimum(tl.maximum(t_row - b * BS, -1), BS - 1).to(tl.int32)
     rel = tl.where(sel, rel, -1)
-    kk, vv = _A.block_kv_rows(K, V, k0, tl.minimum(b * BS + nn, Lk - 1), g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
+    kk, vv = _A.block_kv_rows(K, V, k0, b, BS, Lk, nn, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
     return kk, vv, rel
 
 
@@ -113,9 +113,8 @@ def _fwd_tiled_kernel(Q, K, V, O, LSE, OP, LSEP, UNI, UCNT, tile_seq, tile_start
         for s in range(0, cnt):
             kk, vv, rel = union_block(tl.load(ub + s), rbit, rok, t_row, nn, K, V, k0, Lk, g,
                                            sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS, BLOCK_N)
-            sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
-            sc = tl.where(nn[None, :] <= rel[:, None], sc, float("-inf"))
-            m_i, l_i, acc = _A.softmax_step(m_i, l_i, acc, sc, vv, PREC)
+            sc = tl.where(nn[None, :] <= rel[:, None], tl.dot(q, tl.trans(kk), input_precision=PREC), float("-inf"))
+            m_i, l_i, acc = _A.softmax_step(m_i, l_i, acc, sc, vv, qk_scale, PREC)
         o, lse = _A.softmax_finish(m_i, l_i, acc)
         tl.store(O + (q0 + rtok)[:, None] * so_t + head[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
                  mask=rok[:, None] & (dv < DV)[None, :])
