@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import sala_ops
 from sala_ops.reference import sparse as ref
@@ -248,6 +248,7 @@ def test_select_fast_fallback(monkeypatch):
 @settings(max_examples=5)
 @given(T=st.integers(1, 90), short=st.booleans(), heads=gqa_heads(max_kv=2, max_group=3),
        D=st.sampled_from([16, 32]), S=st.integers(1, 6), bs=st.sampled_from([16, 20]), seed=st.integers(0, 2 ** 16))
+@example(T=87, short=False, heads=(6, 2), D=16, S=5, bs=20, seed=7)  # a block size that is not a power of two
 def test_block_sparse_attention_fwd_bwd(T, short, heads, D, S, bs, seed):
     """Arbitrary user indices: -1 holes, duplicates, future and out-of-range blocks, any order."""
     H, Hkv = heads

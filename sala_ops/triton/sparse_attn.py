@@ -244,8 +244,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, DELTA, TOK, BUCKET_OFF, CHUNK_BU
             lse = tl.load(LSE + tok * sl_t + head, mask=ok, other=float("inf"))
             delta = tl.load(DELTA + tok * sl_t + head, mask=ok, other=0.0)
             sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
-            allowed = ok[:, None] & kin[None, :] & (kpos[None, :] <= t[:, None])
-            p = tl.where(allowed, tl.exp2(sc - lse[:, None]), 0.0)
+            # key nn allowed iff nn <= t - b*BS (causal, hence inside the sequence) and < BS: one compare per
+            # score against a per-row limit (-1 for padding rows)
+            lim = tl.where(ok, tl.minimum(t - b * BS, BS - 1), -1).to(tl.int32)
+            p = tl.where(nn[None, :] <= lim[:, None], tl.exp2(sc - lse[:, None]), 0.0)
             dvacc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
             ds = p * (dp - delta[:, None])
