@@ -99,15 +99,21 @@ def c2_lse(q, C2, c20, n2v, sc2_t, sc2_h, g, d, dm, t_row, qk_scale,
     # compare per score instead of the int64 window-end arithmetic
     tv = (t_row + 1 - KS2).to(tl.int32)
     nv = tl.minimum(tl.where(tv >= 0, tv // ST2 + 1, 0), n2v.to(tl.int32))
-    for j0 in range(0, n2v.to(tl.int32), BN2):
-        j = j0 + tl.arange(0, BN2)
-        c = tl.load(C2 + (c20 + j)[:, None] * sc2_t + g * sc2_h + d[None, :],
-                    mask=(j < n2v)[:, None] & dm[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(c.to(q.dtype)), input_precision=PREC) * qk_scale
+    n2 = n2v.to(tl.int32)
+    jj = tl.arange(0, BN2)
+    for j0 in range(0, n2, BN2):
+        j = j0 + jj
+        # keys past the last (j >= n2v) read clamped to it (no row predicate on the copies), weight 0 by j < nv;
+        # an int64 scalar base plus int32 in-tile offsets
+        jr = tl.minimum(jj, n2 - 1 - j0)
+        c = tl.load(C2 + (c20 + j0) * sc2_t + g * sc2_h + (jr[:, None] * sc2_t + d[None, :]), mask=dm[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(c.to(q.dtype)), input_precision=PREC)
         s = tl.where(j[None, :] < nv[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # the scale on the row maxima and into the exponent's FMA (as sparse_attn.softmax_step)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s * qk_scale - m_safe[:, None]), 1)
         m_i = m_new
     return tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
 

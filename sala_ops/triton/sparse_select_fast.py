@@ -136,9 +136,14 @@ def _select_fast_kernel(Q, C1, C2, OUT, SCR, order, tile_seq, tile_start, cu_q, 
                 tv = (t_row + 1 - KS1).to(tl.int32)
                 nvis = tl.where(rok & (tv >= 0), tv // ST1 + 1, 0)
                 qt = tl.trans(q)
+                cb = base  # the sub-tile's first window (a pointer stepped by SB * R windows)
                 for b0 in range(0, walk_end, SB):
                     j = b0 * R + wi
-                    c = tl.load(base + j[:, None] * sc1_t + d[None, :], mask=(j < n1)[:, None] & dm[None, :], other=0.0)
+                    # windows past the sequence's last (j >= n1 > 0: a walk needs > KSEL blocks) are read clamped
+                    # to it, with no row predicate on the copies; j < nvis <= n1 gives them weight 0
+                    jr = tl.minimum(wi, tl.maximum(n1 - 1 - b0 * R, 0))
+                    c = tl.load(cb + (jr[:, None] * sc1_t + d[None, :]), mask=dm[None, :], other=0.0)
+                    cb += SB * R * sc1_t
                     # windows as MMA rows, (token, head) as columns: the head sum is then mostly in-thread
                     st = tl.dot(c.to(q.dtype), qt, input_precision=PREC)              # [SB * R, ROWS]
                     p = tl.where(j[:, None] < nvis[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
