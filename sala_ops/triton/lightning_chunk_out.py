@@ -79,19 +79,32 @@ def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt,
         Sh, iS = LC.f16_scaled(S, LC.amax(S))
         o = tl.dot(qh, Sh) * iq * iS * wq[:, None]
         # bounds instead of reductions: |A| <= DK max|q| max|k| max(dmask), |diag(wk) v| <= max|v| max(wk)
-        Ah, iA = LC.f16_scaled(tl.dot(qh, tl.trans(kh)) * iq * ik * dmask, qm * km * tl.abs(kv_mult * out_scale) * DK)
+        Ah, iA = LC.f16_scaled(tl.dot(qh, tl.trans(kh)) * iq * ik * dmask,
+                               qm * km * tl.abs(kv_mult * out_scale) * DK)
         o += tl.dot(Ah, vh) * iA * iv
         _st(ob + offo, o.to(ob.dtype.element_ty), mt, mv, MT, MV)
         wh, iw = LC.f16_scaled(vt * wk[:, None], vm * tl.abs(kv_mult))
         S = S * lam_ln + tl.dot(tl.trans(kh), wh) * ik * iw
     else:  # (one return for both: triton 3.6 compiles the code after a return inside a constexpr if)
-        A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
-        o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
-        o = tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
+        o = _outputs(qt, kt, vt, S, dmask, wq, PREC)
         _st(ob + offo, o.to(ob.dtype.element_ty), mt, mv, MT, MV)
-        vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
-        S = tl.dot(tl.trans(kt), vw, S * lam_ln, input_precision=PREC)
+        S = _update(kt, vt, S, wk, lam_ln, PREC)
     return S
+
+
+@triton.jit
+def _outputs(qt, kt, vt, S, dmask, wq, PREC: tl.constexpr):
+    """A block's outputs from loaded 16-bit (or TF32) tiles: diag(wq) q S + (q k^T * dmask) v."""
+    A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
+    o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
+    return tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
+
+
+@triton.jit
+def _update(kt, vt, S, wk, lam, PREC: tl.constexpr):
+    """The state after the block: lam S + k^T diag(wk) v."""
+    vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
+    return tl.dot(tl.trans(kt), vw, S * lam, input_precision=PREC)
 
 
 @triton.jit
@@ -180,12 +193,8 @@ def _block_tma(q_desc, k_desc, v_desc, o_desc, p, cq, ck, cv, co, S, dmask, wq, 
     qt = q_desc.load([p, cq])
     kt = k_desc.load([p, ck])
     vt = v_desc.load([p, cv])
-    A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
-    o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
-    o = tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
-    o_desc.store([p, co], o.to(o_desc.dtype))
-    vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
-    return tl.dot(tl.trans(kt), vw, S * lam_bt, input_precision=PREC)
+    o_desc.store([p, co], _outputs(qt, kt, vt, S, dmask, wq, PREC).to(o_desc.dtype))
+    return _update(kt, vt, S, wk, lam_bt, PREC)
 
 
 def _tma_block_shapes(nargs):

@@ -42,6 +42,16 @@ DKDV_CFG = dict(num_warps=4, num_stages=1, rows=64, chunk=256)  # H200 sweep, ru
 
 
 @triton.jit
+def key_limit(t, b, BS):
+    """The last key nn of block b that a query at key position t may see, at most BS - 1 (int32; negative: none):
+    a key is allowed iff nn <= the limit. Token causality (nn <= t - b*BS) also keeps keys inside the sequence
+    (t < Lk), and the clamp keeps them inside the block (key tiles are pow2(BS) wide), so every score mask is
+    one compare against a per-row limit. (Callers pass blocks at most a tile past t, or discard the result,
+    so t - b*BS fits int32.)"""
+    return tl.minimum(t - b * BS, BS - 1).to(tl.int32)
+
+
+@triton.jit
 def block_kv_rows(K, V, k0, b, BS, Lk, nn, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV):
     """The K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_DV] rows b*BS + nn of KV head g (sequence starting at key
     row k0, Lk keys), padded columns read as 0. No row mask: rows past the sequence end are read clamped to
@@ -108,9 +118,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, tok_seq, cu_q, cu_k,
     nn = tl.arange(0, BLOCK_N)
     for s in range(0, cnt):
         b = tl.load(ib + s).to(tl.int64)
-        # keys nn <= t - b*BS (causal, hence also inside the sequence: t < Lk) and < BS: one compare per key;
-        # rows past the sequence end are read clamped to its last row, with weight 0 (block_kv_rows)
-        kmask = nn <= tl.minimum(t - b * BS, BS - 1).to(tl.int32)
+        kmask = nn <= key_limit(t, b, BS)  # rows read clamped by block_kv_rows get weight 0 here
         kk, vv = block_kv_rows(K, V, k0, b, BS, Lk, nn, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
         sc = tl.where(kmask[None, :], tl.dot(q, tl.trans(kk), input_precision=PREC), float("-inf"))
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, sc, vv, qk_scale, PREC)
@@ -182,9 +190,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, tok_seq, cu_q, cu_k,
     nn = tl.arange(0, BLOCK_N)
     for s in range(0, cnt):
         b = tl.load(ib + s).to(tl.int64)
-        # keys nn <= t - b*BS (causal, hence also inside the sequence: t < Lk) and < BS: one compare per key;
-        # rows past the sequence end are read clamped to its last row, with weight 0 (block_kv_rows)
-        kmask = nn <= tl.minimum(t - b * BS, BS - 1).to(tl.int32)
+        kmask = nn <= key_limit(t, b, BS)  # rows read clamped by block_kv_rows get weight 0 here
         kk, vv = block_kv_rows(K, V, k0, b, BS, Lk, nn, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
         sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
         p = tl.where(kmask[None, :], tl.exp2(sc - lse[:, None]), 0.0)
@@ -244,9 +250,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, DELTA, TOK, BUCKET_OFF, CHUNK_BU
             lse = tl.load(LSE + tok * sl_t + head, mask=ok, other=float("inf"))
             delta = tl.load(DELTA + tok * sl_t + head, mask=ok, other=0.0)
             sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
-            # key nn allowed iff nn <= t - b*BS (causal, hence inside the sequence) and < BS: one compare per
-            # score against a per-row limit (-1 for padding rows)
-            lim = tl.where(ok, tl.minimum(t - b * BS, BS - 1), -1).to(tl.int32)
+            lim = tl.where(ok, key_limit(t, b, BS), -1)  # -1: padding rows see no key
             p = tl.where(nn[None, :] <= lim[:, None], tl.exp2(sc - lse[:, None]), 0.0)
             dvacc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(vv), input_precision=PREC)

@@ -58,20 +58,14 @@ def tile_rows(m0, Lq, Lk, g, G, TQ: tl.constexpr, GP: tl.constexpr, ROWS: tl.con
 
 
 @triton.jit
-def union_block(e, rbit, rok, t_row, nn, K, V, k0, Lk, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS,
-                BLOCK_N: tl.constexpr):
+def union_block(e, rbit, rok, t_row, nn, K, V, k0, Lk, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS):
     """One tile_union entry e = (block << 32) | token bitmask: the block's K and V rows (once for the
-    whole tile) and rel per row: the last key of the block the row may see, -1 where the row's token did
-    not choose the block. A row's allowed keys are exactly nn <= rel: token-level causality (key nn <=
-    t - b*BS) also keeps keys inside the sequence (t < Lk), and the clamp to BS - 1 inside the block,
-    so the per-key mask is one compare. The loads need no row mask either: rows past the sequence end
-    are read clamped to its last row (finite data that the mask gives weight 0, like the future keys of
-    the diagonal block). sm_90 SASS per union block: forward 730 -> 611 instructions, dq 650 -> 514
-    (bench/NOTES_sparse.md, session 10)."""
+    whole tile, read by _A.block_kv_rows without row predicates) and rel per row: the last key of the
+    block the row may see (_A.key_limit), -1 where the row's token did not choose the block. A row's
+    allowed keys are exactly nn <= rel."""
     b = e >> 32
     sel = (((e >> rbit) & 1) != 0) & rok  # the row's token selected block b (bits 0..31 of e)
-    rel = tl.minimum(tl.maximum(t_row - b * BS, -1), BS - 1).to(tl.int32)
-    rel = tl.where(sel, rel, -1)
+    rel = tl.where(sel, _A.key_limit(t_row, b, BS), -1)
     kk, vv = _A.block_kv_rows(K, V, k0, b, BS, Lk, nn, g, sk_t, sk_h, sv_t, sv_h, d, dv, D, DV)
     return kk, vv, rel
 
@@ -112,7 +106,7 @@ def _fwd_tiled_kernel(Q, K, V, O, LSE, OP, LSEP, UNI, UCNT, tile_seq, tile_start
         rbit = rm.to(tl.int64)
         for s in range(0, cnt):
             kk, vv, rel = union_block(tl.load(ub + s), rbit, rok, t_row, nn, K, V, k0, Lk, g,
-                                           sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS, BLOCK_N)
+                                      sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS)
             sc = tl.where(nn[None, :] <= rel[:, None], tl.dot(q, tl.trans(kk), input_precision=PREC), float("-inf"))
             m_i, l_i, acc = _A.softmax_step(m_i, l_i, acc, sc, vv, qk_scale, PREC)
         o, lse = _A.softmax_finish(m_i, l_i, acc)
@@ -362,7 +356,7 @@ def _bwd_dq_tiled_kernel(Q, K, V, DO, DQ, DQP, LSE, DELTA, UNI, UCNT, tile_seq, 
         rbit = rm.to(tl.int64)
         for s in range(0, cnt):
             kk, vv, rel = union_block(tl.load(ub + s), rbit, rok, t_row, nn, K, V, k0, Lk, g,
-                                           sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS, BLOCK_N)
+                                      sk_t, sk_h, sv_t, sv_h, d, dv, D, DV, BS)
             sc = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
             p = tl.where(nn[None, :] <= rel[:, None], tl.exp2(sc - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
