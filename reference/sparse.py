@@ -166,7 +166,8 @@ def dense_attention(q, k, v, scale=None, cu_seqlens_q=None, cu_seqlens_k=None):
 def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens_q=None,
                            cu_seqlens_k=None):
     """Step 6: softmax attention over the selected blocks (indices [B, Tq, Hkv, S], -1 = none), with
-    the token-level causal mask. Written as dense attention under a mask."""
+    the token-level causal mask. Written as dense attention under a mask. Any entry outside
+    [0, n_blocks) is ignored like -1, a duplicate counts once (the kernels' sanitize_indices)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -178,7 +179,8 @@ def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu
         nb = (L + block_size - 1) // block_size
         idx = block_indices[b, qs:qe].long()  # [Tq', Hkv, S]
         chosen = torch.zeros(qe - qs, Hkv, nb + 1, dtype=torch.bool, device=q.device)
-        chosen.scatter_(2, torch.where(idx < 0, nb, idx), True)  # -1 lands in the spare column nb
+        # negative and out-of-range entries land in the spare column nb
+        chosen.scatter_(2, torch.where((idx < 0) | (idx >= nb), nb, idx), True)
         token_block = torch.arange(L, device=q.device) // block_size
         allowed = chosen[:, :, token_block].permute(1, 0, 2) & _causal_mask(qe - qs, L, q.device)[None]
         o[b, qs:qe] = _attend(q[b, qs:qe], k[b, ks_:ke], v[b, ks_:ke], allowed, scale)

@@ -290,8 +290,10 @@ def select_blocks(q, k, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: 
 
 def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, cu_seqlens_k=None):
     """Softmax attention over given blocks (bring your own selection): block_indices int
-    [B, Tq, Hkv, S] of block numbers local to each sequence, -1 = unused slot. Token-level causal
-    mask; queries bottom-right aligned."""
+    [B, Tq, Hkv, S] of block numbers local to each sequence, -1 = unused slot. Entries that are
+    negative or past the sequence's last block are ignored like -1 and duplicates count once, on
+    every backend (checked on the device, no host sync); future blocks are cut by the token-level
+    causal mask. Queries bottom-right aligned; a query left with no key gets a zero output."""
     op = "block_sparse_attention"
     cu_q, cu_k = _check_qkv(op, q, k, v, cu_seqlens, cu_seqlens_k)
     C.positive_int(op, "block_size", block_size)

@@ -256,12 +256,12 @@ def test_block_sparse_attention_fwd_bwd(T, short, heads, D, S, bs, seed):
     q, k, v = _qkv(seed, 1, Tq, T, H, Hkv, D, grad=True)
     nb = (T + bs - 1) // bs
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(-1, nb + 1, (1, Tq, Hkv, S), generator=g).to(torch.int32).to(DEV)
+    idx = torch.randint(-3, nb + 3, (1, Tq, Hkv, S), generator=g).to(torch.int32).to(DEV)
     idx[..., 0] = ((T - Tq + torch.arange(Tq, device=DEV)) // bs)[:, None].to(torch.int32)  # own block, so no row is empty
     if S > 2:
         idx[..., 1] = idx[..., 2]  # a duplicate
     out = _tri(sala_ops.block_sparse_attention, q, k, v, idx, block_size=bs)
-    exp = ref.block_sparse_attention(q, k, v, idx.clamp(max=nb), block_size=bs)
+    exp = ref.block_sparse_attention(q, k, v, idx, block_size=bs)
     assert_close(out, exp, TOL)
     for a, b, name in zip(_grads(out, (q, k, v), seed), _grads(exp, (q, k, v), seed), "qkv"):
         assert_close(a, b, TOL, f"d{name}")
