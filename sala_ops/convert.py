@@ -358,6 +358,10 @@ def _halo_select(model, n_sparse, halo_eval, halo_text_ids, o_norm_rms, verbose)
     L = len(_decoder_layers(model))
     fixed = sorted({0, L - 1})
     candidates = [i for i in range(L) if i not in fixed]
+    if not candidates:
+        # one or two layers: first and last are every layer, nothing to score (halo_importance would take the
+        # max of an empty list)
+        return fixed, {}, {}
     if halo_eval is None:
         if halo_text_ids is None:
             raise ValueError("sala_ops.convert_to_sala: sparse_layers='halo' needs a general-task score: pass "

@@ -291,6 +291,21 @@ def test_halo_builtin_evaluation_runs():
         convert_to_sala(tiny("llama"), sparse_layers="halo")
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_halo_without_candidate_layers(layers):
+    """With one or two layers, first and last are all the layers: HALO has nothing to score and keeps them
+    all sparse (it used to fail in halo_importance with a bare 'max() arg is an empty sequence')."""
+    calls = []
+    model = convert_to_sala(tiny("llama", layers=layers), sparse_layers="halo",
+                            halo_eval=lambda m: calls.append(1) or (0.0, 0.0), sparse_config=SMALL)
+    assert calls == []
+    assert sala_layers(model, MIXER_SPARSE) == list(range(layers))
+    assert model.sala_halo_scores["sparse_layers"] == list(range(layers))
+    model = convert_to_sala(tiny("llama", layers=layers), sparse_layers="halo", halo_text_ids=ids(1, 12),
+                            sparse_config=SMALL)
+    assert sala_layers(model, MIXER_SPARSE) == list(range(layers))
+
+
 # ------------------------------------------------------------------------------------------ training
 
 def test_stage1_training_lowers_alignment_loss():
