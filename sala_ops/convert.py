@@ -40,8 +40,10 @@ Design decisions
   scaled RoPE type such as llama3 or yarn gets a warning: the lightning layers use unscaled RoPE).
   Mistral's sliding window is not carried over (sparse layers keep the whole cache).
 - Batches: no padding. The converted model refuses a padded `attention_mask` (batched generation
-  needs equal-length prompts) and position_ids that restart (packed sequences: call the mixers with
-  cu_seqlens instead). It creates a `SalaCache` whenever use_cache is on.
+  needs equal-length prompts) and position_ids that restart unless HF's packing kwargs come with them
+  (`cu_seq_lens_q`, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) passes; or call the
+  mixers with cu_seqlens). It creates a `SalaCache` whenever use_cache is on, except for packed inputs
+  without an explicit use_cache (a packed batch cannot fill a cache).
 """
 from __future__ import annotations
 
@@ -429,6 +431,13 @@ def _sala_pre_forward(module, args, kwargs):
             raise TypeError(f"sala_ops: a converted SALA model needs a sala_ops.cache.SalaCache, got a filled "
                             f"{type(cache).__name__}")
         cache = None
+    if cache is None and kwargs.get("cu_seq_lens_q") is not None and kwargs.get("use_cache") is None:
+        # packed sequences (HF's packing collator passes cu_seq_lens_q and no use_cache): the mixers cannot
+        # combine them with a cache, so config.use_cache (True by default) must not create one, here or in
+        # the HF model (it would build a DynamicCache from the config). An explicit use_cache=True still
+        # reaches the mixers' clear error.
+        use_cache = False
+        kwargs["use_cache"] = False
     if cache is None and use_cache:
         cache = SalaCache(cfg)
     kwargs[cache_key] = cache

@@ -251,6 +251,26 @@ def test_padded_batches_are_refused():
     model(x, attention_mask=torch.ones_like(x))  # a mask of ones is fine
 
 
+def test_packed_sequences_through_the_model_with_default_use_cache():
+    """HF's packing collator (DataCollatorWithFlattening(return_flash_attn_kwargs=True)) passes restarting
+    position_ids plus cu_seq_lens_q/k and no use_cache: config.use_cache (True by default) must not make the
+    converted model build a cache, which the mixers cannot combine with packed sequences."""
+    model = convert_to_sala(tiny("llama"), sparse_config=SMALL).train()
+    assert model.config.use_cache
+    a, b = ids(1, 18, seed=1), ids(1, 11, seed=2)
+    x = torch.cat([a, b], 1)
+    cu = torch.tensor([0, 18, 29], dtype=torch.int32)
+    pos = torch.cat([torch.arange(18), torch.arange(11)])[None]
+    packed = model(x, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=18, max_length_k=18)
+    separate = torch.cat([model(a, use_cache=False).logits, model(b, use_cache=False).logits], 1)
+    assert_close(packed.logits, separate, 1e-5)
+    packed.logits.float().pow(2).mean().backward()  # and it trains
+    assert model.model.layers[1].self_attn.z_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="cannot be combined with a cache"):  # asking for one stays an error
+        model(x, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=18, max_length_k=18,
+              use_cache=True)
+
+
 # ---------------------------------------------------------------------------------------------- HALO
 
 def test_halo_importance_formula():
