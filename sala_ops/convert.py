@@ -48,10 +48,12 @@ Design decisions
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
 from dataclasses import asdict
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -497,7 +499,8 @@ def convert_to_sala(model, sparse_layers=None, sparse_config: Optional[SparseCon
         raise TypeError(f"sala_ops.{op}: sparse_config must be a sala_ops.SparseConfig or None, "
                         f"got {type(sparse_config).__name__}")
     sparse_cfg = (sparse_config or SparseConfig()).check(op)
-    if not (isinstance(sparse_ratio, (int, float)) and 0 < sparse_ratio <= 1):
+    # a bool is an int to isinstance: True would silently mean "every layer sparse"
+    if isinstance(sparse_ratio, bool) or not (isinstance(sparse_ratio, (int, float)) and 0 < sparse_ratio <= 1):
         raise ValueError(f"sala_ops.{op}: sparse_ratio must be in (0, 1], got {sparse_ratio!r}")
     layers = _decoder_layers(model)
     L = len(layers)
@@ -528,12 +531,18 @@ def convert_to_sala(model, sparse_layers=None, sparse_config: Optional[SparseCon
         halo_results = {"scores": results, "importance": imp, "sparse_layers": chosen}
     else:
         try:
-            chosen = [int(i) for i in sparse_layers]
+            entries = list(sparse_layers)
         except TypeError:
             raise TypeError(f"sala_ops.{op}: sparse_layers must be None, a list of layer indices or 'halo', "
                             f"got {type(sparse_layers).__name__}") from None
-        if any(isinstance(i, bool) for i in sparse_layers):
-            raise TypeError(f"sala_ops.{op}: sparse_layers must hold ints, got {list(sparse_layers)}")
+        # operator.index, not int(): int() truncated floats and parsed strings, so [0, 2.7] silently became
+        # [0, 2] and [0, "2"] passed; index() takes ints, numpy integers and integer 0-d tensors only
+        try:
+            chosen = [operator.index(i) for i in entries]
+        except TypeError:
+            chosen = None
+        if chosen is None or any(isinstance(i, (bool, np.bool_)) for i in entries):
+            raise TypeError(f"sala_ops.{op}: sparse_layers must hold integer layer indices, got {entries}")
         bad = [i for i in chosen if not 0 <= i < L]
         if bad or len(set(chosen)) != len(chosen):
             raise ValueError(f"sala_ops.{op}: sparse_layers must be distinct indices in [0, {L}), got {list(sparse_layers)}")

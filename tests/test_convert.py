@@ -356,6 +356,15 @@ def test_unsupported_models_and_arguments_fail_clearly():
         convert_to_sala(tiny("llama"), sparse_layers=[0, 4])
     with pytest.raises(ValueError, match="'halo'"):
         convert_to_sala(tiny("llama"), sparse_layers="all")
+    # layer indices are integers: a float or a string used to be truncated / parsed silently ([0, 2.7] -> [0, 2])
+    for bad in ([0, 2.7], [0, 3.0], [0, "2"], [0, None], torch.tensor([0.0, 3.0])):
+        with pytest.raises(TypeError, match="convert_to_sala: sparse_layers must hold integer layer indices"):
+            convert_to_sala(tiny("llama"), sparse_layers=bad)
+    import numpy as np
+    for good in ((0, 3), np.array([0, 3]), torch.tensor([0, 3]), [np.int64(0), 3]):
+        assert sala_layers(convert_to_sala(tiny("llama"), sparse_layers=good, sparse_config=SMALL), MIXER_SPARSE) == [0, 3]
+    with pytest.raises(ValueError, match="convert_to_sala: sparse_ratio"):
+        convert_to_sala(tiny("llama"), sparse_ratio=True)  # a bool is not a ratio (it used to mean 100% sparse)
     with pytest.raises(TypeError, match="SparseConfig"):
         convert_to_sala(tiny("llama"), sparse_config={"topk": 4})
     with pytest.raises(TypeError, match="must be a Hugging Face"):
