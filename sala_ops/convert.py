@@ -96,6 +96,11 @@ class _SalaCausalLM:
         sparse_cfg = sparse_config_from(config)
         for i, layer in enumerate(_decoder_layers(self)):
             layer.self_attn = _new_mixer(layer.self_attn, config.mixer_types[i], config, i, sparse_cfg)
+        # The base class's post_init initialised (and flagged) every module before the swap, so the new mixers
+        # still had PyTorch's default init (kaiming-uniform, std ~ 1/sqrt(3 fan_in), far above initializer_range)
+        # in a model built from its config. init_weights only touches modules without the `_is_hf_initialized`
+        # flag (the mixers), and does nothing on the meta device from_pretrained builds on (the checkpoint fills them).
+        self.init_weights()
         _install_hooks(self)
 
 

@@ -156,6 +156,28 @@ def test_save_from_pretrained_round_trip(family, tmp_path):
     assert "model.layers.1.self_attn.z_proj.weight" in sd and "model.layers.0.self_attn.o_gate.weight" in sd
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_from_config_initialises_mixers_like_the_base_model(family):
+    """AutoModelForCausalLM.from_config(sala_config) (a SALA model trained from scratch): the mixers are built
+    after the base model's post_init, so they must still get its weight init (normal(0, initializer_range),
+    zero biases, norms at one) like every other Linear, not PyTorch's default kaiming-uniform (std ~ 0.1 here)."""
+    cfg = convert_to_sala(tiny(family), sparse_config=SMALL).config
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(cfg)
+    assert type(fresh).__name__ == f"Sala{type(tiny(family)).__name__}"
+    std = cfg.initializer_range
+    for i, layer in enumerate(fresh.model.layers):
+        m = layer.self_attn
+        assert isinstance(m, SparseMixer if cfg.mixer_types[i] == MIXER_SPARSE else LightningMixer)
+        for name, lin in m.named_children():
+            if isinstance(lin, torch.nn.Linear):
+                assert abs(lin.weight.std().item() - std) < 0.25 * std, (i, name, lin.weight.std().item())
+                assert lin.bias is None or (lin.bias == 0).all(), (i, name)
+        for norm in ("q_norm", "k_norm", "o_norm"):
+            if hasattr(m, norm):
+                assert (getattr(m, norm).weight == 1).all()
+
+
 def _greedy_by_recompute(model, prompt, n):
     seq = prompt
     with torch.no_grad():
