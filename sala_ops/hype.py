@@ -6,6 +6,8 @@ and only the norm, if one is given. The naive math is in reference/rope.py.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -53,7 +55,8 @@ def hype_embed(q, k, positions=None, layer_type="lightning", theta=10000.0, rota
     k_norm_weight [D] turn on the per-head RMSNorm. Returns (q, k) in their dtypes; fp32 math.
     """
     op = "hype_embed"
-    if layer_type not in HYPE_POLICY:
+    # a str first: an unhashable layer_type (a list) failed the dict lookup with a bare "unhashable type"
+    if not isinstance(layer_type, str) or layer_type not in HYPE_POLICY:
         raise ValueError(f"sala_ops.{op}: layer_type must be one of {LAYER_TYPES}, got {layer_type!r}")
     C.tensor(op, "q", q, ndim=4)
     C.tensor(op, "k", k, ndim=4)
@@ -68,6 +71,12 @@ def hype_embed(q, k, positions=None, layer_type="lightning", theta=10000.0, rota
         raise ValueError(f"sala_ops.{op}: rotary_dim must be even and <= head dim {D}, got {r}")
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
         raise ValueError(f"sala_ops.{op}: theta must be a positive number, got {theta!r}")
+    # eps: a negative one made mean(x^2) + eps negative for small rows (NaN returned silently), a NaN one
+    # NaN everywhere; a string or None failed with Python's bare TypeError (or float()'s ValueError)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"sala_ops.{op}: eps must be a number, got {type(eps).__name__}")
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"sala_ops.{op}: eps must be finite and >= 0, got {eps!r}")
     for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
         if w is not None:
             C.tensor(op, name, w, ndim=1)

@@ -308,6 +308,29 @@ def test_triton_path_keeps_the_checks():
             sala_ops.hype_embed(q, k, cu_seqlens=torch.tensor([0, 2, 2, 4], device=DEV))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_eps_and_layer_type_name_the_op(backend):
+    """eps must be a finite number >= 0: a negative eps made the RMSNorm's mean(x^2) + eps negative for small
+    rows and returned NaN silently (a NaN eps: NaN everywhere); a string or None failed with Python's bare
+    TypeError / float() ValueError. An unhashable layer_type (a list) failed with 'unhashable type'."""
+    q = torch.zeros(1, 4, 2, 8, device=DEV)
+    k = torch.zeros(1, 4, 1, 8, device=DEV)
+    w = torch.ones(8, device=DEV)
+    with sala_ops.use_backend(backend):
+        for eps in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="hype_embed.*eps"):
+                sala_ops.hype_embed(q, k, q_norm_weight=w, k_norm_weight=w, eps=eps)
+        for eps in ("x", None, True):
+            with pytest.raises(TypeError, match="hype_embed.*eps"):
+                sala_ops.hype_embed(q, k, q_norm_weight=w, eps=eps)
+        with pytest.raises(ValueError, match="hype_embed.*layer_type"):
+            sala_ops.hype_embed(q, k, layer_type=["sparse"])
+        # eps = 0 and integer eps are numbers like any other
+        for eps in (0.0, 1):
+            yq, yk = sala_ops.hype_embed(q + 1, k + 1, q_norm_weight=w, k_norm_weight=w, eps=eps)
+            assert torch.isfinite(yq).all() and torch.isfinite(yk).all()
+
+
 def test_torch_compile_fullgraph():
     q = torch.randn(1, 6, 2, 8, device=DEV, requires_grad=True)
     k = torch.randn(1, 6, 1, 8, device=DEV, requires_grad=True)
