@@ -684,6 +684,25 @@ def _check_rows(q, k, v, out, idx, rows, cfg, scale, min_overlap=0.97):
     assert_close(out[rows].float(), exp_o, 1e-2, "sampled output rows")
 
 
+def test_9b_geometry_with_a_real_top_k():
+    """The 9B model's kernel geometry (blocks of 64, C1 windows 32/16, C2 windows 128/64) on the CPU tier,
+    where the other tests use small blocks: with topk 4 and a 2-block window, 6 of up to 12 blocks are
+    chosen per query, so the top-k really selects. Indices equal the reference's, outputs and gradients
+    match, for a whole sequence of 720 keys (not a multiple of 64) and for a 300-query piece continuing it."""
+    cfg = sala_ops.SparseConfig(topk=4, window_size=128, dense_len=0)
+    for Tq, Tk, seed in ((720, 720, 11), (300, 720, 12)):
+        q, k, v = _qkv(seed, 1, Tq, Tk, 2, 1, 16, grad=True)
+        idx = _tri(sala_ops.select_blocks, q, k, config=cfg)
+        exp_idx = ref.select_blocks(q, k, 16 ** -0.5, 32, 16, 64, 1, 128, 4, 128, 64)
+        assert torch.equal(idx.cpu().long(), exp_idx.cpu().long())
+        assert (idx[..., 5] >= 0).any() and (idx.max() >= 8)  # some query chose 6 blocks, some a late one
+        out = _tri(sala_ops.sparse_attention, q, k, v, config=cfg)
+        exp = ref.sparse_attention(q, k, v, 16 ** -0.5, 32, 16, 64, 1, 128, 4, 0)
+        assert_close(out, exp, TOL)
+        for a, b, name in zip(_grads(out, (q, k, v), seed), _grads(exp, (q, k, v), seed), "qkv"):
+            assert_close(a, b, TOL, f"d{name}")
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_9b_config_fwd_bwd():
     """9B config (dense_len 8192: at T = 9216 the queries from 8191 on run the sparse path, the
