@@ -139,10 +139,19 @@ class SparseLayerCache:
         """A new cache of capacity `max_len` holding this one's contents: K/V of the first `keep` positions
         (default: the whole old capacity; it must cover every length), their compressed keys, lengths,
         overflow flags. Same layout, batch, dtype, device and config; the workspace is rebuilt lazily."""
-        keep = self.max_len if keep is None else keep
+        op = "SparseLayerCache.resized"
+        C.positive_int(op, "max_len", max_len)
+        keep = self.max_len if keep is None else C.positive_int(op, "keep", keep, minimum=0)
         if not keep <= min(max_len, self.max_len):
-            raise ValueError(f"sala_ops.SparseLayerCache.resized: cannot keep {keep} positions in max_len={max_len} "
+            raise ValueError(f"sala_ops.{op}: cannot keep {keep} positions in max_len={max_len} "
                              f"(old max_len {self.max_len})")
+        # The new cache takes over the lengths, so `keep` must cover them all: a shorter keep copied fewer K/V rows
+        # than the lengths claim (zero keys attended silently, and lengths past the new max_len made the decode
+        # kernels read out of bounds). A host sync, as for the allocation itself: resizing is not a decode step.
+        longest = int(self.lengths.max()) if keep < self.max_len else 0
+        if keep < longest:
+            raise ValueError(f"sala_ops.{op}: keep={keep} positions would drop cached tokens (a sequence holds "
+                             f"{longest}); truncate() first to shorten the sequences")
         new = SparseLayerCache(self.batch_size, max_len, self.num_kv_heads, self.head_dim, dtype=self.dtype,
                                device=self.device, config=self.config)
         new.chunk_target = self.chunk_target

@@ -189,6 +189,28 @@ def test_bad_arguments_name_the_op():
         cache.append(torch.zeros(2, 33, 2, 16), torch.zeros(2, 33, 2, 16))
 
 
+def test_resized_refuses_to_drop_cached_tokens():
+    """resized(max_len, keep) keeps every cached token or raises: a keep (or a new capacity) below a sequence's
+    length copied only `keep` positions but all the old lengths, so the new cache claimed tokens it did not hold
+    (zero keys attended silently; lengths past the new max_len made the decode kernels read out of bounds)."""
+    cache = SparseLayerCache(2, 64, 2, 16, dtype=torch.float32, **dict(SMALL, topk=2, dense_len=16))
+    kv = seeded_randn(0, 2, 50, 2, 16)
+    cache.append(kv, kv)
+    for max_len, keep in ((40, 40), (100, 20), (100, -3)):
+        with pytest.raises(ValueError, match="resized.*keep"):
+            cache.resized(max_len, keep=keep)
+    with pytest.raises(TypeError, match="resized.*max_len"):
+        cache.resized(100.0)
+    with pytest.raises(ValueError, match="resized.*max_len"):
+        cache.resized(0, keep=0)
+    # a smaller capacity that still holds every token is fine, and keeps the contents
+    small = cache.resized(50, keep=50)
+    assert small.lengths_host() == [50, 50] and torch.equal(small.k, cache.k[:, :50])
+    for b in range(2):
+        for x, y in zip(small.compressed_keys(b), cache.compressed_keys(b)):
+            assert torch.equal(x, y)
+
+
 def test_triton_decode_refuses_q_that_requires_grad():
     """The Triton decode kernels have no backward: a q that requires grad under autograd is an error
     naming the op (not an output without a gradient path); under no_grad the same call runs."""
