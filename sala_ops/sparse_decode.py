@@ -363,9 +363,19 @@ def sparse_prefill(q, k, v, cache: SparseLayerCache, scale=None, cu_seqlens=None
     op = "sparse_prefill"
     if not isinstance(cache, SparseLayerCache):
         raise TypeError(f"sala_ops.{op}: cache must be a SparseLayerCache, got {type(cache).__name__}")
+    # Every check on q comes before the append: sparse_attention used to be the one to refuse a bad q (wrong
+    # dtype, heads, head dim, scale), after cache.append had already added k/v, so a refused call grew the cache.
     C.tensor(op, "q", q, ndim=4)
+    C.tensor(op, "k", k, ndim=4)
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(f"sala_ops.{op}: q and k must share [batch, seq], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dtype != cache.dtype:
+        raise TypeError(f"sala_ops.{op}: q must have the cache dtype {cache.dtype}, got {q.dtype}")
+    if q.device != cache.device:
+        raise ValueError(f"sala_ops.{op}: q must be on the cache device {cache.device}, got {q.device}")
+    C.dim_eq(op, "q", q, 3, cache.head_dim, "head dim of the cache")
+    C.gqa(op, q.shape[2], cache.num_kv_heads, kv_name="cache")
+    C.scale_arg(op, scale, q.shape[-1])
     cache.append(k, v, cu_seqlens)
     lens = cache.lengths_host()
     cfg = cache.config
@@ -397,14 +407,9 @@ def _decode_signature(q, cache, scale):
             cache.num_kv_heads, cache.head_dim, scale, type(scale))
 
 
-def sparse_decode(q, cache: SparseLayerCache, scale=None, return_indices: bool = False):
-    """One decode step of a sparse layer: q [B, H, D] (or [B, 1, H, D]) is the query of the token at
-    position lengths[b] - 1 of each sequence (its K/V already appended with cache.append_token).
-    Dense causal attention over the cache while lengths[b] < dense_len, else InfLLM-V2 selection
-    from the cached compressed keys + block-sparse attention. Returns o like q; with
-    return_indices, (o, indices int32 [B, Hkv, topk + window_size // block_size]): the selected
-    blocks ascending, -1 padded; all -1 for a sequence decoding densely."""
-    op = "sparse_decode"
+def _decode_args(op, q, cache, scale):
+    """(scale, squeeze) of a valid decode call; raises naming `op` for a bad one (checks skipped for a call
+    signature that passed them before)."""
     try:
         sig = _decode_signature(q, cache, scale)
         hit = _decode_sigs.get(sig)
@@ -417,13 +422,22 @@ def sparse_decode(q, cache: SparseLayerCache, scale=None, return_indices: bool =
             if len(_decode_sigs) >= _SIGS_MAX:
                 _decode_sigs.clear()
             _decode_sigs[sig] = hit
-    scale, squeeze = hit
+    return hit
+
+
+def _decode_backend(op, q):
+    backend = choose(op, q)
+    # an error rather than an output with no gradient path
+    if backend == "triton" and q.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"sala_ops.{op}: q requires grad, but the Triton decode kernels have no backward; "
+                         f"run decoding under torch.no_grad(), or call sparse_attention for a differentiable step")
+    return backend
+
+
+def _decode_run(q, cache, scale, squeeze, backend, return_indices):
     if squeeze:
         q = q[:, 0]
-    if choose(op, q) == "triton":
-        if q.requires_grad and torch.is_grad_enabled():  # rather than an output with no gradient path
-            raise ValueError(f"sala_ops.{op}: q requires grad, but the Triton decode kernels have no backward; "
-                             f"run decoding under torch.no_grad(), or call sparse_attention for a differentiable step")
+    if backend == "triton":
         o, idx = _decode_triton(q, cache, scale)
     else:
         o, idx = _decode_torch(q, cache, scale)
@@ -432,10 +446,27 @@ def sparse_decode(q, cache: SparseLayerCache, scale=None, return_indices: bool =
     return (o, idx) if return_indices else o
 
 
+def sparse_decode(q, cache: SparseLayerCache, scale=None, return_indices: bool = False):
+    """One decode step of a sparse layer: q [B, H, D] (or [B, 1, H, D]) is the query of the token at
+    position lengths[b] - 1 of each sequence (its K/V already appended with cache.append_token).
+    Dense causal attention over the cache while lengths[b] < dense_len, else InfLLM-V2 selection
+    from the cached compressed keys + block-sparse attention. Returns o like q; with
+    return_indices, (o, indices int32 [B, Hkv, topk + window_size // block_size]): the selected
+    blocks ascending, -1 padded; all -1 for a sequence decoding densely."""
+    op = "sparse_decode"
+    scale, squeeze = _decode_args(op, q, cache, scale)
+    return _decode_run(q, cache, scale, squeeze, _decode_backend(op, q), return_indices)
+
+
 def sparse_decode_step(q, k, v, cache: SparseLayerCache, scale=None):
     """append_token(k, v) then sparse_decode(q): one token per sequence, q [B, H, D], k/v [B, Hkv, D]."""
+    # q is checked (and the backend's refusal of a q that requires grad raised) before the append: checked
+    # only by sparse_decode after append_token, a refused q still appended its token to every sequence
+    op = "sparse_decode"
+    scale, squeeze = _decode_args(op, q, cache, scale)
+    backend = _decode_backend(op, q)
     cache.append_token(k, v)
-    return sparse_decode(q, cache, scale)
+    return _decode_run(q, cache, scale, squeeze, backend, False)
 
 
 # ---------------------------------------------------------------------- backends

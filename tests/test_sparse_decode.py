@@ -211,6 +211,46 @@ def test_resized_refuses_to_drop_cached_tokens():
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_failed_prefill_or_step_leaves_the_cache_alone(backend):
+    """A sparse_prefill / sparse_decode_step whose q is refused raises naming the op and the argument before
+    anything is appended: the K/V append used to run first (the q checks came later, inside sparse_attention /
+    sparse_decode), so every refused call still grew the cache by its tokens."""
+    cfg = dict(SMALL, topk=2, dense_len=16)
+    B, H, Hkv, D, T = 2, 4, 2, 16, 5
+    cache = SparseLayerCache(B, 64, Hkv, D, dtype=torch.float32, device=DEV, **cfg)
+    kv = seeded_randn(0, B, 20, Hkv, D, device=DEV)
+    cache.append(kv, kv)
+    k = seeded_randn(1, B, T, Hkv, D, device=DEV)
+    q = seeded_randn(2, B, T, H, D, device=DEV)
+    bad_q = [(TypeError, "q.*dtype", q.half()), (ValueError, "q.*heads", q[:, :, :3]),
+             (ValueError, "q.*head dim", torch.cat([q, q], -1)), (TypeError, "q must be a torch.Tensor", q.tolist())]
+    with use_backend(backend):
+        for exc, what, qq in bad_q:
+            with pytest.raises(exc, match=f"sparse_prefill.*{what}"):
+                sparse_prefill(qq, k, k, cache)
+            assert cache.lengths_host() == [20, 20], what
+        with pytest.raises(ValueError, match="sparse_prefill.*scale"):
+            sparse_prefill(q, k, k, cache, scale=float("nan"))
+        with pytest.raises(TypeError, match="sparse_prefill.*k must be a torch.Tensor"):
+            sparse_prefill(q, k.tolist(), k, cache)
+        assert cache.lengths_host() == [20, 20]
+        for exc, what, qq in bad_q:
+            qq = qq[:, 0] if isinstance(qq, torch.Tensor) else qq
+            with pytest.raises(exc, match=f"sparse_decode.*{what}"):
+                sparse_decode_step(qq, k[:, 0], k[:, 0], cache)
+            assert cache.lengths_host() == [20, 20], what
+        if backend == "triton":  # the kernels have no backward: refused, and nothing appended either
+            with pytest.raises(ValueError, match="sparse_decode.*requires grad"):
+                sparse_decode_step(q[:, 0].clone().requires_grad_(), k[:, 0], k[:, 0], cache)
+            assert cache.lengths_host() == [20, 20]
+        # the valid calls still work
+        o = sparse_prefill(q, k, k, cache)
+        assert o.shape == q.shape and cache.lengths_host() == [25, 25]
+        o = sparse_decode_step(q[:, 0], k[:, 0], k[:, 0], cache)
+        assert o.shape == q[:, 0].shape and cache.lengths_host() == [26, 26]
+
+
 def test_triton_decode_refuses_q_that_requires_grad():
     """The Triton decode kernels have no backward: a q that requires grad under autograd is an error
     naming the op (not an output without a gradient path); under no_grad the same call runs."""
