@@ -178,10 +178,15 @@ class SparseLayerCache:
     def truncate(self, length: int):
         """Roll every sequence back to at most `length` tokens (in place, keeps the buffers). The compressed
         keys of the kept complete windows are the prefix's own; a window that was complete only past
-        `length` is recomputed from the new keys when appends complete it again."""
+        `length` is recomputed from the new keys when appends complete it again. Overflow flags clear when
+        length < max_len (the roll-back cuts before the dropped tokens)."""
         C.positive_int("SparseLayerCache.truncate", "length", length, minimum=0)
         self.lengths.clamp_(max=length)
-        self.overflow.zero_()
+        # An overflowed sequence holds max_len tokens and lost the ones after: only a roll-back below max_len
+        # cuts past the loss. Clearing the flags unconditionally hid the loss from check() after a truncate that
+        # kept the sequence whole (length >= max_len).
+        if length < self.max_len:
+            self.overflow.zero_()
 
     # ------------------------------------------------------------------ appends
     def _check_kv(self, op, k, v, ndim):

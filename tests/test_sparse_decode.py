@@ -177,6 +177,27 @@ def test_decode_step_and_overflow():
         cache.check()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_truncate_keeps_overflow_unless_it_cuts_the_dropped_tokens(backend):
+    """A sequence that dropped tokens at max_len keeps its overflow flag through a truncate that does not cut it
+    (length >= max_len: the dropped tokens are still missing); truncate cleared every flag unconditionally, so
+    check() stopped reporting the loss. A truncate below max_len rolls back past the loss and clears it."""
+    cfg = dict(SMALL, topk=2, dense_len=10)
+    k = seeded_randn(1, 2, 20, 1, 16, device=DEV)
+    cache = SparseLayerCache(2, 20, 1, 16, dtype=torch.float32, device=DEV, **_ref_kw(cfg))
+    cache.append(k, k)
+    with use_backend(backend):
+        cache.append_token(k[:, 0], k[:, 0])
+    for length in (25, 20):
+        cache.truncate(length)
+        assert cache.lengths_host() == [20, 20]
+        with pytest.raises(ValueError, match="max_len"):
+            cache.check()
+    cache.truncate(19)
+    cache.check()
+    assert cache.lengths_host() == [19, 19]
+
+
 def test_bad_arguments_name_the_op():
     cache = SparseLayerCache(2, 32, 2, 16, dtype=torch.float32, **dict(SMALL, topk=2, dense_len=16))
     with pytest.raises(TypeError, match="sparse_decode"):
