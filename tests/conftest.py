@@ -5,8 +5,9 @@
   kernel module loads. (bf16 tl.dot is unreliable under the interpreter: kernel tests on CPU use
   fp32/fp16.)
 - `gpu` marks tests that need CUDA; they are skipped without it.
-- Under the interpreter every kernel launch is bounds-checked (tests/interp_bounds.py): an unmasked
-  access outside the launch's tensor arguments fails the test. SALA_INTERP_BOUNDS=0 turns it off.
+- Under the interpreter every kernel launch is checked (tests/interp_checks.py): an unmasked access
+  outside the launch's tensor arguments, or an element one program stores and another program of the
+  same launch stores or reads, fails the test. SALA_INTERP_CHECKS=0 turns it off.
 - Hypothesis profiles: "ci" (default, few examples: the interpreter is slow) and "gpu" (more).
 """
 import os
@@ -26,9 +27,9 @@ settings.register_profile("gpu", max_examples=40, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
-if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SALA_INTERP_BOUNDS", "1") != "0":
-    import interp_bounds  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
-    interp_bounds.install()
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SALA_INTERP_CHECKS", "1") != "0":
+    import interp_checks  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+    interp_checks.install()
 # The device kernel tests run on: the GPU when there is one, else the CPU under the interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -1,19 +1,27 @@
-"""A bounds checker for kernels run by the Triton interpreter (TRITON_INTERPRET=1).
+"""Checks on every kernel launch run by the Triton interpreter (TRITON_INTERPRET=1): bounds and races.
 
-On the GPU an access past a tensor's end usually lands in memory the caching allocator owns and
-goes unnoticed, until a shape puts the tensor at the end of a segment and the process dies with an
+Bounds. On the GPU an access past a tensor's end usually lands in memory the caching allocator owns
+and goes unnoticed, until a shape puts the tensor at the end of a segment and the process dies with an
 illegal memory access (the lightning chunk-output kernel was seen to do that at two tile widths,
-bench/NOTES_lightning.md, cause never found). The interpreter does not catch it either: it reads and
-writes through raw host pointers. So under the interpreter every launch records the byte ranges of
-its tensor arguments (the views' extents, not their storages), and every unmasked load, store and
-atomic must fall inside one of them, element and all; a TMA descriptor must describe memory inside
-its base tensor. (The check is against the union of the launch's arguments: the interpreter's pointers
-do not say which argument they came from, so a read past one tensor that lands inside another argument
-would pass; separate host allocations make that unlikely.) A violation raises OutOfBounds naming the kernel, the access and the first bad
-address, which fails the test that launched the kernel.
+bench/NOTES_lightning.md). The interpreter does not catch it either: it reads and writes through raw
+host pointers. So every launch records the byte ranges of its tensor arguments (the views' extents, not
+their storages), and every unmasked load, store and atomic must fall inside one of them, element and
+all; a TMA descriptor must describe memory inside its base tensor. (Checked against the union of the
+launch's arguments: the interpreter's pointers do not say which argument they came from, so a read past
+one tensor that lands inside another argument would pass; separate host allocations make that unlikely.)
 
-`install()` patches the interpreter once (conftest.py does it for every test session on a CPU
-machine); `SALA_INTERP_BOUNDS=0` turns it off.
+Races. The interpreter runs a launch's programs one after another, in grid order, so a kernel whose
+programs touch each other's data gets one fixed, lucky order; on the GPU the programs run concurrently
+and the result changes from run to run. So every plain (non-atomic) store is recorded with its program,
+and at the end of the launch an element written by one program must not be written, or read, by
+another. Atomics are left out (they are how programs are meant to share an element). Kernels that
+synchronise their programs on purpose (a last-arriving program merging the others' partials, grid
+barriers, ticketed look-back) are listed in SYNCHRONISING_KERNELS with the reason, and only
+bounds-checked.
+
+A violation raises OutOfBounds or Race, naming the kernel, which fails the test that launched it.
+`install()` patches the interpreter once (conftest.py does it for every test session on a CPU machine);
+`SALA_INTERP_CHECKS=0` turns both checks off.
 """
 from __future__ import annotations
 
@@ -27,21 +35,42 @@ class OutOfBounds(AssertionError):
     pass
 
 
+class Race(AssertionError):
+    pass
+
+
+# kernel name -> why its programs may read each other's stores within one launch
+SYNCHRONISING_KERNELS = {
+    # sparse_decode_fast.py: after a barrier and an atomic counter, the last program of a row selects from / merges
+    # what the row's other programs stored (block scores; attention partials)
+    "_score_select_kernel": "the last-arriving program of a row selects from the row's block scores",
+    "_attend_combine_kernel": "the last-arriving program of a row merges the row's attention partials",
+    # sparse_decode_fused.py: the whole decode step in one launch, phases separated by grid barriers
+    "_fused_step_kernel": "grid barriers (acquire / release counters) between its phases",
+    # lightning_fwd_variants.py (SALA_LIGHTNING_FWD=fused): a chunk waits on a flag for its predecessor's state
+    "_fused_kernel": "ticketed look-back: a chunk reads the state its predecessor published behind a flag",
+}
+
 _state = threading.local()
 
 
-def _ranges():
-    return getattr(_state, "ranges", None)
+def _launch():
+    return getattr(_state, "launch", None)
+
+
+class _Launch:
+    def __init__(self, name, starts, ends, check_races):
+        self.name, self.starts, self.ends = name, starts, ends
+        self.check_races = check_races
+        self.loads, self.stores = [], []  # (unique addresses, flat program id)
 
 
 def _extent(t):
     """[start, end) bytes that a strided view may touch (empty views: nothing)."""
-    if t.numel() == 0:
+    if t.numel() == 0 or any(s < 0 for s in t.stride()):
         return None
     start = t.data_ptr()
     span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 1)
-    if any(s < 0 for s in t.stride()):  # not produced by torch today, but keep the rule honest
-        return None
     return start, start + (span + 1) * t.element_size()
 
 
@@ -59,46 +88,86 @@ def _collect(arg, out, descriptors):
             out.append(r)
 
 
-def _check(kind, ptrs, mask, itemsize):
-    rng = _ranges()
-    if rng is None:
-        return
+def _active(ptrs, mask):
     addr = np.asarray(ptrs, dtype=np.uint64).reshape(-1)
     if mask is not None:
         addr = addr[np.asarray(mask, dtype=bool).reshape(-1)]
-    if addr.size == 0:
-        return
-    starts, ends, name = rng
-    i = np.searchsorted(starts, addr, side="right") - 1
+    return addr
+
+
+def _check_bounds(launch, kind, addr, itemsize):
+    i = np.searchsorted(launch.starts, addr, side="right") - 1
     ok = i >= 0
-    ic = np.where(ok, i, 0)
-    ok &= addr + np.uint64(itemsize) <= ends[ic]
+    ok &= addr + np.uint64(itemsize) <= launch.ends[np.where(ok, i, 0)]
     if not ok.all():
         bad = int(addr[~ok][0])
-        near = ", ".join(f"[{s:#x}, {e:#x})" for s, e in zip(starts.tolist(), ends.tolist()))
-        raise OutOfBounds(f"{name}: {kind} of {int((~ok).sum())} element(s) outside every tensor argument, "
+        near = ", ".join(f"[{s:#x}, {e:#x})" for s, e in zip(launch.starts.tolist(), launch.ends.tolist()))
+        raise OutOfBounds(f"{launch.name}: {kind} of {int((~ok).sum())} element(s) outside every tensor argument, "
                           f"first at {bad:#x} (argument ranges: {near})")
 
 
+def _pid(builder):
+    x, y, z = builder.grid_idx
+    gx, gy, _ = builder.grid_dim
+    return x + gx * (y + gy * z)
+
+
+def _access(builder, kind, ptrs, mask, itemsize):
+    launch = _launch()
+    if launch is None:
+        return
+    addr = _active(ptrs, mask)
+    if addr.size == 0:
+        return
+    _check_bounds(launch, kind, addr, itemsize)
+    if launch.check_races and kind in ("load", "store"):
+        (launch.stores if kind == "store" else launch.loads).append((np.unique(addr), _pid(builder)))
+
+
+def _check_races(launch):
+    if not launch.stores:
+        return
+    s_addr = np.concatenate([a for a, _ in launch.stores])
+    s_pid = np.concatenate([np.full(a.size, p, dtype=np.int64) for a, p in launch.stores])
+    order = np.lexsort((s_pid, s_addr))
+    s_addr, s_pid = s_addr[order], s_pid[order]
+    # write-write: one element stored by two programs
+    same = (s_addr[1:] == s_addr[:-1]) & (s_pid[1:] != s_pid[:-1])
+    if same.any():
+        j = int(np.argmax(same))
+        raise Race(f"{launch.name}: programs {int(s_pid[j])} and {int(s_pid[j + 1])} both store the element at "
+                   f"{int(s_addr[j]):#x} ({int(same.sum())} such pairs): the result depends on their order on the GPU")
+    if not launch.loads:
+        return
+    # read-write: an element stored by one program and read by another (same launch)
+    l_addr = np.concatenate([a for a, _ in launch.loads])
+    l_pid = np.concatenate([np.full(a.size, p, dtype=np.int64) for a, p in launch.loads])
+    k = np.searchsorted(s_addr, l_addr)
+    kc = np.minimum(k, s_addr.size - 1)
+    hit = (k < s_addr.size) & (s_addr[kc] == l_addr) & (s_pid[kc] != l_pid)
+    if hit.any():
+        j = int(np.argmax(hit))
+        raise Race(f"{launch.name}: program {int(l_pid[j])} reads the element at {int(l_addr[j]):#x} that program "
+                   f"{int(s_pid[kc[j]])} stores ({int(hit.sum())} such reads): on the GPU it may see either value")
+
+
 def _check_descriptor(name, desc):
-    base = desc.base
-    r = _extent(base)
+    r = _extent(desc.base)
     if r is None:
         return
     span = sum((n - 1) * s for n, s in zip(desc.shape, desc.strides) if n > 1)
-    end = base.data_ptr() + (span + 1) * base.element_size()
+    end = desc.base.data_ptr() + (span + 1) * desc.base.element_size()
     if end > r[1]:
         raise OutOfBounds(f"{name}: TensorDescriptor shape {list(desc.shape)} strides {list(desc.strides)} "
-                          f"reaches {end - r[1]} bytes past its base tensor {tuple(base.shape)}")
+                          f"reaches {end - r[1]} bytes past its base tensor {tuple(desc.base.shape)}")
 
 
 def install():
-    """Patch the interpreter (idempotent). Returns False when triton is not interpreting."""
+    """Patch the interpreter (idempotent)."""
     from triton.runtime import interpreter as I
-    if getattr(I, "_sala_bounds_installed", False):
+    if getattr(I, "_sala_checks_installed", False):
         return True
     B = I.InterpreterBuilder
-
     orig_load, orig_store = B.create_masked_load, B.create_masked_store
     orig_rmw, orig_cas = B.create_atomic_rmw, B.create_atomic_cas
 
@@ -107,28 +176,28 @@ def install():
 
     @functools.wraps(orig_load)
     def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        _check("load", ptrs.data, mask.data, itemsize(ptrs))
+        _access(self, "load", ptrs.data, mask.data, itemsize(ptrs))
         return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
 
     @functools.wraps(orig_store)
     def create_masked_store(self, ptrs, value, mask, cache_policy):
-        _check("store", ptrs.data, mask.data, itemsize(ptrs))
+        _access(self, "store", ptrs.data, mask.data, itemsize(ptrs))
         return orig_store(self, ptrs, value, mask, cache_policy)
 
     @functools.wraps(orig_rmw)
     def create_atomic_rmw(self, rmwOp, ptr, val, mask, sem, scope):
-        _check("atomic", ptr.data, mask.data, itemsize(ptr))
+        _access(self, "atomic", ptr.data, mask.data, itemsize(ptr))
         return orig_rmw(self, rmwOp, ptr, val, mask, sem, scope)
 
     @functools.wraps(orig_cas)
     def create_atomic_cas(self, ptr, cmp, val, sem, scope):
-        _check("atomic_cas", ptr.data, None, itemsize(ptr))
+        _access(self, "atomic_cas", ptr.data, None, itemsize(ptr))
         return orig_cas(self, ptr, cmp, val, sem, scope)
 
     B.create_masked_load, B.create_masked_store = create_masked_load, create_masked_store
     B.create_atomic_rmw, B.create_atomic_cas = create_atomic_rmw, create_atomic_cas
 
-    orig_init = I.GridExecutor._init_args_hst
+    orig_init, orig_restore = I.GridExecutor._init_args_hst, I.GridExecutor._restore_args_dev
 
     @functools.wraps(orig_init)
     def _init_args_hst(self, args_dev, kwargs):
@@ -138,8 +207,7 @@ def install():
         name = getattr(self.fn, "__name__", "kernel")
         for d in descriptors:
             _check_descriptor(name, d)
-        # overlapping views (e.g. two slices of one buffer) merge into one allowed range
-        ranges.sort()
+        ranges.sort()  # overlapping views (two slices of one buffer) merge into one allowed range
         merged = []
         for s, e in ranges:
             if merged and s <= merged[-1][1]:
@@ -147,17 +215,17 @@ def install():
             else:
                 merged.append([s, e])
         arr = np.array(merged, dtype=np.uint64).reshape(-1, 2)
-        _state.ranges = (arr[:, 0].copy(), arr[:, 1].copy(), name)
+        _state.launch = _Launch(name, arr[:, 0].copy(), arr[:, 1].copy(), name not in SYNCHRONISING_KERNELS)
         return args_hst, kwargs_hst
-
-    orig_restore = I.GridExecutor._restore_args_dev
 
     @functools.wraps(orig_restore)
     def _restore_args_dev(self, *a, **k):
-        _state.ranges = None  # host code between launches is not checked
+        launch, _state.launch = _launch(), None  # host code between launches is not checked
+        if launch is not None and launch.check_races:
+            _check_races(launch)
         return orig_restore(self, *a, **k)
 
     I.GridExecutor._init_args_hst = _init_args_hst
     I.GridExecutor._restore_args_dev = _restore_args_dev
-    I._sala_bounds_installed = True
+    I._sala_checks_installed = True
     return True
