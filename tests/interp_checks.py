@@ -43,7 +43,7 @@ class Race(AssertionError):
 SYNCHRONISING_KERNELS = {
     # sparse_decode_fast.py: after a barrier and an atomic counter, the last program of a row selects from / merges
     # what the row's other programs stored (block scores; attention partials)
-    "_score_select_kernel": "the last-arriving program of a row selects from the row's block scores",
+    "_score_select_kernel": "SELECT_MODE tail: the last-arriving program of a row selects from its block scores",
     "_attend_combine_kernel": "the last-arriving program of a row merges the row's attention partials",
     # sparse_decode_fused.py: the whole decode step in one launch, phases separated by grid barriers
     "_fused_step_kernel": "grid barriers (acquire / release counters) between its phases",
