@@ -350,15 +350,20 @@ def _check_q(op, q, cache: SparseLayerCache):
         q = q[:, 0]
     if not isinstance(cache, SparseLayerCache):
         raise TypeError(f"sala_ops.{op}: cache must be a SparseLayerCache, got {type(cache).__name__}")
+    _check_q_matches_cache(op, q, cache)
+    if q.shape[0] != cache.batch_size:
+        raise ValueError(f"sala_ops.{op}: q must have batch {cache.batch_size} (the cache's), got {q.shape[0]}")
+    return q, squeeze
+
+
+def _check_q_matches_cache(op, q, cache: SparseLayerCache):
+    """q [..., H, D] against the cache: dtype, device, head dim, a GQA group of its KV heads."""
     if q.dtype != cache.dtype:
         raise TypeError(f"sala_ops.{op}: q must have the cache dtype {cache.dtype}, got {q.dtype}")
     if q.device != cache.device:
         raise ValueError(f"sala_ops.{op}: q must be on the cache device {cache.device}, got {q.device}")
-    if q.shape[0] != cache.batch_size:
-        raise ValueError(f"sala_ops.{op}: q must have batch {cache.batch_size} (the cache's), got {q.shape[0]}")
-    C.dim_eq(op, "q", q, 2, cache.head_dim, "head dim of the cache")
-    C.gqa(op, q.shape[1], cache.num_kv_heads, kv_name="cache")
-    return q, squeeze
+    C.dim_eq(op, "q", q, q.dim() - 1, cache.head_dim, "head dim of the cache")
+    C.gqa(op, q.shape[-2], cache.num_kv_heads, kv_name="cache")
 
 
 def sparse_prefill(q, k, v, cache: SparseLayerCache, scale=None, cu_seqlens=None):
@@ -374,12 +379,7 @@ def sparse_prefill(q, k, v, cache: SparseLayerCache, scale=None, cu_seqlens=None
     C.tensor(op, "k", k, ndim=4)
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(f"sala_ops.{op}: q and k must share [batch, seq], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.dtype != cache.dtype:
-        raise TypeError(f"sala_ops.{op}: q must have the cache dtype {cache.dtype}, got {q.dtype}")
-    if q.device != cache.device:
-        raise ValueError(f"sala_ops.{op}: q must be on the cache device {cache.device}, got {q.device}")
-    C.dim_eq(op, "q", q, 3, cache.head_dim, "head dim of the cache")
-    C.gqa(op, q.shape[2], cache.num_kv_heads, kv_name="cache")
+    _check_q_matches_cache(op, q, cache)
     C.scale_arg(op, scale, q.shape[-1])
     cache.append(k, v, cu_seqlens)
     lens = cache.lengths_host()
