@@ -85,6 +85,7 @@ if HAS_CUDA:
     _TMA_CASES = _CASES
 
 
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability()[0] < 9, reason="TMA needs sm_90+")
 @pytest.mark.parametrize("case", _TMA_CASES)
 def test_tma_variant_equals_v1(case, monkeypatch):
     """SALA_LIGHTNING_OUT=tma (q, k, v, o tiles moved by TMA descriptors) computes what v1 computes, forward and
@@ -111,10 +112,25 @@ def test_tma_variant_falls_back_to_v1(monkeypatch):
     want = _run("v1", case, monkeypatch, torch.float16)
     got = _run("tma", case, monkeypatch, torch.float16)
     got32 = _run("tma", _CASES[0], monkeypatch)
+    # a device without TMA copies (before sm_90) takes v1 for inputs TMA could address
+    monkeypatch.setattr(CO, "_has_tma", lambda device: False)
+    no_tma = _run("tma", _TMA_CASES[0], monkeypatch, torch.float16)
     assert counter.calls == 0
+    assert all(torch.equal(g, w) for g, w in zip(no_tma, _run("v1", _TMA_CASES[0], monkeypatch, torch.float16)))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert all(torch.isfinite(g).all() for g in got32)
+
+
+def test_tma_is_the_default(monkeypatch):
+    """Unset or empty SALA_LIGHTNING_OUT selects the TMA kernel (measured fastest on the H200, session 12)."""
+    from sala_ops.triton import lightning_chunk_out as CO
+    for val in (None, ""):
+        if val is None:
+            monkeypatch.delenv("SALA_LIGHTNING_OUT", raising=False)
+        else:
+            monkeypatch.setenv("SALA_LIGHTNING_OUT", val)
+        assert CO.variant() == "tma"
 
 
 def test_out_variant_name_checked(monkeypatch):

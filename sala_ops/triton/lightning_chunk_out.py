@@ -1,7 +1,11 @@
-"""The chunk-output pass (pass 3 of lightning_chunk.py: o for every token from its chunk's start state), the
-default since H200 run 8 (2026-12-03): same schedule as lightning_chunk._chunk_out_kernel (now selected with
-SALA_LIGHTNING_OUT=v0, read at every call), less work per 64-token block. It serves every caller of
-`chunk_outputs` (forward outputs, dq, dk, dv).
+"""The chunk-output pass (pass 3 of lightning_chunk.py: o for every token from its chunk's start state). It serves
+every caller of `chunk_outputs` (forward outputs, dq, dk, dv). Kernels, picked by SALA_LIGHTNING_OUT (read at
+every call):
+- `tma` (default since H200 session 12, 2026-12-05): v1 with the full blocks' tiles moved by TMA descriptors;
+  bf16 forward 1.55x fla at 32K and 128K where v1 gave 1.47x / 1.49x (bench/NOTES_lightning.md). Inputs TMA
+  cannot address (fp32, head dims that are not whole tiles, devices before sm_90) run v1.
+- `v1` (default from run 8, 2026-12-03 to session 12): same schedule as lightning_chunk._chunk_out_kernel (`v0`),
+  less work per 64-token block.
 
 From the sm_90 SASS of the v0 loop (bench/NOTES_lightning.md, run 8: 845 -> 586 instructions per block at
 BV 64 / 4 warps): head dims as constexprs (no head-dim masks at D = 128), an unmasked loop over full blocks
@@ -20,13 +24,13 @@ import triton.language as tl
 
 from . import lightning_chunk as LC
 
-# v1: _chunk_out_v1_kernel (default); tma: _chunk_out_tma_kernel (16-bit inputs whose tiles TMA can address, else
-# v1); v0: lightning_chunk._chunk_out_kernel
-VARIANTS = ("v1", "tma", "v0")
+# tma: _chunk_out_tma_kernel (default since H200 session 12: 16-bit inputs whose tiles TMA can address, on sm_90+
+# or the interpreter; anything else runs v1); v1: _chunk_out_v1_kernel; v0: lightning_chunk._chunk_out_kernel
+VARIANTS = ("tma", "v1", "v0")
 
 
 def variant() -> str:
-    name = os.environ.get("SALA_LIGHTNING_OUT", "v1") or "v1"
+    name = os.environ.get("SALA_LIGHTNING_OUT", "tma") or "tma"
     if name not in VARIANTS:
         raise ValueError(f"SALA_LIGHTNING_OUT must be one of {VARIANTS}, got {name!r}")
     return name
@@ -279,13 +283,21 @@ def _tail(qh, kh, vh, oh, p, stride_q, stride_k, stride_v, stride_o, offq, offk,
                   kv_mult, out_scale, True, MK, MV, PREC, DK)
 
 
+def _has_tma(device) -> bool:
+    """TMA copies exist from sm_90 (Hopper) on; the interpreter emulates the descriptors on the CPU."""
+    if LC.INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _tma_ok(qq, kk, vv, out, BT):
-    """Whether the TMA kernel can take these tensors: 16-bit inputs, power-of-two head dims of at least 16 bytes per row
-    (so a tile is whole head dims), 16-byte aligned bases and row strides (TMA's rules), int32 row coordinates."""
+    """Whether the TMA kernel can take these tensors: a device with TMA, 16-bit inputs, power-of-two head dims of at
+    least 16 bytes per row (so a tile is whole head dims), 16-byte aligned bases and row strides (TMA's rules),
+    int32 row coordinates."""
     DK, DV = kk.shape[-1], vv.shape[-1]
     ts = (qq, kk, vv, out)
     # out may be fp32: dk, dv of GQA heads, summed over the group afterwards
-    return (qq.dtype in (torch.float16, torch.bfloat16) and kk.dtype == vv.dtype == qq.dtype
+    return (_has_tma(qq.device) and qq.dtype in (torch.float16, torch.bfloat16) and kk.dtype == vv.dtype == qq.dtype
             and out.dtype in (qq.dtype, torch.float32)
             and DK == LC._pad(DK) and DK >= 8 and DV >= 8 and DV & (DV - 1) == 0
             and all(t.data_ptr() % 16 == 0 and (t.shape[-2] * t.shape[-1]) % 8 == 0 for t in ts)
