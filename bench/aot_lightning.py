@@ -17,7 +17,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--triton", default=None, help="directory prepended to sys.path before importing triton")
     ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--prec", default="tf32", help="fp32 dot precision (tf32 | tf32x3 | ieee)")
+    ap.add_argument("--prec", default="tf32", help="fp32 dot precision (tf32 | tf32x3 | ieee); split: the 16-bit hi + lo products")
     ap.add_argument("--kernels", default="out,local")
     a = ap.parse_args()
     if a.triton:
@@ -29,7 +29,7 @@ def main():
 
     H, D = 32, 128
     for dt in a.dtypes.split(","):
-        prec = a.prec if dt == "fp32" else "tf32"
+        prec = a.prec if dt == "fp32" or a.prec == "split" else "tf32"
         if "out" in a.kernels:
             for bv in (32, 64, 128):
                 for nw in (4, 8):

@@ -58,7 +58,10 @@ def _inputs(T, dtype, grad):
 
 
 def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
-    torch.set_float32_matmul_precision(precision)
+    """precision "split" (the released model's call): ours on the bf16 tensors with SALA_LIGHTNING_16BIT_DOT=split,
+    fla on fp32 copies of them with TF32 products (the model casts q, k, v to fp32 before calling fla)."""
+    released = precision == "split"
+    torch.set_float32_matmul_precision("high" if released else precision)
     decay = sala_ops.sala_decay_slopes(H).cuda()
     scale = D ** -0.5
     grad = mode == "fwd+bwd"
@@ -66,6 +69,11 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
     do = torch.randn(1, T, H, D, device="cuda", dtype=dtype) if grad else None
     g = (-decay).view(1, 1, H).expand(1, T, H).contiguous()
     g_gamma = (-decay).contiguous()
+    pq, pk, pv, pdo = q, k, v, do  # the peer's inputs
+    if released:
+        pq, pk, pv = (x.detach().float().requires_grad_(grad) for x in (q, k, v))
+        pdo = None if do is None else do.float()
+        os.environ["SALA_LIGHTNING_16BIT_DOT"] = "split"
 
     def ours():
         o = sala_ops.lightning_attention(q, k, v, decay, scale=scale).output
@@ -74,15 +82,15 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
         return o
 
     def peer():  # per-token g (fla's general form); its backward refuses triton 3.4-3.7.0 on Hopper
-        o = fla(q, k, v, g=g, scale=scale)[0]
+        o = fla(pq, pk, pv, g=g, scale=scale)[0]
         if grad:
-            o.backward(do)
+            o.backward(pdo)
         return o
 
     def peer_gamma():  # fla's constant per-head decay form (g_gamma [H])
-        o = fla(q, k, v, g_gamma=g_gamma, scale=scale)[0]
+        o = fla(pq, pk, pv, g_gamma=g_gamma, scale=scale)[0]
         if grad:
-            o.backward(do)
+            o.backward(pdo)
         return o
 
     esz = torch.finfo(dtype).bits // 8
@@ -95,14 +103,16 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
                 o2 = peer_gamma().detach()
                 row["rel_err_vs_fla"] = _rel(o1, o2)
                 del o2
-            ref_err = _ref_check(q, k, v, decay, scale, o1)
+            ref_err = _ref_check(q, k, v, decay, scale, o1, peer_dtype=torch.float32 if released else None)
             if ref_err is not None:
-                row["ours_rel_err_vs_fp32_ref_last2k"], row["fla_rel_err_vs_fp32_ref_last2k"] = ref_err
+                row["ours_rel_err_vs_fp32_ref_last2k"], row["fla_rel_err_vs_fp32_ref_last2k"] = ref_err[:2]
+                if released:  # the model rounds the layer's output to bf16 after o_norm: fla's error at that point
+                    row["fla_bf16_rounded_rel_err_vs_fp32_ref_last2k"] = ref_err[2]
             del o1
         gtn = [q, k, v] if grad else None
         row["ours_ms"] = _bench(ours, gtn)
         if fla is not None:
-            row["fla_gamma_ms"] = _bench(peer_gamma, gtn)
+            row["fla_gamma_ms"] = _bench(peer_gamma, [pq, pk, pv] if grad else None)
             if not grad and os.environ.get("BENCH_FLA_PER_TOKEN_G") == "1":  # off: minutes of fla autotuning
                 row["fla_g_ms"] = _bench(peer, gtn)
             row["fla_ms"] = min(row["fla_gamma_ms"], row.get("fla_g_ms", float("inf")))
@@ -112,24 +122,28 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
     rows.append(row)
     print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
     torch.set_float32_matmul_precision("highest")
+    if released:
+        os.environ.pop("SALA_LIGHTNING_16BIT_DOT", None)
     del q, k, v, do, g
     torch.cuda.empty_cache()
 
 
-def _ref_check(q, k, v, decay, scale, o, n=2048):
-    """Relative error vs the fp32 reference on the first n tokens (zero initial state), ours and fla's."""
+def _ref_check(q, k, v, decay, scale, o, n=2048, peer_dtype=None):
+    """Relative error vs the fp32 reference on the first n tokens (zero initial state), ours and fla's (fla on its
+    inputs cast to peer_dtype if given; then also fla's output rounded to q's dtype)."""
     from sala_ops.reference import lightning as R
     qs, ks, vs = (x.detach()[:, :n].float() for x in (q, k, v))
     ref = R.lightning_parallel(qs, ks, vs, decay, scale)[0]
     out = [_rel(o[:, :n], ref)]
     try:
         from fla.ops.simple_gla import chunk_simple_gla
+        cast = (lambda x: x.to(peer_dtype)) if peer_dtype is not None else (lambda x: x)
         with torch.no_grad():
-            of = chunk_simple_gla(q.detach()[:, :n].contiguous(), k.detach()[:, :n].contiguous(),
-                                  v.detach()[:, :n].contiguous(), g_gamma=-decay, scale=scale)[0]
-        out.append(_rel(of, ref))
+            of = chunk_simple_gla(cast(q.detach()[:, :n].contiguous()), cast(k.detach()[:, :n].contiguous()),
+                                  cast(v.detach()[:, :n].contiguous()), g_gamma=-decay, scale=scale)[0]
+        out += [_rel(of, ref), _rel(of.to(q.dtype), ref)]
     except Exception:  # noqa: BLE001
-        out.append(None)
+        out += [None, None]
     return out
 
 
@@ -293,7 +307,8 @@ def main():
                     help="only time the forward variants (SALA_LIGHTNING_FWD) vs fla at 32K and 128K, bf16 and fp32")
     ap.add_argument("--cases", default=None,
                     help="only these chunked cases, no decode/breakdown: DTYPE:MODE:PRECISION,... "
-                         "e.g. bfloat16:fwd+bwd:highest,float32:fwd:high")
+                         "e.g. bfloat16:fwd+bwd:highest,float32:fwd:high; bfloat16:fwd:split = ours with "
+                         "SALA_LIGHTNING_16BIT_DOT=split vs fla on fp32 copies (the released model's call)")
     args = ap.parse_args()
     fla = fla_rec = None
     if not args.no_fla:
@@ -317,7 +332,8 @@ def main():
             dtype = getattr(torch, dt)
             for T in Ts:
                 peer = fla if prec != "highest" or dtype != torch.float32 else None
-                run_chunk(T, dtype, mode, peer, prec, rows, check=(dtype == torch.float32 and mode == "fwd"))
+                run_chunk(T, dtype, mode, peer, prec, rows,
+                          check=(dtype == torch.float32 or prec == "split") and mode == "fwd")
         _table(rows)
         return
     run_step(fla_rec, rows)
@@ -348,6 +364,10 @@ def _table(rows):
               f"{(fla_ms if fla_ms is not None else float('nan')):9.4f} {r.get('speedup', float('nan')):6.2f} "
               f"{r.get('ours_TBps', float('nan')):6.2f} {100 * r.get('ours_bw_frac', float('nan')):6.1f} "
               f"{r.get('rel_err_vs_fla', float('nan')):9.2e}")
+        if "fla_bf16_rounded_rel_err_vs_fp32_ref_last2k" in r:  # the released call: precision side by side
+            print(f"{'  vs fp32 ref (2K tokens): ours':40} {r['ours_rel_err_vs_fp32_ref_last2k']:.2e}, fla fp32 "
+                  f"{r['fla_rel_err_vs_fp32_ref_last2k']:.2e}, fla rounded to bf16 "
+                  f"{r['fla_bf16_rounded_rel_err_vs_fp32_ref_last2k']:.2e}")
         if r["mode"] == "decode":
             print(f"{'  graph':8} {'':9} {'':8} {'':>7} {r['ours_graph_ms']:9.4f} "
                   f"{r.get('fla_graph_ms', float('nan')):9.4f} {r.get('graph_speedup', float('nan')):6.2f}")

@@ -14,7 +14,8 @@
 #                              # the load-only floor (bench_sparse_floor.py) (~8 min)
 #   bash bench/gpu.sh lightning  # chunk-output variants (LOUT_VARIANTS) timed (fwd, fwd+bwd), the forward vs fla per
 #                              # LFWD_ENVS entry (comma-separated env assignments, "none" = defaults), fp32 inputs vs
-#                              # fla per LF32_ENVS entry, the variants' tests (~8 min)
+#                              # fla per LF32_ENVS entry, bf16 with SALA_LIGHTNING_16BIT_DOT=split vs fla on fp32 copies
+#                              # (T_LSPLIT=0 skips it), the variants' tests (~8 min)
 #   bash bench/gpu.sh lightlong  # lightning gpu tests with the 1M checked segment, fwd and fwd+bwd vs fla at 32K/128K
 #                              # (LFB_CASES) (~8 min)
 #   bash bench/gpu.sh tune     # sparse decode knob sweep + every lightning forward config timed (~9 min)
@@ -110,10 +111,12 @@ if [ "$what" = lightning ]; then
     step "${T_LF32:-120}" "lightning fp32 fwd vs fla ($e)" env $assign python3 bench/bench_lightning.py \
       --T 32768,131072 --cases float32:fwd:high --out "$OUT/f32_${e//[^A-Za-z0-9]/_}"
   done
-  step "${T_LOUT_TESTS:-150}" "lightning chunk-output and f16s tests" python3 -m pytest -q tests/test_lightning_chunk_out.py \
-    tests/test_lightning_triton.py -k "not gpu_ and (chunk_out or tma or f16s or variant)" -p no:cacheprovider -rfE \
+  [ "${T_LSPLIT:-120}" -gt 0 ] && step "${T_LSPLIT:-120}" "lightning, the released call: bf16 split vs fla on fp32 copies" \
+    python3 bench/bench_lightning.py --T 32768,131072 --cases bfloat16:fwd:split,bfloat16:fwd+bwd:split --out "$OUT/split"
+  step "${T_LOUT_TESTS:-150}" "lightning chunk-output, f16s and split tests" python3 -m pytest -q tests/test_lightning_chunk_out.py \
+    tests/test_lightning_triton.py -k "not gpu_ and (chunk_out or tma or f16s or 16bit or variant)" -p no:cacheprovider -rfE \
     || tests_rc=$?
-  grep -E "^== |^T |^(op|fwd|fwd\+bwd) |passed|failed|Error| \| " "$log" | cut -c1-300 | head -n 80
+  grep -E "^== |^T |^(op|fwd|fwd\+bwd) |  vs fp32 ref|passed|failed|Error| \| " "$log" | cut -c1-300 | head -n 80
 fi
 if [ "$what" = lightlong ]; then
   step "${T_LTESTS:-300}" "gpu tests: lightning (1M checked segment included)" python3 -m pytest -q -m gpu \

@@ -207,6 +207,63 @@ def test_fp32_f16s_refused_by_other_kernels(monkeypatch):
         _lightning(q, q, q, torch.full((2,), 0.1, device=DEV))
 
 
+# (B, T, H, Hkv, K, V, chunk, lens): GQA, several chunks and blocks, a partial tail block; varlen
+_SPLIT_CASES = [(1, 150, 2, 1, 32, 32, (48, 16), None), (1, 170, 2, 2, 32, 64, (32, 16), [60, 1, 109])]
+if HAS_CUDA:
+    _SPLIT_CASES = [(1, 1000, 4, 2, 128, 128, (256, 64), None), (1, 700, 2, 2, 128, 128, (192, 64), [300, 1, 399])]
+
+
+@pytest.mark.parametrize("case", _SPLIT_CASES)
+def test_16bit_split_products_reach_the_output_rounding_floor(case, monkeypatch):
+    """SALA_LIGHTNING_16BIT_DOT=split (16-bit inputs; the score tile, the state and the weighted v as hi + lo pairs):
+    each 16-bit result (o, dq, dk, dv) is as far from the fp64 reference as the reference rounded to the input dtype
+    (within 5%), and the fp32 ones (final state, initial-state gradient) within 2^-14; the plain 16-bit path misses
+    both bounds on the same inputs, so the test sees which one ran. bf16 on a GPU, fp16 in the interpreter (its
+    bf16 dot is broken)."""
+    B, T, H, Hkv, K, V, chunk, lens = case
+    dt = torch.bfloat16 if HAS_CUDA else torch.float16
+    LC.CHUNK_OVERRIDE = chunk
+    N = B if lens is None else len(lens)
+    cu = None if lens is None else torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV)
+    q, k, v, decay, S0 = _inputs(B, T, H, Hkv, K, V, True, False, 21, N=N)
+    # unit-norm-ish q, k as the SALA layers give them (RMSNorm); the model's 16-bit activations
+    q, k, v = (q / K ** 0.25).to(dt), (k / K ** 0.25).to(dt), v.to(dt)
+    do = seeded_randn(25, B, T, H, V, device=DEV).to(dt)
+    dfin = seeded_randn(26, N, H, K, V, device=DEV)
+    o_ref, f_ref, g_ref = _ref_all(q, k, v, decay, None, S0, True, cu, do, dfin)
+    refs = [o_ref, f_ref, *g_ref]
+    names = ("o", "final_state", "dq", "dk", "dv", "d_initial_state")
+
+    def errors(mode):
+        monkeypatch.setenv("SALA_LIGHTNING_16BIT_DOT", mode)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, S0)]
+        out = _lightning(*leaves[:3], decay, initial_state=leaves[3], output_final_state=True, cu_seqlens=cu)
+        got = [out.output, out.final_state,
+               *torch.autograd.grad([out.output, out.final_state], leaves, [do, dfin])]
+        return {n: (rel_err(g, r), rel_err(r.to(g.dtype), r), g.dtype) for n, g, r in zip(names, got, refs)}
+
+    split, plain = errors("split"), errors("default")
+    for n in names:
+        err, floor, gdt = split[n]
+        if gdt == torch.float32:
+            assert err <= 2 ** -14, f"split {n}: error {err:.2e} (fp32 result)"
+            assert plain[n][0] > 2 ** -14, f"plain 16-bit {n}: error {plain[n][0]:.2e}, the bound does not discriminate"
+        else:
+            assert err <= 1.05 * floor, f"split {n}: error {err:.2e}, rounding floor {floor:.2e}"
+            assert plain[n][0] > 1.05 * floor, f"plain 16-bit {n}: {plain[n][0]:.2e} within the floor {floor:.2e}"
+
+
+def test_16bit_split_checked_and_refused_by_other_kernels(monkeypatch):
+    q = seeded_randn(1, 1, 8, 2, 16, device=DEV).to(torch.float16)
+    monkeypatch.setenv("SALA_LIGHTNING_16BIT_DOT", "bf16x9")
+    with pytest.raises(ValueError, match="SALA_LIGHTNING_16BIT_DOT"):
+        _lightning(q, q, q, torch.full((2,), 0.1, device=DEV))
+    monkeypatch.setenv("SALA_LIGHTNING_16BIT_DOT", "split")
+    monkeypatch.setenv("SALA_LIGHTNING_OUT", "v0")
+    with pytest.raises(ValueError, match="split runs with the default chunk-output kernel only"):
+        _lightning(q, q, q, torch.full((2,), 0.1, device=DEV))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # equivalences
 

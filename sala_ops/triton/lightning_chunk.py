@@ -35,7 +35,8 @@ Accumulation and states are fp32. With bf16/fp16 inputs the tensor-core products
 operands (the decay-weighted scores and the state are rounded to the input dtype for the product,
 accumulation stays fp32); with fp32 inputs the products use TF32x3 (near-fp32 accuracy) when
 torch.get_float32_matmul_precision() is "highest" (torch's default) and plain TF32 otherwise
-(SALA_LIGHTNING_F32_DOT=f16s, not yet measured on a GPU: fp16 tiles with power-of-two scales, f16_scaled).
+(SALA_LIGHTNING_F32_DOT=f16s: fp16 tiles with power-of-two scales, f16_scaled). SALA_LIGHTNING_16BIT_DOT=split
+keeps the rounded intermediates of the 16-bit path as hi + lo pairs (split_hi_lo, host side below).
 
 Index arithmetic on token offsets is int64 (1M tokens x 32 heads x 128 dims passes 2^31).
 """
@@ -166,6 +167,14 @@ def f16_scaled(x, bound):
     return (x * up).to(tl.float16), down
 
 
+@triton.jit
+def split_hi_lo(x, dtype: tl.constexpr):
+    """An fp32 tile as hi + lo of a 16-bit dtype (lo = the rounding error of hi): 16 significand bits for bf16, so
+    products of both parts with an exact 16-bit operand, summed in fp32, lose about what fp32 accumulation does."""
+    hi = x.to(dtype)
+    return hi, (x - hi.to(tl.float32)).to(dtype)
+
+
 @triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]) + _f32_configs(_F32_LOCAL),
                  key=["DK", "DV", "BT", "REVERSE", "PREC"],
                  prune_configs_by={"early_config_prune": _by_dtype(_F32_LOCAL)})
@@ -204,6 +213,10 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
             kh, ik = f16_scaled(kt, amax(kt))
             vh, iv = f16_scaled(vt * w[:, None], amax(vt))  # w <= 1
             acc += tl.dot(tl.trans(kh), vh) * ik * iv
+        elif PREC == "split":  # the weighted v as hi + lo (split_hi_lo): k and v are exact 16-bit operands
+            vw_hi, vw_lo = split_hi_lo(vt.to(tl.float32) * w[:, None], vt.dtype)
+            acc = tl.dot(tl.trans(kt), vw_hi, acc)
+            acc = tl.dot(tl.trans(kt), vw_lo, acc)
         elif BV <= BK:  # weight the narrower operand
             vw = (vt.to(tl.float32) * w[:, None]).to(vt.dtype)
             acc += tl.dot(tl.trans(kt), vw, input_precision=PREC)
@@ -348,11 +361,24 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
 # significand, 16-bit tensor-core products (which take the token-major layouts that TF32 products do not), v1
 # chunk-output kernel only.
 F32_DOTS = ("tf32", "tf32x3", "ieee", "f16s")
+# SALA_LIGHTNING_16BIT_DOT=split (bf16 / fp16 inputs, opt-in): the three intermediates the 16-bit path rounds to the
+# input dtype for a tensor-core product (the decayed score tile, the state, the decay-weighted v) go in as hi + lo
+# pairs of that dtype instead (split_hi_lo), so they keep 16 significand bits (bf16: 8 -> 16). q, k and v are
+# 16-bit already and their products are exact in the fp32 accumulator. Three more products per block. It targets
+# the released model's call (bf16 activations cast to fp32, then TF32 products): emulated on a 4K-token bf16
+# sequence, the output's error vs fp64 is the error of rounding the exact result to bf16 (1.66e-3 relative), where
+# the plain 16-bit path has 2.70e-3 and fla in fp32 (TF32) 2.65e-4 before and 1.68e-3 after the model rounds its
+# output to bf16 (bench/NOTES_lightning.md, session 12).
+BIT16_DOTS = ("default", "split")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
-        return "tf32"  # ignored for 16-bit operands
+        forced = os.environ.get("SALA_LIGHTNING_16BIT_DOT") or "default"
+        if forced not in BIT16_DOTS:
+            raise ValueError(f"lightning_attention: SALA_LIGHTNING_16BIT_DOT must be one of {BIT16_DOTS}, "
+                             f"got {forced!r}")
+        return "split" if forced == "split" else "tf32"  # "tf32": ignored by 16-bit products
     forced = os.environ.get("SALA_LIGHTNING_F32_DOT")
     if forced:
         if forced not in F32_DOTS:
@@ -362,9 +388,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _no_f16s(dtype: torch.dtype, what: str):
-    if _dot_precision(dtype) == "f16s":
-        raise ValueError(f"lightning_attention: SALA_LIGHTNING_F32_DOT=f16s runs with the default chunk-output "
-                         f"kernel only, not with {what}")
+    """The scaled-fp16 and split products exist in the default kernels only (lightning_chunk_out.py, the local-state
+    kernel): refuse them for the older / experimental ones instead of running them at another precision."""
+    prec = _dot_precision(dtype)
+    if prec in ("f16s", "split"):
+        env = "SALA_LIGHTNING_F32_DOT=f16s" if prec == "f16s" else "SALA_LIGHTNING_16BIT_DOT=split"
+        raise ValueError(f"lightning_attention: {env} runs with the default chunk-output kernel only, not with {what}")
 
 
 def _pad(d: int) -> int:

@@ -99,16 +99,28 @@ def _block(qb, kb, vb, ob, offq, offk, offv, offo, S, dmask, wq, wk, lam_ln, mt,
 @triton.jit
 def _outputs(qt, kt, vt, S, dmask, wq, PREC: tl.constexpr):
     """A block's outputs from loaded 16-bit (or TF32) tiles: diag(wq) q S + (q k^T * dmask) v."""
-    A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
-    o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
-    return tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
+    if PREC == "split":  # S and the score tile as hi + lo 16-bit pairs (LC.split_hi_lo)
+        A_hi, A_lo = LC.split_hi_lo(tl.dot(qt, tl.trans(kt)) * dmask, vt.dtype)
+        S_hi, S_lo = LC.split_hi_lo(S, qt.dtype)
+        o = tl.dot(qt, S_lo, tl.dot(qt, S_hi)) * wq[:, None]
+        o = tl.dot(A_lo, vt, tl.dot(A_hi, vt, o))
+    else:
+        A = tl.dot(qt, tl.trans(kt), input_precision=PREC) * dmask
+        o = tl.dot(qt, S.to(qt.dtype), input_precision=PREC) * wq[:, None]
+        o = tl.dot(A.to(vt.dtype), vt, o, input_precision=PREC)
+    return o
 
 
 @triton.jit
 def _update(kt, vt, S, wk, lam, PREC: tl.constexpr):
     """The state after the block: lam S + k^T diag(wk) v."""
-    vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
-    return tl.dot(tl.trans(kt), vw, S * lam, input_precision=PREC)
+    if PREC == "split":  # the weighted v as a hi + lo pair (LC.split_hi_lo)
+        vw_hi, vw_lo = LC.split_hi_lo(vt.to(tl.float32) * wk[:, None], vt.dtype)
+        S = tl.dot(tl.trans(kt), vw_lo, tl.dot(tl.trans(kt), vw_hi, S * lam))
+    else:
+        vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
+        S = tl.dot(tl.trans(kt), vw, S * lam, input_precision=PREC)
+    return S
 
 
 @triton.jit
