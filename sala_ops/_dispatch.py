@@ -11,8 +11,11 @@ set before triton is imported); that is how CI proves the kernels. The choice is
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
+import typing
 
 import torch
 
@@ -88,3 +91,34 @@ def choose(op: str, tensor: torch.Tensor) -> str:
         _announced.add((op, backend))
         _log.info("sala_ops.%s: using the %s backend", op, backend)
     return backend
+
+
+_NO_SWITCH = contextlib.nullcontext()
+
+
+def device_of(tensor: torch.Tensor, where: str):
+    """A context in which `tensor`'s CUDA device is the current one; a no-op when it already is (or on the CPU).
+
+    Triton launches on the current CUDA device and its current stream, whatever device the pointers belong to. A
+    call with tensors on another GPU (a model spread over GPUs with device_map="auto", or a second GPU used without
+    torch.cuda.set_device) would run its kernels on the wrong device: an illegal address, or with peer access
+    enabled silently slow remote reads. Every Triton entry point runs inside this. `where` names the entry point
+    (tests/test_device_guard.py records it)."""
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return _NO_SWITCH
+
+
+def on_device_of_first_arg(fn):
+    """Decorator: run fn inside device_of(its first argument), see device_of. The wrapper keeps fn's signature and
+    its annotations resolved in fn's module (string annotations under `from __future__ import annotations` would
+    otherwise be looked up in this module), so torch.library.custom_op infers the same schema from it."""
+    where = fn.__qualname__
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        with device_of(args[0], where):
+            return fn(*args, **kwargs)
+    guarded.__signature__ = inspect.signature(fn, eval_str=True)
+    guarded.__annotations__ = typing.get_type_hints(fn)
+    return guarded

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import _checks as C
-from ._dispatch import choose
+from ._dispatch import choose, on_device_of_first_arg
 from .reference import rope as ref
 from .reference.rope import HYPE_POLICY
 
@@ -149,12 +149,14 @@ def _(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim, rope, eps,
             q.new_empty((2, D) if norm else _EMPTY, dtype=torch.float32))
 
 
+@on_device_of_first_arg
 def _fwd_impl(q, k, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k):
     from .triton import rope_qknorm as K
     return K.hype_fwd(q, k, positions, q_weight, k_weight, theta=theta, rotary_dim=rotary_dim, rope=rope, eps=eps,
                       do_q=do_q, do_k=do_k)
 
 
+@on_device_of_first_arg
 def _bwd_impl(q, k, gq, gk, positions, q_weight, k_weight, theta, rotary_dim, rope, eps, do_q, do_k):
     from .triton import rope_qknorm as K
     return K.hype_bwd(q, k, gq, gk, positions, q_weight, k_weight, theta=theta, rotary_dim=rotary_dim, rope=rope,

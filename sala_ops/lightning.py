@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _checks as C
-from ._dispatch import choose
+from . import _dispatch
+from ._dispatch import choose, on_device_of_first_arg
 from .reference import lightning as ref
 from .reference.lightning import sala_decay_slopes, minimax_decay_slopes  # noqa: F401  (public helpers)
 
@@ -166,23 +167,8 @@ def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
                 _step_sigs.clear()
             _step_sigs[sig] = e
     if choose(op, q) == "triton":
-        LS = _LS or _import_step()
-        p = e.plan
-        if p is None:
-            p = e.plan = LS.plan(q, k, v)
-        if not e.decay_ready:
-            decay = decay.float().contiguous()
-        o = torch.empty_like(q) if e.o_like_q else q.new_empty(e.o_shape)
-        if inplace and e.state_contig:
-            LS.launch(p, q, k, v, state, state, o, decay, e.scale)
-            return o, state
-        s_in = state if e.state_contig else state.contiguous()
-        new_state = torch.empty_like(s_in)
-        LS.launch(p, q, k, v, s_in, new_state, o, decay, e.scale)
-        if inplace:
-            state.copy_(new_state)
-            new_state = state
-        return o, new_state
+        with _dispatch.device_of(q, "lightning_attention_step"):
+            return _step_triton(q, k, v, state, decay, inplace, e)
     if e.squeeze:
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
     o, new_state = ref.lightning_step(q, k, v, state, decay, e.scale)
@@ -190,6 +176,27 @@ def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
         state.copy_(new_state)
         new_state = state
     return (o[:, None] if e.squeeze else o), new_state
+
+
+def _step_triton(q, k, v, state, decay, inplace, e):
+    """The eager Triton step (lightning_attention_step's hot path), on q's device."""
+    LS = _LS or _import_step()
+    p = e.plan
+    if p is None:
+        p = e.plan = LS.plan(q, k, v)
+    if not e.decay_ready:
+        decay = decay.float().contiguous()
+    o = torch.empty_like(q) if e.o_like_q else q.new_empty(e.o_shape)
+    if inplace and e.state_contig:
+        LS.launch(p, q, k, v, state, state, o, decay, e.scale)
+        return o, state
+    s_in = state if e.state_contig else state.contiguous()
+    new_state = torch.empty_like(s_in)
+    LS.launch(p, q, k, v, s_in, new_state, o, decay, e.scale)
+    if inplace:
+        state.copy_(new_state)
+        new_state = state
+    return o, new_state
 
 
 _LS = None
@@ -230,6 +237,7 @@ def _step_compiled(op, q, k, v, state, decay, scale, inplace):
 _EMPTY = (0,)
 
 
+@on_device_of_first_arg
 def _chunk_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, scale: float,
                             initial_state: Optional[torch.Tensor], output_final_state: bool,
                             cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,6 +262,7 @@ def _(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
     return q.new_empty(B, T, H, V), final, q.new_empty(NS, H, K, V, dtype=torch.float32)
 
 
+@on_device_of_first_arg
 def _chunk_bwd_impl(do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, decay: torch.Tensor, states: torch.Tensor, scale: float, need_dh0: bool,
                             cu_seqlens: Optional[torch.Tensor]
@@ -305,6 +314,7 @@ class _LightningChunkFn(torch.autograd.Function):
 
 
 @torch.library.custom_op("sala_ops::lightning_step", mutates_args=())
+@on_device_of_first_arg
 def _lightning_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, decay: torch.Tensor,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton.lightning_step import lightning_step
@@ -317,6 +327,7 @@ def _(q, k, v, state, decay, scale):
 
 
 @torch.library.custom_op("sala_ops::lightning_step_inplace", mutates_args=("state",))
+@on_device_of_first_arg
 def _lightning_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
                                decay: torch.Tensor, scale: float) -> torch.Tensor:
     from .triton.lightning_step import lightning_step

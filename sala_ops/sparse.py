@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from . import _checks as C
-from ._dispatch import choose
+from . import _dispatch
+from ._dispatch import choose, on_device_of_first_arg
 from .reference import sparse as ref
 
 
@@ -49,6 +50,7 @@ def _pack(q, k, v, cu_q, cu_k):
 # the output shapes) and the autograd.Function that ties forward and backward together. Eager calls
 # go straight to the implementations; under torch.compile the ops are used.
 
+@on_device_of_first_arg
 def _select_impl(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float,
                  kernel_size: int, kernel_stride: int, lse_kernel_size: int, lse_kernel_stride: int,
                  block_size: int, init_blocks: int, window_size: int, topk: int, dense_len: int,
@@ -73,6 +75,7 @@ def _(q, k, cu_q, cu_k, scale, kernel_size, kernel_stride, lse_kernel_size, lse_
     return q.new_empty((q.shape[0], k.shape[1], width), dtype=torch.int32)
 
 
+@on_device_of_first_arg
 def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, cu_q: torch.Tensor,
                    cu_k: torch.Tensor, tok_seq: torch.Tensor, scale: float,
                    block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +96,7 @@ def _(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2])), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
+@on_device_of_first_arg
 def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, idx: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                    tok_seq: torch.Tensor, scale: float,
@@ -134,6 +138,7 @@ def _triton_select(qp, kp, cu_q, cu_k, scale, cfg, dense_len, width):
                    cfg.init_blocks, cfg.window_size, cfg.topk, dense_len, width)
 
 
+@on_device_of_first_arg
 def _triton_sparse_attention(q, k, v, scale, cfg, cu_q, cu_k):
     _, A = _kernels()
     B, Tq, H, _ = q.shape
@@ -279,8 +284,9 @@ def select_blocks(q, k, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: 
     scale = C.scale_arg(op, scale, q.shape[-1])
     backend = choose(op, q)
     if backend == "triton":
-        qp, kp, _, cq, ck = _pack(q, k, None, cu_q, cu_k)
-        idx = _triton_select(qp, kp, cq, ck, scale, cfg, 0, cfg.num_selected)
+        with _dispatch.device_of(q, op):
+            qp, kp, _, cq, ck = _pack(q, k, None, cu_q, cu_k)
+            idx = _triton_select(qp, kp, cq, ck, scale, cfg, 0, cfg.num_selected)
         return idx.reshape(q.shape[0], q.shape[1], k.shape[2], cfg.num_selected)
     ks2, st2 = cfg.c2
     with torch.no_grad():
@@ -308,11 +314,12 @@ def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu
     if backend == "triton":
         _, A = _kernels()
         B, Tq, H, _ = q.shape
-        qp, kp, vp, cq, ck = _pack(q, k, v, cu_q, cu_k)
-        tok_seq = A.token_seq(cq, qp.shape[0])
-        idx = block_indices.reshape(B * Tq, *block_indices.shape[2:])
-        idx = A.sanitize_indices(idx, cq, ck, tok_seq, block_size)
-        o = _BlockSparseFn.apply(qp, kp, vp, idx, cq, ck, tok_seq, scale, block_size)
+        with _dispatch.device_of(q, op):
+            qp, kp, vp, cq, ck = _pack(q, k, v, cu_q, cu_k)
+            tok_seq = A.token_seq(cq, qp.shape[0])
+            idx = block_indices.reshape(B * Tq, *block_indices.shape[2:])
+            idx = A.sanitize_indices(idx, cq, ck, tok_seq, block_size)
+            o = _BlockSparseFn.apply(qp, kp, vp, idx, cq, ck, tok_seq, scale, block_size)
         return o.reshape(B, Tq, H, v.shape[-1])
     return ref.block_sparse_attention(q, k, v, block_indices, block_size, scale, cu_q, cu_k)
 
@@ -329,6 +336,7 @@ def compress_keys(k, kernel_size=32, kernel_stride=16):
         B, T, H, D = k.shape
         n = 0 if T < kernel_size else (T - kernel_size) // kernel_stride + 1
         cu = torch.arange(B + 1, device=k.device, dtype=torch.int64) * T
-        c, _ = Sel.compress(k.reshape(B * T, H, D).contiguous(), cu, kernel_size, kernel_stride)
+        with _dispatch.device_of(k, op):
+            c, _ = Sel.compress(k.reshape(B * T, H, D).contiguous(), cu, kernel_size, kernel_stride)
         return c[:B * n].reshape(B, n, H, D)
     return ref.compress_keys(k, kernel_size, kernel_stride)

@@ -36,7 +36,8 @@ from typing import Optional
 import torch
 
 from . import _checks as C
-from ._dispatch import choose, getenv
+from . import _dispatch
+from ._dispatch import choose, getenv, on_device_of_first_arg
 from .reference import sparse as ref
 from .sparse import SparseConfig, _config, sparse_attention
 
@@ -264,20 +265,8 @@ class SparseLayerCache:
                     _append_sigs.clear()
                 _append_sigs.add(sig)
         if choose("sparse_decode", k) == "triton":
-            K, launch = _KERNELS or _import_kernels()
-            k, v = k.contiguous(), v.contiguous()
-            cx = self._ws.get("append")
-            if cx is None:
-                cfg = self.config
-                ks2, st2 = cfg.c2
-                cx = self._ws["append"] = dict(KS=cfg.kernel_size, ST=cfg.kernel_stride, KS2=ks2, ST2=st2,
-                                               BD=max(16, _pow2(self.head_dim)), BR=16, num_warps=4)
-            kc, c1, c2 = self.k, self.c1, self.c2
-            sk, s1, s2 = kc.stride(), c1.stride(), c2.stride()
-            launch(K._append_token_kernel, (self.batch_size,),
-                   (k, v, kc, self.v, c1, c2, self.lengths, self.overflow),
-                   (k.stride(0), k.stride(1), sk[0], sk[1], sk[2], s1[0], s1[1], s1[2], s2[0], s2[1], s2[2],
-                    self.num_kv_heads, self.head_dim, self.max_len), cx)
+            with _dispatch.device_of(k, "SparseLayerCache.append_token"):
+                self._append_token_triton(k, v)
             return
         cfg = self.config
         ks2, st2 = cfg.c2
@@ -294,6 +283,22 @@ class SparseLayerCache:
                 if L >= ks and (L - ks) % st == 0:
                     buf[b, (L - ks) // st] = self.k[b, L - ks:L].float().mean(dim=0)
             self.lengths[b] = L
+
+    def _append_token_triton(self, k, v):
+        K, launch = _KERNELS or _import_kernels()
+        k, v = k.contiguous(), v.contiguous()
+        cx = self._ws.get("append")
+        if cx is None:
+            cfg = self.config
+            ks2, st2 = cfg.c2
+            cx = self._ws["append"] = dict(KS=cfg.kernel_size, ST=cfg.kernel_stride, KS2=ks2, ST2=st2,
+                                           BD=max(16, _pow2(self.head_dim)), BR=16, num_warps=4)
+        kc, c1, c2 = self.k, self.c1, self.c2
+        sk, s1, s2 = kc.stride(), c1.stride(), c2.stride()
+        launch(K._append_token_kernel, (self.batch_size,),
+               (k, v, kc, self.v, c1, c2, self.lengths, self.overflow),
+               (k.stride(0), k.stride(1), sk[0], sk[1], sk[2], s1[0], s1[1], s1[2], s2[0], s2[1], s2[2],
+                self.num_kv_heads, self.head_dim, self.max_len), cx)
 
     # ------------------------------------------------------------------ kernel plan + workspace
     def _workspace(self, H: int):
@@ -485,6 +490,7 @@ def _import_fast():
     return sparse_decode_fast
 
 
+@on_device_of_first_arg
 def _decode_triton(q, cache: SparseLayerCache, scale):
     # Default: the fast kernel (sparse_decode_fast.py, 5-6 launches), 2.3-6x faster than the 5-launch "sort" path on the
     # H200 (bench/NOTES_sparse_decode.md); SALA_SPARSE_DECODE=sort selects the latter (kept: it has no config limits).
