@@ -103,8 +103,9 @@ def device_of(tensor: torch.Tensor, where: str):
     call with tensors on another GPU (a model spread over GPUs with device_map="auto", or a second GPU used without
     torch.cuda.set_device) would run its kernels on the wrong device: an illegal address, or with peer access
     enabled silently slow remote reads. Every Triton entry point runs inside this. `where` names the entry point
-    (tests/test_device_guard.py records it)."""
-    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+    (tests/test_device_guard.py records it). While torch.compile traces, nothing is switched: the kernels then run
+    inside the custom ops' implementations, which are guarded when they execute."""
+    if tensor.is_cuda and not torch.compiler.is_compiling() and tensor.device.index != torch.cuda.current_device():
         return torch.cuda.device(tensor.device)
     return _NO_SWITCH
 
