@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--prec", default="tf32", help="PREC constexpr (fp32 inputs: tf32, tf32x3, f16s)")
     ap.add_argument("--tma", action="store_true", help="the TMA variant (_chunk_out_tma_kernel)")
+    ap.add_argument("--hist", action="store_true", help="print the main loop's full opcode histogram")
     a = ap.parse_args()
     if a.triton:
         sys.path.insert(0, a.triton)
@@ -103,6 +104,8 @@ def main():
         cnt = collections.Counter(o for _, o, _ in body)
         print(f"  ptx {fingerprint(k)}  main loop {len(body)} instructions: "
               + " ".join(f"{o}={cnt[o]}" for o in KEY if cnt[o]))
+        if a.hist:
+            print("  " + " ".join(f"{o}={n}" for o, n in cnt.most_common()))
         if a.seq:
             seq, last = [], None
             for _, o, b in body:

@@ -253,6 +253,32 @@ def test_16bit_split_products_reach_the_output_rounding_floor(case, monkeypatch)
             assert plain[n][0] > 1.05 * floor, f"plain 16-bit {n}: {plain[n][0]:.2e} within the floor {floor:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_hi_lo_keeps_sixteen_bits(dtype):
+    """lightning_chunk.split_hi_lo on its own (the interpreter cannot run bf16 products, so the bf16 branch is
+    checked here): hi + lo within 2^-15 of x (each 16-bit part alone: 2^-9 for bf16), across 40 decades for bf16."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(x_ptr, hi_ptr, lo_ptr, DT: tl.constexpr):
+        i = tl.arange(0, 256)
+        hi, lo = LC.split_hi_lo(tl.load(x_ptr + i), DT)
+        tl.store(hi_ptr + i, hi)
+        tl.store(lo_ptr + i, lo)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, generator=g)
+    if dtype == torch.bfloat16:
+        x = x * torch.logspace(-20, 20, 256)
+    x = x.to(DEV)
+    hi, lo = torch.empty(256, dtype=dtype, device=DEV), torch.empty(256, dtype=dtype, device=DEV)
+    split_kernel[(1,)](x, hi, lo, tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+    rel = ((hi.double() + lo.double() - x.double()).abs() / x.double().abs()).max().item()
+    assert rel <= 2 ** -15, f"hi + lo off by {rel:.2e} of x"
+    assert ((hi.double() - x.double()).abs() / x.double().abs()).max().item() > 2 ** -12  # lo carries bits
+
+
 def test_16bit_split_checked_and_refused_by_other_kernels(monkeypatch):
     q = seeded_randn(1, 1, 8, 2, 16, device=DEV).to(torch.float16)
     monkeypatch.setenv("SALA_LIGHTNING_16BIT_DOT", "bf16x9")
