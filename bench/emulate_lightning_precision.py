@@ -19,6 +19,8 @@ def r_tf32(x):
     return b.view(torch.float32)
 def r_split(x):  # hi + lo bf16
     h = r_bf16(x); return h + r_bf16(x - h)
+def r_split_trunc(x):  # hi = x with its low 16 bits cleared (the kernel's split_hi_lo), lo rounded
+    h = (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32); return h + r_bf16(x - h)
 def ident(x): return x.float()
 T, D, BT = 4096, 128, 64
 Hs = [0, 8, 16, 24, 31]
@@ -67,6 +69,7 @@ res = {
  "ours bf16 default": r_bf16(emul(r_bf16, r_bf16, r_bf16)),
  "ours bf16 split": r_bf16(emul(r_split, r_split, r_split)),
  "ours bf16 split, o fp32": emul(r_split, r_split, r_split),
+ "ours bf16 split, truncated hi": r_bf16(emul(r_split_trunc, r_split_trunc, r_split_trunc)),
 }
 res["fla fp32, o rounded to bf16"] = r_bf16(res["fla fp32 (TF32 operands)"])
 for kname, o in res.items():
