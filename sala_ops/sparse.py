@@ -335,6 +335,8 @@ def compress_keys(k, kernel_size=32, kernel_stride=16):
         Sel, _ = _kernels()
         B, T, H, D = k.shape
         n = 0 if T < kernel_size else (T - kernel_size) // kernel_stride + 1
+        if k.numel() == 0:  # an empty batch has no sequence for the kernel's tile map to index
+            return torch.zeros(B, n, H, D, dtype=torch.float32, device=k.device)
         cu = torch.arange(B + 1, device=k.device, dtype=torch.int64) * T
         with _dispatch.device_of(k, op):
             c, _ = Sel.compress(k.reshape(B * T, H, D).contiguous(), cu, kernel_size, kernel_stride)

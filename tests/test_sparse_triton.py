@@ -570,6 +570,14 @@ def test_compress_keys_triton():
         assert_close(_tri(sala_ops.compress_keys, k, ks, st_), ref.compress_keys(k, ks, st_), TOL)
 
 
+@pytest.mark.parametrize("shape", [(0, 40, 3, 16), (2, 40, 0, 16), (0, 4, 3, 16)])
+def test_compress_keys_triton_empty_batch_or_heads(shape):
+    """An empty batch (or no heads) gives the reference's empty result, not an IndexError from the tile map."""
+    k = torch.randn(*shape, device=DEV)
+    out, want = _tri(sala_ops.compress_keys, k, 4, 2), ref.compress_keys(k, 4, 2)
+    assert out.shape == want.shape and out.dtype == want.dtype
+
+
 def test_torch_compile_fullgraph():
     """The triton path traces with torch.compile(fullgraph=True) (torch.library ops with fake impls)."""
     q, k, v = _qkv(4, 1, 50, 50, 2, 1, 16)
