@@ -41,6 +41,9 @@ def positive_int(op, name, value, minimum=1):
 
 def scale_arg(op, scale, head_dim):
     if scale is None:
+        if head_dim < 1:  # 0 ** -0.5 raised a bare ZeroDivisionError
+            raise ValueError(f"sala_ops.{op}: scale=None means 1/sqrt(head dim), but q has head dim {head_dim}; "
+                             f"pass a scale")
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"sala_ops.{op}: scale must be a float or None, got {type(scale).__name__}")

@@ -218,3 +218,20 @@ def test_backend_is_visible(monkeypatch):
         assert sala_ops.backend_for(torch.zeros(1)) == "triton"
     monkeypatch.setenv("SALA_OPS_BACKEND", "triton")
     assert sala_ops.backend_for(torch.zeros(1)) == "triton"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["lightning_attention", "lightning_attention_step", "sparse_attention", "select_blocks",
+                                "block_sparse_attention"])
+def test_zero_head_dim_default_scale_raises_naming_op(backend, op):
+    """q and k with head dim 0 and scale=None (1/sqrt(0)): a ValueError naming the op, not a bare
+    ZeroDivisionError from 0 ** -0.5. (With a given scale the result is defined, and both backends agree.)"""
+    fn, kw = _valid_call(op)
+    for n in ("q", "k"):
+        kw[n] = kw[n][..., :0]
+    if op.startswith("lightning"):
+        n = "initial_state" if "initial_state" in kw else "state"
+        kw[n] = kw[n][..., :0, :]
+    with sala_ops.use_backend(backend):
+        with pytest.raises(ValueError, match=f"sala_ops.{op}: .*head dim"):
+            fn(scale=None, **kw)
