@@ -61,8 +61,13 @@ def lightning_recurrent(q, k, v, decay, scale=None, initial_state=None, output_f
             S = lam[:, None, None] * S + kf[b, t][:, :, None] * vf[b, t][:, None, :]
             o[b, t] = scale * torch.einsum("hk,hkv->hv", qf[b, t], S)
         finals.append(S)
-    final = torch.stack(finals) if output_final_state else None
+    final = _stack_states(finals, H, K, V, q.device) if output_final_state else None
     return o.to(q.dtype), final
+
+
+def _stack_states(finals, H, K, V, device):
+    """[N, H, K, V] fp32 from the per-sequence states; [0, H, K, V] for an empty batch (torch.stack refuses [])."""
+    return torch.stack(finals) if finals else torch.zeros(0, H, K, V, dtype=torch.float32, device=device)
 
 
 def lightning_parallel(q, k, v, decay, scale=None, initial_state=None, output_final_state=False,
@@ -99,7 +104,7 @@ def lightning_parallel(q, k, v, decay, scale=None, initial_state=None, output_fi
             if S0 is not None:
                 S = S + torch.exp(-s * L)[:, None, None] * S0
             finals.append(S)
-    final = torch.stack(finals) if output_final_state else None
+    final = _stack_states(finals, H, K, V, q.device) if output_final_state else None
     return o.to(q.dtype), final
 
 

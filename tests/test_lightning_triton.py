@@ -435,6 +435,22 @@ def test_outputs_fully_written_nan_poisoned(monkeypatch):
     assert_close(s, s_ref, FP32_TOL, "step state")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("has_init", [False, True])
+def test_empty_batch_with_final_state(backend, has_init):
+    """B = 0 with output_final_state: an empty output and an empty fp32 final state [0, H, K, V] on both
+    backends (the reference's torch.stack of no states raised a bare RuntimeError)."""
+    q, k, v = (torch.randn(0, 6, 2, d, device=DEV) for d in (16, 16, 8))
+    S0 = torch.randn(0, 2, 16, 8, device=DEV) if has_init else None
+    with sala_ops.use_backend(backend):
+        out = sala_ops.lightning_attention(q, k, v, ref.sala_decay_slopes(2).to(DEV), initial_state=S0,
+                                           output_final_state=True)
+    assert out.output.shape == (0, 6, 2, 8)
+    assert out.final_state.shape == (0, 2, 16, 8) and out.final_state.dtype == torch.float32
+    _, fin = ref.lightning_recurrent(q, k, v, ref.sala_decay_slopes(2).to(DEV), None, S0, True)
+    assert fin.shape == (0, 2, 16, 8)
+
+
 def test_decay_gets_no_gradient():
     q, k, v, decay, _ = _inputs(1, 8, 2, 2, 16, 16, False, False, 0)
     decay = decay.clone().requires_grad_()
