@@ -167,6 +167,8 @@ def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
                 _step_sigs.clear()
             _step_sigs[sig] = e
     if choose(op, q) == "triton":
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad):
+            return _step_autograd(q, k, v, state, decay, inplace, e.scale, e.squeeze)
         with _dispatch.device_of(q, "lightning_attention_step"):
             return _step_triton(q, k, v, state, decay, inplace, e)
     if e.squeeze:
@@ -197,6 +199,19 @@ def _step_triton(q, k, v, state, decay, inplace, e):
         state.copy_(new_state)
         new_state = state
     return o, new_state
+
+
+def _step_autograd(q, k, v, state, decay, inplace, scale, squeeze):
+    """The step under autograd on the Triton backend: the step kernel has no backward (its output would come back
+    detached, the gradients lost without a word), so the token runs through the differentiable chunk op, a
+    one-token sequence starting from `state`."""
+    if not squeeze:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    o, new_state = _LightningChunkFn.apply(q, k, v, decay, scale, state, True, None)
+    if inplace:
+        state.copy_(new_state)
+        new_state = state
+    return (o if squeeze else o[:, 0]), new_state
 
 
 _LS = None

@@ -399,6 +399,38 @@ def test_decode_step_matches_reference(heads, K, V, dtype, seed):
     assert_close(s4, s, 0.0, "in-place state")
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_decode_step_under_autograd_has_gradients(inplace, squeeze):
+    """lightning_attention_step with q/k/v/state that require grad: the output carries the gradients the
+    reference backend gives (the Triton step kernel has no backward; its output used to come back detached,
+    so a LightningMixer decoding one token under autograd silently gave its q/k/v projections no gradient)."""
+    H, Hkv, K, V, B = 4, 2, 12, 8, 2
+    q0 = seeded_randn(1, B, H, K, device=DEV)
+    k0, v0 = seeded_randn(2, B, Hkv, K, device=DEV), seeded_randn(3, B, Hkv, V, device=DEV)
+    s0 = seeded_randn(4, B, H, K, V, device=DEV)
+    decay = ref.sala_decay_slopes(H).to(DEV)
+    do = seeded_randn(5, B, H, V, device=DEV)
+    res = {}
+    for backend in ("reference", "triton"):
+        leaves = [x.clone().requires_grad_() for x in (q0, k0, v0, s0)]
+        q, k, v, s = leaves
+        state = s * 1.0  # a non-leaf state (the in-place update writes into it)
+        if squeeze:
+            q, k, v = q[:, None], k[:, None], v[:, None]
+        with sala_ops.use_backend(backend):
+            o, new_state = sala_ops.lightning_attention_step(q, k, v, state, decay, inplace=inplace)
+        assert o.shape == ((B, 1, H, V) if squeeze else (B, H, V)) and o.requires_grad and new_state.requires_grad
+        assert (new_state is state) == inplace
+        loss = (o.reshape(B, H, V) * do).sum() + (new_state * new_state).sum()
+        res[backend] = (o.detach(), new_state.detach(), torch.autograd.grad(loss, leaves))
+    (o_r, s_r, g_r), (o_t, s_t, g_t) = res["reference"], res["triton"]
+    assert_close(o_t, o_r, FP32_TOL, "step output")
+    assert_close(s_t, s_r, FP32_TOL, "step state")
+    for name, a, b in zip(("dq", "dk", "dv", "dstate"), g_t, g_r):
+        assert_close(a, b, FP32_TOL, name)
+
+
 def test_outputs_fully_written_nan_poisoned(monkeypatch):
     """Every buffer the kernels allocate (outputs, chunk states, gradients) starts as NaN: an element
     a kernel never writes makes the comparison fail. Varlen with empty chunk slots, GQA, odd dims."""
