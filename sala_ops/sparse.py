@@ -41,7 +41,8 @@ def _pack(q, k, v, cu_q, cu_k):
         ar = torch.arange(B + 1, device=q.device, dtype=torch.int64)
         cu_q, cu_k = ar * Tq, ar * Tk
     else:
-        cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+        # the kernels read the offsets by pointer: a strided int64 view (not copied by the cast) must be made dense
+        cu_q, cu_k = cu_q.to(torch.int64).contiguous(), cu_k.to(torch.int64).contiguous()
     flat = [None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous() for x in (q, k, v)]
     return (*flat, cu_q, cu_k)
 

@@ -411,6 +411,27 @@ def test_varlen_equals_separate(lens, short, idt, seed):
     assert_close(out, exp, TOL)
 
 
+@pytest.mark.parametrize("dense_len", [0, 200])
+def test_varlen_offsets_as_strided_int64_views(dense_len):
+    """cu_seqlens / cu_seqlens_k given as non-contiguous int64 views (every other element of a longer tensor):
+    the kernels read the offsets by pointer, and such a view went to them as it was (int32 offsets are copied
+    by the cast to int64), so they read the wrong offsets: garbage outputs, wrong indices, out-of-bounds writes."""
+    lens_q, lens_k = [17, 23], [30, 30]
+    cu_q = torch.tensor([0, 99, 17, 99, 40], device=DEV)[::2]
+    cu_k = torch.tensor([0, -5, 30, -5, 60], device=DEV)[::2]
+    assert not cu_q.is_contiguous() and cu_q.dtype == torch.int64
+    q, k, v = _qkv(5, 1, sum(lens_q), sum(lens_k), 4, 2, 16)
+    cfg = dict(SMALL, topk=2, dense_len=dense_len)
+    kw = dict(cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+    kw_c = dict(cu_seqlens=cu_q.contiguous(), cu_seqlens_k=cu_k.contiguous())
+    assert_close(_tri(sala_ops.sparse_attention, q, k, v, **kw, **cfg),
+                 _ref_fn(sala_ops.sparse_attention, q, k, v, **kw_c, **cfg), TOL)
+    assert torch.equal(_tri(sala_ops.select_blocks, q, k, **kw, **cfg), _ref_fn(sala_ops.select_blocks, q, k, **kw_c, **cfg))
+    idx = torch.randint(-1, 4, (1, sum(lens_q), 2, 3), generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    assert_close(_tri(sala_ops.block_sparse_attention, q, k, v, idx.to(DEV), block_size=16, **kw),
+                 _ref_fn(sala_ops.block_sparse_attention, q, k, v, idx.to(DEV), block_size=16, **kw_c), TOL)
+
+
 def _tiled_case(seed, G, D, S=5, bs=16):
     """Three packed sequences (the second with queries shorter than its keys), random user indices
     sanitised to the kernels' form (-1 padding, rows with fewer blocks, a few rows with none), and
