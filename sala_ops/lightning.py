@@ -231,6 +231,9 @@ def _step_compiled(op, q, k, v, state, decay, scale, inplace):
     if squeeze:
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
     if choose(op, q) == "triton":
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad):
+            o, new_state = _step_autograd(q, k, v, state, decay, inplace, scale, False)  # q, k, v: [B, H, D] here
+            return (o[:, None] if squeeze else o), new_state
         if inplace:
             o = torch.ops.sala_ops.lightning_step_inplace(q, k, v, state, decay, scale)
             new_state = state
