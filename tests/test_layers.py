@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sala_ops.cache import SalaCache
+from sala_ops.lightning import lightning_attention, lightning_attention_step, sala_decay_slopes
 from sala_ops.layers import MIXER_LIGHTNING, MIXER_SPARSE, LightningMixer, SparseMixer
 from sala_ops.reference import lightning as ref_lightning
 from sala_ops.reference import rope as ref_rope
@@ -192,6 +193,34 @@ def test_lightning_chunked_prefill_and_bf16_state():
     mb(u[:, 5:6].bfloat16(), cache=cache)
     assert cache.layers[0].state.dtype == torch.float32  # the state stays fp32 under a bf16 model
     assert mb.decay(u.device).dtype == torch.float32
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_lightning_cache_under_autocast(amp_dtype):
+    # AMP (torch.autocast) runs the projections in 16 bits; the lightning op's reference backend (the CPU one)
+    # then ran its own fp32 einsums under autocast too: the final state came back in bf16/fp16 (the cache
+    # refused it with a TypeError, so generate() under autocast failed) and the math lost its fp32 accumulation
+    m, u = lightning_mixer(), _u(2, 20)
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype):
+        cache = SalaCache(mixer_types=[MIXER_LIGHTNING])
+        outs = [m(u[:, :6], cache=cache)[0]] + [m(u[:, t:t + 1], cache=cache)[0] for t in range(6, 20)]
+        full, _ = m(u)
+    assert cache.layers[0].state.dtype == torch.float32
+    assert_close(torch.cat(outs, 1).float(), full.float(), 1e-2)
+    # the op itself: fp32 inputs under autocast give the fp32 result and an fp32 state, as without autocast
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 12, H, D, generator=g) for _ in range(3))
+    decay = sala_decay_slopes(H)
+    want = lightning_attention(q, k, v, decay, output_final_state=True)
+    want_step = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], want.final_state, decay)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        got = lightning_attention(q, k, v, decay, output_final_state=True)
+        got_step = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], want.final_state, decay)
+    assert got.final_state.dtype == torch.float32 and got_step[1].dtype == torch.float32
+    assert_close(got.output, want.output, 1e-6)
+    assert_close(got.final_state, want.final_state, 1e-6)
+    assert_close(got_step[0], want_step[0], 1e-6)
+    assert_close(got_step[1], want_step[1], 1e-6)
 
 
 def test_lightning_packed_equals_separate():
