@@ -345,20 +345,34 @@ def lm_score(model, input_ids: torch.Tensor) -> float:
 
 def halo_scores(model, evaluate: Callable, candidates: Sequence[int], o_norm_rms=None):
     """Replace one layer at a time by its lightning version (converted weights, not trained) and run
-    `evaluate(model) -> (RT, CS)`. Returns ({layer: (RT, CS)}, {layer: importance})."""
+    `evaluate(model) -> (RT, CS)` (with the model's use_cache off: see below). Returns ({layer: (RT, CS)},
+    {layer: importance})."""
     layers = _decoder_layers(model)
     config = model.config
     results = {}
-    for i in candidates:
-        attn = layers[i].self_attn
-        lin = _new_mixer(attn, MIXER_LIGHTNING, config, i, None)
-        _transfer(lin, attn, None if o_norm_rms is None else o_norm_rms[i], _input_norm_weight(layers[i]))
-        layers[i].self_attn = lin
-        try:
-            rt, cs = evaluate(model)
-        finally:
-            layers[i].self_attn = attn
-        results[i] = (float(rt), float(cs))
+    # The model being scored mixes source attention layers with one lightning layer: no cache class serves both
+    # (HF would hand the lightning layer a DynamicCache, which it refuses), so the evaluation runs with the cache
+    # off by default (model(x) and generate() recompute instead); the settings are restored afterwards.
+    gen_cfg = getattr(model, "generation_config", None)
+    saved = (config.use_cache, getattr(gen_cfg, "use_cache", None))
+    config.use_cache = False
+    if gen_cfg is not None:
+        gen_cfg.use_cache = False
+    try:
+        for i in candidates:
+            attn = layers[i].self_attn
+            lin = _new_mixer(attn, MIXER_LIGHTNING, config, i, None)
+            _transfer(lin, attn, None if o_norm_rms is None else o_norm_rms[i], _input_norm_weight(layers[i]))
+            layers[i].self_attn = lin
+            try:
+                rt, cs = evaluate(model)
+            finally:
+                layers[i].self_attn = attn
+            results[i] = (float(rt), float(cs))
+    finally:
+        config.use_cache = saved[0]
+        if gen_cfg is not None:
+            gen_cfg.use_cache = saved[1]
     imp = halo_importance([results[i][0] for i in candidates], [results[i][1] for i in candidates])
     return results, dict(zip(candidates, imp))
 

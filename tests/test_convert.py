@@ -323,6 +323,30 @@ def test_halo_with_user_evaluation_keeps_the_important_layers():
     assert model.sala_halo_scores["sparse_layers"] == [0, 3, 5, 7]
 
 
+def test_halo_user_evaluation_may_call_the_model_with_its_default_cache_settings():
+    """A user evaluation written as for any HF model: model(x, labels=x) (use_cache from the config, True) and
+    generate(). During scoring the model mixes source attention layers with one lightning layer, so HF handed the
+    lightning layer a DynamicCache and every such evaluation failed with the mixer's TypeError."""
+    model = tiny("llama", layers=6)
+    x = ids(2, 12, seed=3)
+    ref = {}
+
+    def evaluate(m):
+        with torch.no_grad():
+            loss = m(x, labels=x).loss.item()
+        out = m.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        lin = [i for i, layer in enumerate(m.model.layers) if isinstance(layer.self_attn, LightningMixer)][0]
+        with torch.no_grad():
+            ref[lin] = m(x, labels=x, use_cache=False).loss.item()
+        assert out.shape == (2, 15) and loss == pytest.approx(ref[lin], abs=1e-6)
+        return -loss, -loss
+
+    cfg_cache, gen_cache = model.config.use_cache, model.generation_config.use_cache
+    convert_to_sala(model, sparse_layers="halo", halo_eval=evaluate, sparse_config=SMALL)
+    assert sorted(ref) == [1, 2, 3, 4]
+    assert (model.config.use_cache, model.generation_config.use_cache) == (cfg_cache, gen_cache)
+
+
 def test_halo_builtin_evaluation_runs():
     model = convert_to_sala(tiny("qwen3", layers=8), sparse_layers="halo", halo_text_ids=ids(2, 24, seed=2),
                             sparse_ratio=0.5, sparse_config=SMALL)
