@@ -485,6 +485,23 @@ def _install_hooks(model):
 # convert_to_sala
 # ---------------------------------------------------------------------------------------------------
 
+def _check_token_ids(op, name, x, model):
+    """Token ids [B, T] (B, T >= 1, an integer tensor, every id inside the model's vocabulary): they run through
+    the model, where a bad one failed deep inside (an AttributeError, a RoPE shape mismatch, an embedding IndexError)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"sala_ops.{op}: {name} must be a torch.Tensor of token ids [batch, seq], got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"sala_ops.{op}: {name} must hold integer token ids (int64 or int32), got {x.dtype}")
+    if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"sala_ops.{op}: {name} must be token ids [batch, seq] with at least one token, "
+                         f"got shape {tuple(x.shape)}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"sala_ops.{op}: {name} must hold ids in [0, {vocab}) (the model's vocabulary), "
+                         f"got ids from {lo} to {hi}")
+
+
 def convert_to_sala(model, sparse_layers=None, sparse_config: Optional[SparseConfig] = None, *,
                     sparse_ratio: float = 0.25, calibration_ids: Optional[torch.Tensor] = None,
                     halo_eval: Optional[Callable] = None, halo_text_ids: Optional[torch.Tensor] = None,
@@ -533,6 +550,10 @@ def convert_to_sala(model, sparse_layers=None, sparse_config: Optional[SparseCon
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise ValueError(f"sala_ops.{op}: layer {i} has no standard self_attn with q/k/v/o projections")
+
+    for name, x in (("calibration_ids", calibration_ids), ("halo_text_ids", halo_text_ids)):
+        if x is not None:
+            _check_token_ids(op, name, x, model)
 
     halo_results = None
     if calibration_ids is None and isinstance(sparse_layers, str) and sparse_layers == "halo":

@@ -390,6 +390,25 @@ def test_stage1_training_lowers_alignment_loss():
 
 # ---------------------------------------------------------------------------------------------- errors
 
+def test_bad_calibration_or_halo_text_ids_name_the_argument():
+    """calibration_ids / halo_text_ids are token ids [B, T]: a list, 1-D, float, empty or out-of-vocabulary input
+    failed deep inside the model (AttributeError 'list' has no 'to', a RoPE shape mismatch, an embedding
+    IndexError) instead of the op's error naming the argument; the model stays unconverted."""
+    bad = [([[1, 2, 3]], TypeError), (ids(1, 6)[0], ValueError), (torch.rand(1, 6), TypeError),
+           (torch.zeros(1, 0, dtype=torch.long), ValueError), (torch.zeros(0, 4, dtype=torch.long), ValueError),
+           (torch.tensor([[1, 97]]), ValueError), (torch.tensor([[1, -1]]), ValueError),
+           (torch.ones(1, 4, dtype=torch.bool), TypeError)]
+    for name in ("calibration_ids", "halo_text_ids"):
+        extra = {"sparse_layers": "halo"} if name == "halo_text_ids" else {}
+        for value, err in bad:
+            model = tiny("llama")
+            with pytest.raises(err, match=f"convert_to_sala: {name}"):
+                convert_to_sala(model, sparse_config=SMALL, **{name: value}, **extra)
+            assert type(model) is LlamaForCausalLM
+    good = convert_to_sala(tiny("llama"), sparse_config=SMALL, calibration_ids=ids(2, 6).int())
+    assert sala_layers(good, MIXER_LIGHTNING) == [1, 2]
+
+
 def test_unsupported_models_and_arguments_fail_clearly():
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64))
