@@ -452,6 +452,11 @@ def _sala_pre_forward(module, args, kwargs):
             raise TypeError(f"sala_ops: a converted SALA model needs a sala_ops.cache.SalaCache, got a filled "
                             f"{type(cache).__name__}")
         cache = None
+    if cache is not None and list(cache.mixer_types) != list(cfg.mixer_types):
+        # checked before any layer runs: the first layer that did not fit used to raise (an IndexError for too few
+        # entries) after the layers before it had appended the input, leaving the cache half updated
+        raise ValueError(f"sala_ops: the SalaCache was built for mixer_types {cache.mixer_types}, but the model's "
+                         f"layers are {list(cfg.mixer_types)}; build it with SalaCache(model.config)")
     if cache is None and kwargs.get("cu_seq_lens_q") is not None and kwargs.get("use_cache") is None:
         # packed sequences (HF's packing collator passes cu_seq_lens_q and no use_cache): the mixers cannot
         # combine them with a cache, so config.use_cache (True by default) must not create one, here or in

@@ -273,6 +273,22 @@ def test_padded_batches_are_refused():
     model(x, attention_mask=torch.ones_like(x))  # a mask of ones is fine
 
 
+def test_a_cache_for_other_layers_is_refused_before_any_layer_runs():
+    """A SalaCache built for another layout (fewer layers, or the mixer types in another order) used to be
+    found out only by the first layer it did not fit: an IndexError (not the API's ValueError) or a ValueError
+    after the layers before had already appended the input, leaving the cache half updated."""
+    model = convert_to_sala(tiny("llama"), sparse_config=SMALL)
+    mt = model.config.mixer_types
+    assert mt == [MIXER_SPARSE, MIXER_LIGHTNING, MIXER_LIGHTNING, MIXER_SPARSE]
+    x = ids(2, 6)
+    for other in (mt[:3], mt + [MIXER_LIGHTNING], [MIXER_SPARSE, MIXER_LIGHTNING, MIXER_SPARSE, MIXER_SPARSE]):
+        cache = SalaCache(mixer_types=other)
+        with pytest.raises(ValueError, match="SalaCache.*mixer_types"):
+            model(x, past_key_values=cache)
+        assert [layer.seq_len for layer in cache.layers] == [0] * len(other)  # nothing appended
+    model(x, past_key_values=SalaCache(mixer_types=list(mt)))  # the model's own layout is fine
+
+
 def test_packed_sequences_through_the_model_with_default_use_cache():
     """HF's packing collator (DataCollatorWithFlattening(return_flash_attn_kwargs=True)) passes restarting
     position_ids plus cu_seq_lens_q/k and no use_cache: config.use_cache (True by default) must not make the
