@@ -110,6 +110,13 @@ def device_of(tensor: torch.Tensor, where: str):
     return _NO_SWITCH
 
 
+def no_autocast(tensor: torch.Tensor):
+    """A context without torch.autocast for the reference backend's math: its fp32 accumulation and the fp32
+    states it returns would otherwise run (and come back) in the autocast dtype under AMP. (The Triton kernels
+    ignore autocast already.)"""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def on_device_of_first_arg(fn):
     """Decorator: run fn inside device_of(its first argument), see device_of. The wrapper keeps fn's signature and
     its annotations resolved in fn's module (string annotations under `from __future__ import annotations` would

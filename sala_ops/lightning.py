@@ -13,7 +13,7 @@ import torch
 
 from . import _checks as C
 from . import _dispatch
-from ._dispatch import choose, on_device_of_first_arg
+from ._dispatch import choose, no_autocast, on_device_of_first_arg
 from .reference import lightning as ref
 from .reference.lightning import sala_decay_slopes, minimax_decay_slopes  # noqa: F401  (public helpers)
 
@@ -39,13 +39,6 @@ def _check_state(op, name, state, N, H, K, V, device):
                          f"got {tuple(state.shape)}")
     if state.device != device:
         raise ValueError(f"sala_ops.{op}: {name} must be on {device}, got {state.device}")
-
-
-def _no_autocast(q):
-    """The reference backend's fp32 math (state and accumulation) outside any torch.autocast region: under AMP its
-    einsums ran in 16 bits, the "fp32" final state came back bf16/fp16 (a SalaCache refused it) and the result lost
-    the fp32 accumulation the Triton kernels keep."""
-    return torch.autocast(q.device.type, enabled=False)
 
 
 def check_lightning_args(op, q, k, v, decay, scale, initial_state, cu_seqlens):
@@ -91,7 +84,7 @@ def lightning_attention(q, k, v, decay, scale=None, initial_state=None, output_f
         o, final = _LightningChunkFn.apply(q, k, v, decay, scale, initial_state, bool(output_final_state),
                                            cu_seqlens)
         return LightningOutput(o, final if output_final_state else None)
-    with _no_autocast(q):
+    with no_autocast(q):
         o, final = ref.lightning_parallel(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens)
     return LightningOutput(o, final)
 
@@ -181,7 +174,7 @@ def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
             return _step_triton(q, k, v, state, decay, inplace, e)
     if e.squeeze:
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
-    with _no_autocast(q):
+    with no_autocast(q):
         o, new_state = ref.lightning_step(q, k, v, state, decay, e.scale)
     if inplace:
         state.copy_(new_state)
@@ -249,7 +242,7 @@ def _step_compiled(op, q, k, v, state, decay, scale, inplace):
         else:
             o, new_state = torch.ops.sala_ops.lightning_step(q, k, v, state, decay, scale)
         return (o[:, None] if squeeze else o), new_state
-    with _no_autocast(q):
+    with no_autocast(q):
         o, new_state = ref.lightning_step(q, k, v, state, decay, scale)
     if inplace:
         state.copy_(new_state)

@@ -271,8 +271,9 @@ def sparse_attention(q, k, v, scale=None, cu_seqlens=None, cu_seqlens_k=None, co
     if backend == "triton":
         return _triton_sparse_attention(q, k, v, scale, cfg, cu_q, cu_k)
     ks2, st2 = cfg.c2
-    return ref.sparse_attention(q, k, v, scale, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
-                                cfg.window_size, cfg.topk, cfg.dense_len, ks2, st2, cu_q, cu_k)
+    with _dispatch.no_autocast(q):
+        return ref.sparse_attention(q, k, v, scale, cfg.kernel_size, cfg.kernel_stride, cfg.block_size,
+                                    cfg.init_blocks, cfg.window_size, cfg.topk, cfg.dense_len, ks2, st2, cu_q, cu_k)
 
 
 def select_blocks(q, k, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: SparseConfig | None = None,
@@ -290,7 +291,7 @@ def select_blocks(q, k, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: 
             idx = _triton_select(qp, kp, cq, ck, scale, cfg, 0, cfg.num_selected)
         return idx.reshape(q.shape[0], q.shape[1], k.shape[2], cfg.num_selected)
     ks2, st2 = cfg.c2
-    with torch.no_grad():
+    with torch.no_grad(), _dispatch.no_autocast(q):
         return ref.select_blocks(q, k, scale, cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks,
                                  cfg.window_size, cfg.topk, ks2, st2, cu_q, cu_k)
 
@@ -322,7 +323,8 @@ def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu
             idx = A.sanitize_indices(idx, cq, ck, tok_seq, block_size)
             o = _BlockSparseFn.apply(qp, kp, vp, idx, cq, ck, tok_seq, scale, block_size)
         return o.reshape(B, Tq, H, v.shape[-1])
-    return ref.block_sparse_attention(q, k, v, block_indices, block_size, scale, cu_q, cu_k)
+    with _dispatch.no_autocast(q):
+        return ref.block_sparse_attention(q, k, v, block_indices, block_size, scale, cu_q, cu_k)
 
 
 def compress_keys(k, kernel_size=32, kernel_stride=16):

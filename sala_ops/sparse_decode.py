@@ -450,7 +450,8 @@ def _decode_run(q, cache, scale, squeeze, backend, return_indices):
     if backend == "triton":
         o, idx = _decode_triton(q, cache, scale)
     else:
-        o, idx = _decode_torch(q, cache, scale)
+        with _dispatch.no_autocast(q):
+            o, idx = _decode_torch(q, cache, scale)
     if squeeze:
         o = o[:, None]
     return (o, idx) if return_indices else o

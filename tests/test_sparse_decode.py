@@ -133,6 +133,37 @@ def test_reference_path_prefill_then_decode(topk, heads, prompts, dense_len):
     _run("reference", cfg, prompts, steps, H, Hkv, 16, seed=topk, check_prefill=True)
 
 
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_reference_path_under_autocast(amp_dtype):
+    """AMP (torch.autocast) must not reach into the ops: the reference backend's fp32 softmax math ran its
+    matmuls in 16 bits under autocast (10x the error of the same call outside it for bf16 inputs, silently).
+    sparse_attention, select_blocks, block_sparse_attention, sparse_prefill and the decode steps give inside
+    autocast exactly what they give outside."""
+    from sala_ops import block_sparse_attention, select_blocks, sparse_attention
+    from sala_ops.sparse import SparseConfig
+    cfg = SparseConfig(kernel_size=4, kernel_stride=2, block_size=4, init_blocks=1, window_size=4, topk=2,
+                       dense_len=16)
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(2, 40, 4, 16, generator=g) * 3).to(amp_dtype)
+    k, v = ((torch.randn(2, 40, 2, 16, generator=g) * 3).to(amp_dtype) for _ in range(2))
+
+    def run():
+        idx = select_blocks(q, k, config=cfg)
+        cache = SparseLayerCache(2, 64, 2, 16, dtype=amp_dtype, config=cfg)
+        prefill = sparse_prefill(q[:, :30], k[:, :30], v[:, :30], cache)
+        steps = [sparse_decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], cache) for t in range(30, 40)]
+        return (sparse_attention(q, k, v, config=cfg), block_sparse_attention(q, k, v, idx, cfg.block_size),
+                torch.cat([prefill] + steps, 1), idx)
+
+    with use_backend("reference"):
+        want = run()
+        with torch.autocast("cpu", dtype=amp_dtype):
+            got = run()
+    for name, a, b in zip(("sparse_attention", "block_sparse_attention", "prefill + decode", "select_blocks"),
+                          want, got):
+        assert b.dtype == a.dtype and torch.equal(a, b), name
+
+
 # ---------------------------------------------------------------- Triton kernels (interpreter on CPU)
 @pytest.mark.parametrize("topk,heads,prompts,steps,D,chunk_target", [
     # two sequences of different lengths cross dense_len = 64 during decode; one chunk per row
