@@ -25,6 +25,7 @@ packed sequences are supported through `cu_seqlens` (or HF's `cu_seq_lens_q`) wi
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -54,6 +55,21 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _size(op, name, value, minimum=1):
+    """A layer size as an int >= minimum (numpy / 0-d tensor integers pass through operator.index): a zero size
+    built a layer that failed with a bare ZeroDivisionError or returned zeros silently, a float one failed in
+    nn.Linear (or, for rotary_dim, was truncated by int())."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"sala_ops.{op}: {name} must be an int, got {type(value).__name__}") from None
+    if v < minimum:
+        raise ValueError(f"sala_ops.{op}: {name} must be >= {minimum}, got {v}")
+    return v
 
 
 def _cache_arg(kwargs):
@@ -122,6 +138,9 @@ class SparseMixer(nn.Module):
                  sparse_config: Optional[SparseConfig] = None, layer_idx: Optional[int] = None,
                  qkv_bias: bool = False, o_bias: bool = False):
         super().__init__()
+        op = "SparseMixer"
+        hidden_size, num_heads, num_kv_heads, head_dim = (_size(op, n, x) for n, x in (
+            ("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
         if num_heads % num_kv_heads:
             raise ValueError(f"sala_ops.SparseMixer: num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
@@ -183,6 +202,13 @@ class LightningMixer(nn.Module):
                  rope_theta: float = 10000.0, rotary_dim: Optional[int] = None, eps: float = 1e-6,
                  qkv_bias: bool = False, o_bias: bool = False):
         super().__init__()
+        op = "LightningMixer"
+        hidden_size, num_heads, head_dim = (_size(op, n, x) for n, x in (
+            ("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim)))
+        if rotary_dim is not None:
+            rotary_dim = _size(op, "rotary_dim", rotary_dim, minimum=2)
+            if rotary_dim % 2 or rotary_dim > head_dim:
+                raise ValueError(f"sala_ops.{op}: rotary_dim must be even and <= head_dim ({head_dim}), got {rotary_dim}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.layer_idx = layer_idx
         self.rope_theta = float(rope_theta)

@@ -134,6 +134,23 @@ def test_sparse_mixer_rejects_bad_arguments():
         SparseMixer(HIDDEN, 4, 2, D, sparse_config={"topk": 2})
 
 
+def test_mixer_sizes_are_checked_at_construction():
+    """Sizes are positive ints: num_kv_heads=0 failed with a bare ZeroDivisionError, num_heads=0 built a sparse
+    layer whose output is its o_proj bias (zeros) silently, a float or negative size failed inside nn.Linear,
+    and LightningMixer truncated a float rotary_dim (6.5 -> 6) with int()."""
+    for bad, err in (((HIDDEN, 4, 0, D), ValueError), ((HIDDEN, 0, 2, D), ValueError), ((HIDDEN, 4, 2, 0), ValueError),
+                     ((HIDDEN, 4.0, 2, D), TypeError), ((HIDDEN, 4, -2, D), ValueError), ((0, 4, 2, D), ValueError)):
+        with pytest.raises(err, match="sala_ops.SparseMixer: (hidden_size|num_heads|num_kv_heads|head_dim)"):
+            SparseMixer(*bad)
+    for bad, kw, err in (((HIDDEN, 0, D), {}, ValueError), ((HIDDEN, H, 0), {}, ValueError),
+                         ((HIDDEN, 4.5, D), {}, TypeError), ((-1, H, D), {}, ValueError),
+                         ((HIDDEN, H, D), {"rotary_dim": 6.5}, TypeError), ((HIDDEN, H, D), {"rotary_dim": 7}, ValueError),
+                         ((HIDDEN, H, D), {"rotary_dim": 2 * D}, ValueError), ((HIDDEN, H, D), {"rotary_dim": 0}, ValueError)):
+        with pytest.raises(err, match="sala_ops.LightningMixer: (hidden_size|num_heads|head_dim|rotary_dim)"):
+            LightningMixer(*bad, **kw)
+    assert LightningMixer(HIDDEN, H, D, rotary_dim=4).rotary_dim == 4
+
+
 # --------------------------------------------------------------------------------------- lightning
 
 def lightning_by_hand(m: LightningMixer, u, positions):
