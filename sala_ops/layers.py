@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import _checks as C
 from .hype import hype_embed
 from .lightning import lightning_attention, lightning_attention_step, sala_decay_slopes
 from .sparse import SparseConfig, sparse_attention
@@ -58,18 +59,15 @@ class RMSNorm(nn.Module):
 
 
 def _size(op, name, value, minimum=1):
-    """A layer size as an int >= minimum (numpy / 0-d tensor integers pass through operator.index): a zero size
-    built a layer that failed with a bare ZeroDivisionError or returned zeros silently, a float one failed in
-    nn.Linear (or, for rotary_dim, was truncated by int())."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"sala_ops.{op}: {name} must be an int, got {type(value).__name__}") from None
-    if v < minimum:
-        raise ValueError(f"sala_ops.{op}: {name} must be >= {minimum}, got {v}")
-    return v
+    """A layer size as an int >= minimum (C.positive_int, with numpy / 0-d tensor integers taken as ints through
+    operator.index): a zero size built a layer that failed with a bare ZeroDivisionError or returned zeros silently,
+    a float one failed in nn.Linear (or, for rotary_dim, was truncated by int())."""
+    if not isinstance(value, (bool, int)):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass  # positive_int names the type
+    return C.positive_int(op, name, value, minimum)
 
 
 def _cache_arg(kwargs):
