@@ -168,7 +168,7 @@ def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
                 _step_sigs.clear()
             _step_sigs[sig] = e
     if choose(op, q) == "triton":
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad):
+        if _step_needs_autograd(q, k, v, state):
             return _step_autograd(q, k, v, state, decay, inplace, e.scale, e.squeeze)
         with _dispatch.device_of(q, "lightning_attention_step"):
             return _step_triton(q, k, v, state, decay, inplace, e)
@@ -203,6 +203,10 @@ def _step_triton(q, k, v, state, decay, inplace, e):
     return o, new_state
 
 
+def _step_needs_autograd(q, k, v, state) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad)
+
+
 def _step_autograd(q, k, v, state, decay, inplace, scale, squeeze):
     """The step under autograd on the Triton backend: the step kernel has no backward (its output would come back
     detached, the gradients lost without a word), so the token runs through the differentiable chunk op, a
@@ -233,7 +237,7 @@ def _step_compiled(op, q, k, v, state, decay, scale, inplace):
     if squeeze:
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
     if choose(op, q) == "triton":
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad):
+        if _step_needs_autograd(q, k, v, state):
             o, new_state = _step_autograd(q, k, v, state, decay, inplace, scale, False)  # q, k, v: [B, H, D] here
             return (o[:, None] if squeeze else o), new_state
         if inplace:
