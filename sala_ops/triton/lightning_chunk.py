@@ -184,6 +184,14 @@ def split_hi_lo(x, dtype: tl.constexpr):
     return hi, lo
 
 
+@triton.jit
+def add_kT_weighted_v_split(acc, kt, vt, w):
+    """acc + k^T diag(w) v with the weighted v as a hi + lo pair (split_hi_lo; k and v are exact 16-bit operands):
+    the state update of SALA_LIGHTNING_16BIT_DOT=split, in the local-state and chunk-output kernels."""
+    vw_hi, vw_lo = split_hi_lo(vt.to(tl.float32) * w[:, None], vt.dtype)
+    return tl.dot(tl.trans(kt), vw_lo, tl.dot(tl.trans(kt), vw_hi, acc))
+
+
 @triton.autotune(configs=_configs([64, 128], [4, 8], [2, 3]) + _f32_configs(_F32_LOCAL),
                  key=["DK", "DV", "BT", "REVERSE", "PREC"],
                  prune_configs_by={"early_config_prune": _by_dtype(_F32_LOCAL)})
@@ -222,10 +230,8 @@ def _local_state_kernel(k_ptr, v_ptr, ds_ptr, decay_ptr, chunk_start_ptr, chunk_
             kh, ik = f16_scaled(kt, amax(kt))
             vh, iv = f16_scaled(vt * w[:, None], amax(vt))  # w <= 1
             acc += tl.dot(tl.trans(kh), vh) * ik * iv
-        elif PREC == "split":  # the weighted v as hi + lo (split_hi_lo): k and v are exact 16-bit operands
-            vw_hi, vw_lo = split_hi_lo(vt.to(tl.float32) * w[:, None], vt.dtype)
-            acc = tl.dot(tl.trans(kt), vw_hi, acc)
-            acc = tl.dot(tl.trans(kt), vw_lo, acc)
+        elif PREC == "split":
+            acc = add_kT_weighted_v_split(acc, kt, vt, w)
         elif BV <= BK:  # weight the narrower operand
             vw = (vt.to(tl.float32) * w[:, None]).to(vt.dtype)
             acc += tl.dot(tl.trans(kt), vw, input_precision=PREC)
@@ -372,7 +378,7 @@ def _chunk_out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, decay_ptr, chunk_start
 F32_DOTS = ("tf32", "tf32x3", "ieee", "f16s")
 # SALA_LIGHTNING_16BIT_DOT=split (bf16 / fp16 inputs, opt-in): the three intermediates the 16-bit path rounds to the
 # input dtype for a tensor-core product (the decayed score tile, the state, the decay-weighted v) go in as hi + lo
-# pairs of that dtype instead (split_hi_lo), so they keep 16 significand bits (bf16: 8 -> 16). q, k and v are
+# pairs of that dtype instead (split_hi_lo), so they keep about 16 significand bits (bf16: 8 -> ~16). q, k and v are
 # 16-bit already and their products are exact in the fp32 accumulator. Three more products per block. It targets
 # the released model's call (bf16 activations cast to fp32, then TF32 products): emulated on a 4K-token bf16
 # sequence, the output's error vs fp64 is the error of rounding the exact result to bf16 (1.66e-3 relative), where
@@ -396,7 +402,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _no_f16s(dtype: torch.dtype, what: str):
+def _refuse_special_dots(dtype: torch.dtype, what: str):
     """The scaled-fp16 and split products exist in the default kernels only (lightning_chunk_out.py, the local-state
     kernel): refuse them for the older / experimental ones instead of running them at another precision."""
     prec = _dot_precision(dtype)
@@ -495,7 +501,7 @@ def chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out
     if CO.variant() != "v0":  # the default (lightning_chunk_out.py); SALA_LIGHTNING_OUT=v0: the kernel below
         return CO.chunk_outputs(qq, kk, vv, GQ, GK, GV, H, out, states, transposed, decay, out_scale, kv_mult,
                                 reverse, ch)
-    _no_f16s(qq.dtype, "SALA_LIGHTNING_OUT=v0")
+    _refuse_special_dots(qq.dtype, "SALA_LIGHTNING_OUT=v0")
     DK, DV = kk.shape[-1], vv.shape[-1]
     if transposed:
         st_sk, st_sv = 1, DK

@@ -114,9 +114,8 @@ def _outputs(qt, kt, vt, S, dmask, wq, PREC: tl.constexpr):
 @triton.jit
 def _update(kt, vt, S, wk, lam, PREC: tl.constexpr):
     """The state after the block: lam S + k^T diag(wk) v."""
-    if PREC == "split":  # the weighted v as a hi + lo pair (LC.split_hi_lo)
-        vw_hi, vw_lo = LC.split_hi_lo(vt.to(tl.float32) * wk[:, None], vt.dtype)
-        S = tl.dot(tl.trans(kt), vw_lo, tl.dot(tl.trans(kt), vw_hi, S * lam))
+    if PREC == "split":
+        S = LC.add_kT_weighted_v_split(S * lam, kt, vt, wk)
     else:
         vw = (vt.to(tl.float32) * wk[:, None]).to(vt.dtype)
         S = tl.dot(tl.trans(kt), vw, S * lam, input_precision=PREC)

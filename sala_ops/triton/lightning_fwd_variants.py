@@ -266,7 +266,7 @@ def _fused_kernel(q_ptr, k_ptr, v_ptr, o_ptr, st_ptr, init_ptr, final_ptr, ring_
 
 
 def walk2_outputs(q, k, v, G, H, out, states, decay, scale, ch: LC.Chunks):
-    LC._no_f16s(q.dtype, "SALA_LIGHTNING_FWD=walk2")
+    LC._refuse_special_dots(q.dtype, "SALA_LIGHTNING_FWD=walk2")
     DK, DV = k.shape[-1], v.shape[-1]
     # BV from the autotune list (128: one V-tile per head for D=128); under the interpreter BV covers DV
     grid = lambda META: (triton.cdiv(DV, META["BV"]) * H * ch.NS,)  # noqa: E731  (flat: see the kernel)
@@ -284,7 +284,7 @@ def _fused_len(L: int) -> int:
 
 
 def fused_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, ch: LC.Chunks):
-    LC._no_f16s(q.dtype, "SALA_LIGHTNING_FWD=fused")
+    LC._refuse_special_dots(q.dtype, "SALA_LIGHTNING_FWD=fused")
     B, T, H, DK = q.shape
     Hkv, DV = k.shape[2], v.shape[-1]
     G = H // Hkv
