@@ -323,9 +323,8 @@ def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size, d
     tiles of consecutive tokens; `dq_union`: its precomputed tile_union, else built here); H200, 9B config,
     random q: the whole backward 221 vs 235 ms at 128K, 47.9 vs 53.5 at 32K (bench/NOTES_sparse.md, run 4).
     SALA_SPARSE_BWD_DQ=onetoken (read per call) forces the one-token dq kernel below."""
-    Tq, H, D = q.shape
     Tk, Hkv, DV = v.shape
-    G = H // Hkv
+    Tq, D = q.shape[0], q.shape[2]
     tiled_dq = os.environ.get("SALA_SPARSE_BWD_DQ", "tiled") != "onetoken"
     dq = None if tiled_dq and Tq > 0 else _sel.empty(q.shape, q.dtype, q.device)
     dk32 = torch.zeros(Tk, Hkv, D, dtype=torch.float32, device=q.device)
@@ -334,14 +333,25 @@ def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size, d
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # [Tq, H]
-    prec = _prec(q.dtype)
-    BD, BDV, BN = _pow2(D, 16), _pow2(DV, 16), _pow2(block_size, 16)
     if tiled_dq:
         from . import sparse_attn_tiled
         dq = sparse_attn_tiled.backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size,
                                            union=dq_union)
     else:
         backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, out=dq)
+    backward_dkdv(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, dk32, dv32)
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+def backward_dkdv(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, dk32, dv32):
+    """Adds dk, dv (scaled) into the fp32 buffers dk32 [Tk, Hkv, D] / dv32 [Tk, Hkv, Dv] (zeroed by the
+    caller) over the transposed index: the second half of `backward`, callable alone so that a benchmark
+    can time it under other DKDV_CFG launch configurations. do [Tq, H, Dv] contiguous, lse / delta fp32."""
+    Tq, H, D = q.shape
+    Tk, Hkv, DV = v.shape
+    G = H // Hkv
+    if Tq == 0:
+        return dk32, dv32
     chunk = 64 if _interpreted() else DKDV_CFG["chunk"]
     tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid = _transposed(
         idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk)
@@ -353,9 +363,10 @@ def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size, d
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk32.stride(0), dk32.stride(1), dv32.stride(0), dv32.stride(1), lse.stride(0),
         scale * LOG2E, scale, D, DV, G, block_size, chunk,
-        BQ=BQ, ROWS=ROWS, BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, PREC=prec,
-        num_warps=4 if _interpreted() else DKDV_CFG["num_warps"], num_stages=1 if _interpreted() else DKDV_CFG["num_stages"])
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+        BQ=BQ, ROWS=ROWS, BLOCK_D=_pow2(D, 16), BLOCK_DV=_pow2(DV, 16), BLOCK_N=_pow2(block_size, 16),
+        PREC=_prec(q.dtype), num_warps=4 if _interpreted() else DKDV_CFG["num_warps"],
+        num_stages=1 if _interpreted() else DKDV_CFG["num_stages"])
+    return dk32, dv32
 
 
 def sanitize_indices(idx, cu_q, cu_k, tok_seq, block_size):
