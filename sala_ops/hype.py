@@ -90,6 +90,12 @@ def hype_embed(q, k, positions=None, layer_type="lightning", theta=10000.0, rota
         for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
             if w is not None and w.dtype not in C.FLOAT_DTYPES:
                 raise TypeError(f"sala_ops.{op}: {name} must be a float tensor, got {w.dtype}")
+        # the kernels read weight[d] at weight_ptr + d: a strided view (a column of a matrix, w[::2]) gave wrong
+        # norms silently; .contiguous() is a no-op for a parameter and keeps the gradient path for a view
+        if q_norm_weight is not None:
+            q_norm_weight = q_norm_weight.contiguous()
+        if k_norm_weight is not None:
+            k_norm_weight = k_norm_weight.contiguous()
         rope = HYPE_POLICY[layer_type] == "rope"
         # positions None without cu_seqlens: the kernel counts 0..T-1 itself (nothing to read)
         pos = _positions(op, positions, q, cu_seqlens, need_default=False) if rope else None

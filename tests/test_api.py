@@ -58,3 +58,23 @@ def test_backend_logged_once(caplog):
         sala_ops.hype_embed(q, q)
     lines = [r.getMessage() for r in caplog.records if "hype_embed" in r.getMessage()]
     assert lines == ["sala_ops.hype_embed: using the reference backend"]
+
+
+def test_hype_norm_weights_as_strided_views():
+    """q_norm_weight / k_norm_weight given as strided views (a column of a matrix): the Triton kernels read
+    weight[d] at weight_ptr + d and normalised with the wrong entries (rel. error ~1.5, silently)."""
+    B, T, H, Hkv, D = 2, 5, 4, 2, 16
+    q, k = seeded_randn(1, B, T, H, D), seeded_randn(2, B, T, Hkv, D)
+    W = seeded_randn(3, D, 2) * 0.5 + 1.0  # columns: the weights, each a stride-2 view
+    wq_ref, wk_ref = W[:, 0].clone().requires_grad_(), W[:, 1].clone().requires_grad_()
+    eq, ek = R.hype_embed(q, k, torch.arange(T), "lightning", q_norm_weight=wq_ref, k_norm_weight=wk_ref)
+    (eq.pow(2).sum() + ek.pow(3).sum()).backward()
+    for backend in ("reference", "triton"):
+        Wg = W.clone().requires_grad_()
+        with sala_ops.use_backend(backend):
+            yq, yk = sala_ops.hype_embed(q, k, q_norm_weight=Wg[:, 0], k_norm_weight=Wg[:, 1])
+        assert_close(yq, eq, 1e-5, f"{backend} q")
+        assert_close(yk, ek, 1e-5, f"{backend} k")
+        (yq.pow(2).sum() + yk.pow(3).sum()).backward()
+        assert_close(Wg.grad[:, 0], wq_ref.grad, 1e-5, f"{backend} dwq")
+        assert_close(Wg.grad[:, 1], wk_ref.grad, 1e-5, f"{backend} dwk")
