@@ -131,6 +131,18 @@ class _BlockSparseFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+def _positive_scale(q, scale):
+    """(q', scale') with scale' > 0 and scale' * q' = scale * q, for the Triton kernels, which fold the scale into
+    the row maxima (max(s) * scale is the largest scaled score only for scale > 0): a scale of 0 or below gave
+    NaN outputs. Exact: softmax(scale q.k) = softmax(-scale (-q).k); scale 0 scores every key 0 (q' = 0 q, so a
+    NaN/inf in q still propagates), as the reference does. Differentiable (the backward sees q' and scale')."""
+    if scale > 0:
+        return q, scale
+    if scale < 0:
+        return -q, -scale
+    return q * 0.0, 1.0
+
+
 def _triton_select(qp, kp, cu_q, cu_k, scale, cfg, dense_len, width):
     ks2, st2 = cfg.c2
     sel = torch.ops.sala_ops.sparse_select if torch.compiler.is_compiling() else _select_impl
@@ -144,6 +156,7 @@ def _triton_sparse_attention(q, k, v, scale, cfg, cu_q, cu_k):
     _, A = _kernels()
     B, Tq, H, _ = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
+    q, scale = _positive_scale(q, scale)
     qp, kp, vp, cu_q, cu_k = _pack(q, k, v, cu_q, cu_k)
     tok_seq = A.token_seq(cu_q, qp.shape[0])
     bs = cfg.block_size
@@ -287,6 +300,7 @@ def select_blocks(q, k, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: 
     backend = choose(op, q)
     if backend == "triton":
         with _dispatch.device_of(q, op):
+            q, scale = _positive_scale(q, scale)
             qp, kp, _, cq, ck = _pack(q, k, None, cu_q, cu_k)
             idx = _triton_select(qp, kp, cq, ck, scale, cfg, 0, cfg.num_selected)
         return idx.reshape(q.shape[0], q.shape[1], k.shape[2], cfg.num_selected)
@@ -317,6 +331,7 @@ def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu
         _, A = _kernels()
         B, Tq, H, _ = q.shape
         with _dispatch.device_of(q, op):
+            q, scale = _positive_scale(q, scale)
             qp, kp, vp, cq, ck = _pack(q, k, v, cu_q, cu_k)
             tok_seq = A.token_seq(cq, qp.shape[0])
             idx = block_indices.reshape(B * Tq, *block_indices.shape[2:])

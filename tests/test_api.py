@@ -78,3 +78,26 @@ def test_hype_norm_weights_as_strided_views():
         (yq.pow(2).sum() + yk.pow(3).sum()).backward()
         assert_close(Wg.grad[:, 0], wq_ref.grad, 1e-5, f"{backend} dwq")
         assert_close(Wg.grad[:, 1], wk_ref.grad, 1e-5, f"{backend} dwk")
+
+
+def test_sparse_ops_with_zero_or_negative_scale():
+    """scale = 0 (uniform weights) or < 0: the Triton kernels fold the scale into the row maxima, valid only for a
+    positive scale, and returned NaN everywhere (forward and backward) while the reference was right."""
+    small = dict(kernel_size=4, kernel_stride=2, block_size=8, window_size=8, topk=2, dense_len=16)
+    B, T, H, Hkv, D = 1, 40, 4, 2, 16
+    q, k, v = seeded_randn(1, B, T, H, D), seeded_randn(2, B, T, Hkv, D), seeded_randn(3, B, T, Hkv, D)
+    do = seeded_randn(4, B, T, H, D)
+    for scale in (0.0, -0.5):
+        res = {}
+        for backend in ("reference", "triton"):
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            with sala_ops.use_backend(backend):
+                o = sala_ops.sparse_attention(qq, kk, vv, scale=scale, **small)
+                idx = sala_ops.select_blocks(q, k, scale=scale, **small)
+                ob = sala_ops.block_sparse_attention(q, k, v, idx, block_size=8, scale=scale)
+            (o * do).sum().backward()
+            res[backend] = (o, ob, qq.grad, kk.grad, vv.grad, idx)
+        ref, tri = res["reference"], res["triton"]
+        assert torch.equal(tri[5], ref[5]), f"scale {scale}: selected blocks"
+        for name, a, b in zip(("o", "block-sparse o", "dq", "dk", "dv"), tri, ref):
+            assert_close(a, b, 1e-5, f"scale {scale}: {name}")
