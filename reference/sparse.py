@@ -139,9 +139,12 @@ def _attend(q, k, v, allowed, scale):
     kf = k.float().repeat_interleave(G, dim=1)
     vf = v.float().repeat_interleave(G, dim=1)
     s = torch.einsum("ihd,jhd->hij", q.float(), kf) * scale
-    s = s.masked_fill(~allowed.repeat_interleave(G, dim=0), NEG_INF)
+    allowed = allowed.repeat_interleave(G, dim=0)
+    s = s.masked_fill(~allowed, NEG_INF)
     p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # a row with nothing allowed (never happens causally) gives 0
+    # a row with nothing allowed (never happens causally) gives 0; only such rows: a NaN that q or an allowed key
+    # brings in must propagate (nan_to_num over all of p turned those rows into silent zeros)
+    p = p.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     return torch.einsum("hij,jhd->ihd", p, vf)
 
 

@@ -101,3 +101,33 @@ def test_sparse_ops_with_zero_or_negative_scale():
         assert torch.equal(tri[5], ref[5]), f"scale {scale}: selected blocks"
         for name, a, b in zip(("o", "block-sparse o", "dq", "dk", "dv"), tri, ref):
             assert_close(a, b, 1e-5, f"scale {scale}: {name}")
+
+
+def test_sparse_nan_in_q_or_k_propagates_on_both_backends():
+    """A NaN in q or in a visible key must give NaN in the rows that see it. The reference softmax (the CPU
+    backend, also behind CPU decoding) ran nan_to_num over all its probabilities, meant for rows with no allowed
+    key: those rows came back as silent zeros, where the Triton kernels return NaN."""
+    B, T, H, Hkv, D, bs = 1, 24, 4, 2, 8, 8
+    q, k, v = seeded_randn(1, B, T, H, D), seeded_randn(2, B, T, Hkv, D), seeded_randn(3, B, T, Hkv, D)
+    q[0, 5, 1, 0] = float("nan")  # query row 5, head 1
+    k[0, 13, 0, 2] = float("nan")  # key 13 of KV head 0: query heads 0, 1 of rows 13.. (dense)
+    idx = torch.tensor([0, 2, -1], dtype=torch.int32).expand(B, T, Hkv, 3)  # block 1 (keys 8..15) never selected
+    nan_rows = {}
+    for backend in ("reference", "triton"):
+        with sala_ops.use_backend(backend):
+            dense = sala_ops.sparse_attention(q, k, v, kernel_size=4, kernel_stride=2, block_size=bs, window_size=8,
+                                              topk=2, dense_len=1000)
+            sparse = sala_ops.block_sparse_attention(q, k, v, idx, block_size=bs)
+        nan_rows[backend] = [torch.isnan(x).any(-1)[0].nonzero().tolist() for x in (dense, sparse)]
+        expect_dense = [[5, 1]] + [[t, h] for t in range(13, T) for h in (0, 1)]
+        assert nan_rows[backend][0] == expect_dense, backend
+        assert nan_rows[backend][1] == [[5, 1]], backend
+        finite = torch.isfinite(dense).all(-1)
+        assert_close(dense[finite], R.dense_attention(q, k.nan_to_num(0.0), v)[finite], 1e-5, f"{backend} dense")
+
+    cache = sala_ops.SparseLayerCache(1, 32, Hkv, D, dtype=torch.float32, kernel_size=4, kernel_stride=2,
+                                      block_size=bs, window_size=8, topk=2, dense_len=1000)
+    cache.append(k[:, :12], v[:, :12])  # no NaN key cached
+    with torch.no_grad():
+        o = sala_ops.sparse_decode(q[:, 5], cache)
+    assert torch.isnan(o).any(-1)[0].tolist() == [False, True, False, False]
