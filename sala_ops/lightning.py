@@ -32,6 +32,15 @@ def _check_decay(op, decay, H, device):
         raise ValueError(f"sala_ops.{op}: decay must be on {device}, got {decay.device}")
 
 
+def _refuse_decay_grad(op, decay):
+    """decay gets no gradient (a fixed schedule: MiniCPM-SALA's slopes): the Triton backend returned None for it
+    while the reference backend differentiated it, so a learnable decay trained on the CPU and silently froze on
+    the GPU. Both backends refuse a decay that requires grad under autograd."""
+    if decay.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"sala_ops.{op}: decay requires grad, but the decay rates get no gradient (a fixed "
+                         f"schedule); pass decay.detach(), or call under torch.no_grad()")
+
+
 def _check_state(op, name, state, N, H, K, V, device):
     C.tensor(op, name, state, ndim=4, dtypes=(torch.float32,))
     if tuple(state.shape) != (N, H, K, V):
@@ -57,6 +66,7 @@ def check_lightning_args(op, q, k, v, decay, scale, initial_state, cu_seqlens):
         raise ValueError(f"sala_ops.{op}: k and v must have the same number of heads, got {k.shape[2]} and {v.shape[2]}")
     C.gqa(op, H, k.shape[2])
     _check_decay(op, decay, H, q.device)
+    _refuse_decay_grad(op, decay)
     scale = C.scale_arg(op, scale, K)
     N = B
     if cu_seqlens is not None:
@@ -167,6 +177,8 @@ def lightning_attention_step(q, k, v, state, decay, scale=None, inplace=False):
             if len(_step_sigs) >= _STEP_SIGS_MAX:
                 _step_sigs.clear()
             _step_sigs[sig] = e
+    if decay.requires_grad:  # (not part of the cached signature)
+        _refuse_decay_grad(op, decay)
     if choose(op, q) == "triton":
         if _step_needs_autograd(q, k, v, state):
             return _step_autograd(q, k, v, state, decay, inplace, e.scale, e.squeeze)
@@ -234,6 +246,7 @@ def _import_step():
 def _step_compiled(op, q, k, v, state, decay, scale, inplace):
     """lightning_attention_step under torch.compile: full checks, the custom ops (traceable)."""
     scale, squeeze = _check_step(op, q, k, v, state, decay, scale)
+    _refuse_decay_grad(op, decay)
     if squeeze:
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
     if choose(op, q) == "triton":

@@ -235,3 +235,23 @@ def test_zero_head_dim_default_scale_raises_naming_op(backend, op):
     with sala_ops.use_backend(backend):
         with pytest.raises(ValueError, match=f"sala_ops.{op}: .*head dim"):
             fn(scale=None, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["lightning_attention", "lightning_attention_step"])
+def test_decay_that_requires_grad_is_refused_on_both_backends(backend, op):
+    """decay gets no gradient (a fixed schedule). A decay that required grad got one on the reference backend and
+    None, silently, on the Triton backend (a learnable decay froze on the GPU): both refuse it under autograd,
+    on every call (the step's cached call signatures included), and take it under torch.no_grad()."""
+    fn, kw = _valid_call(op)
+    kw["q"] = kw["q"].clone().requires_grad_()
+    plain = dict(kw, decay=kw["decay"].clone())
+    kw["decay"] = kw["decay"].clone().requires_grad_()
+    with sala_ops.use_backend(backend):
+        fn(**plain)  # a valid call first: the step caches its signature
+        for _ in range(2):
+            with pytest.raises(ValueError, match=f"sala_ops.{op}: decay requires grad"):
+                fn(**kw)
+        with torch.no_grad():
+            out = fn(**kw)
+    assert torch.isfinite(out[0]).all()
