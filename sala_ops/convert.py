@@ -70,19 +70,31 @@ HALO_CLIP = 50.0
 # Registered config and model classes
 # ---------------------------------------------------------------------------------------------------
 
-class SalaLlamaConfig(LlamaConfig):
+class _SalaConfigMixin:
+    """What the Sala<Base>Config classes add to their base config."""
+
+    def to_dict(self):
+        """The base config's to_dict with `sparse_config` as a plain dict: a config written by hand may hold a
+        SparseConfig (the model builds from either), which json cannot serialise (save_pretrained, print(config))."""
+        d = super().to_dict()
+        if isinstance(d.get("sparse_config"), SparseConfig):
+            d["sparse_config"] = asdict(d["sparse_config"])
+        return d
+
+
+class SalaLlamaConfig(_SalaConfigMixin, LlamaConfig):
     model_type = "sala_llama"
 
 
-class SalaQwen2Config(Qwen2Config):
+class SalaQwen2Config(_SalaConfigMixin, Qwen2Config):
     model_type = "sala_qwen2"
 
 
-class SalaQwen3Config(Qwen3Config):
+class SalaQwen3Config(_SalaConfigMixin, Qwen3Config):
     model_type = "sala_qwen3"
 
 
-class SalaMistralConfig(MistralConfig):
+class SalaMistralConfig(_SalaConfigMixin, MistralConfig):
     model_type = "sala_mistral"
 
 

@@ -178,6 +178,25 @@ def test_from_config_initialises_mixers_like_the_base_model(family):
                 assert (getattr(m, norm).weight == 1).all()
 
 
+def test_sala_config_built_with_a_sparse_config_object_saves_and_loads(tmp_path):
+    """A SALA config written by hand takes `sparse_config` as a SparseConfig (the model builds from it), but
+    save_pretrained / to_json_string failed with 'Object of type SparseConfig is not JSON serializable'."""
+    from sala_ops.convert import SalaLlamaConfig
+    cfg = SalaLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, vocab_size=97,
+                          mixer_types=[MIXER_SPARSE, MIXER_LIGHTNING], sparse_config=SMALL)
+    assert '"sparse_config"' in cfg.to_json_string()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert model.model.layers[0].self_attn.sparse_config == SMALL
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert sparse_config_from(loaded.config) == SMALL
+    x = ids(1, 20)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, use_cache=False).logits, model(x, use_cache=False).logits)
+
+
 def _greedy_by_recompute(model, prompt, n):
     seq = prompt
     with torch.no_grad():
