@@ -70,6 +70,18 @@ def _size(op, name, value, minimum=1):
     return C.positive_int(op, name, value, minimum)
 
 
+def _check_hidden(op, u, hidden_size):
+    """hidden_states: a float tensor [B, T, hidden_size] with T >= 1 (a 2-D input failed with a bare 'not enough
+    values to unpack', a wrong width inside nn.Linear, a list with an AttributeError). Its dtype may differ from the
+    weights' (torch.autocast)."""
+    C.tensor(op, "hidden_states", u, ndim=3)
+    if u.shape[-1] != hidden_size:
+        raise ValueError(f"sala_ops.{op}: hidden_states must be [batch, seq, hidden_size={hidden_size}], "
+                         f"got shape {tuple(u.shape)}")
+    if u.shape[1] < 1:
+        raise ValueError(f"sala_ops.{op}: hidden_states must hold at least one token, got shape {tuple(u.shape)}")
+
+
 def _cache_arg(kwargs):
     """The cache object under either of the names transformers 5.x has used (`cache` from 5.2x,
     `past_key_values` before)."""
@@ -167,6 +179,7 @@ class SparseMixer(nn.Module):
         the converted model refuses padded masks before any layer runs (causality is built in)."""
         op = "SparseMixer"
         u = hidden_states
+        _check_hidden(op, u, self.hidden_size)
         B, T, _ = u.shape
         layer_cache, cu = _cache_or_packing(kwargs, B, self.layer_idx, self.mixer_type, op)
         q, k, v = self.qkv(u)
@@ -246,6 +259,7 @@ class LightningMixer(nn.Module):
         cu_seqlens)."""
         op = "LightningMixer"
         u = hidden_states
+        _check_hidden(op, u, self.hidden_size)
         B, T, _ = u.shape
         layer_cache, cu = _cache_or_packing(kwargs, B, self.layer_idx, self.mixer_type, op)
         if cu is not None:

@@ -151,6 +151,26 @@ def test_mixer_sizes_are_checked_at_construction():
     assert LightningMixer(HIDDEN, H, D, rotary_dim=4).rotary_dim == 4
 
 
+@pytest.mark.parametrize("make", [sparse_mixer, lightning_mixer])
+def test_mixer_input_is_checked_naming_the_mixer(make):
+    """hidden_states [B, T, hidden] is checked before anything runs: a 2-D input failed with a bare 'not enough
+    values to unpack', a wrong width with nn.Linear's 'mat1 and mat2 shapes cannot be multiplied', a list with an
+    AttributeError, integer ids with a dtype RuntimeError, an empty sequence was reported as the op's q."""
+    m = make()
+    op = type(m).__name__
+    cache = SalaCache(mixer_types=[m.mixer_type])
+    for bad, err in ((torch.randn(5, HIDDEN), ValueError), (torch.randn(1, 5, HIDDEN // 2), ValueError),
+                     ([[0.0] * HIDDEN], TypeError), (torch.ones(1, 5, HIDDEN, dtype=torch.long), TypeError),
+                     (torch.randn(1, 0, HIDDEN), ValueError)):
+        with pytest.raises(err, match=f"sala_ops.{op}: hidden_states"):
+            m(bad, cache=cache)
+    assert cache.get_seq_length() == 0 and not cache.is_initialized
+    out, _ = m(_u(2, 3), cache=cache)
+    assert out.shape == (2, 3, HIDDEN) and cache.get_seq_length() == 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an input dtype other than the weights' stays allowed
+        assert m(_u(1, 4).bfloat16())[0].shape == (1, 4, HIDDEN)
+
+
 # --------------------------------------------------------------------------------------- lightning
 
 def lightning_by_hand(m: LightningMixer, u, positions):
