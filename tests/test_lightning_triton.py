@@ -512,12 +512,15 @@ def test_empty_batch_with_final_state(backend, has_init):
 
 
 def test_decay_gets_no_gradient():
+    """decay is a fixed schedule: no gradient. One that requires grad is refused (it used to get None silently
+    here and a gradient on the reference backend; test_bad_input checks both backends), a plain one runs."""
     q, k, v, decay, _ = _inputs(1, 8, 2, 2, 16, 16, False, False, 0)
-    decay = decay.clone().requires_grad_()
     qq = q.clone().requires_grad_()
+    with pytest.raises(ValueError, match="decay requires grad"):
+        _lightning(qq, k, v, decay.clone().requires_grad_())
     out = _lightning(qq, k, v, decay)
-    dq, dd = torch.autograd.grad(out.output.sum(), [qq, decay], allow_unused=True)
-    assert dd is None and dq is not None
+    dq, = torch.autograd.grad(out.output.sum(), [qq])
+    assert dq is not None and not decay.requires_grad
 
 
 def test_torch_compile_fullgraph():
