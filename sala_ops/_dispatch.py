@@ -130,3 +130,39 @@ def on_device_of_first_arg(fn):
     guarded.__signature__ = inspect.signature(fn, eval_str=True)
     guarded.__annotations__ = typing.get_type_hints(fn)
     return guarded
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """The identity on the gradients a Triton backward returns, made differentiable only to fail: see
+    no_double_backward."""
+
+    @staticmethod
+    def forward(ctx, op, n_links, *tensors):
+        ctx.op = op
+        return tensors[n_links:]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"sala_ops.{ctx.op}: double backward (differentiating its gradients, create_graph=True) is "
+                           f"not supported by the Triton backend's kernels")
+
+
+def no_double_backward(op: str, links, grads):
+    """The gradients of a Triton autograd.Function's backward, made to raise when something differentiates them.
+
+    The kernels' gradients come back with no graph: under create_graph=True a gradient penalty (the norm of a
+    gradient, added to a loss) got no contribution through them, silently. Outside create_graph (grad mode off in
+    the backward) this returns `grads` unchanged. Otherwise each gradient becomes the output of one node whose
+    inputs are `links` (the incoming gradients and the saved inputs that need grad: what the true gradients depend
+    on), so any later backward that reaches through them raises instead of returning a partial result."""
+    if not torch.is_grad_enabled():
+        return grads
+    links = [t for t in links if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not links:
+        return grads
+    pos = [i for i, g in enumerate(grads) if g is not None]
+    outs = _NoDoubleBackward.apply(op, len(links), *links, *(grads[i] for i in pos))
+    res = list(grads)
+    for i, o in zip(pos, outs):
+        res[i] = o
+    return tuple(res)

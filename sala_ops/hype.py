@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import _checks as C
-from ._dispatch import choose, on_device_of_first_arg
+from ._dispatch import choose, no_double_backward, on_device_of_first_arg
 from .reference import rope as ref
 from .reference.rope import HYPE_POLICY
 
@@ -198,6 +198,7 @@ def _backward(ctx, gyq, gyk, bwd):
     else:
         dwq = dw[0].to(q_weight.dtype) if want_q else None
         dwk = dw[1].to(k_weight.dtype) if want_k else None
+    dq, dk, dwq, dwk = no_double_backward("hype_embed", (gyq, gyk, q, k, q_weight, k_weight), (dq, dk, dwq, dwk))
     return dq, dk, None, dwq, dwk, None, None, None, None, None, None
 
 

@@ -348,7 +348,9 @@ class _LightningChunkFn(torch.autograd.Function):
         fn = (torch.ops.sala_ops.lightning_chunk_bwd if torch.compiler.is_compiling()
               else _chunk_bwd_impl)
         dq, dk, dv, dh0 = fn(do, dfinal, q, k, v, decay, states, ctx.scale, need_dh0, cu_seqlens)
-        return dq, dk, dv, None, None, (dh0 if need_dh0 else None), None, None
+        dq, dk, dv, dh0 = _dispatch.no_double_backward("lightning_attention", (do, dfinal, q, k, v),
+                                                       (dq, dk, dv, dh0 if need_dh0 else None))
+        return dq, dk, dv, None, None, dh0, None, None
 
 
 @torch.library.custom_op("sala_ops::lightning_step", mutates_args=())

@@ -128,6 +128,7 @@ class _BlockSparseFn(torch.autograd.Function):
         q, k, v, o, lse, idx, cu_q, cu_k, tok_seq = ctx.saved_tensors
         bwd = torch.ops.sala_ops.sparse_attn_bwd if torch.compiler.is_compiling() else _attn_bwd_impl
         dq, dk, dv = bwd(do.contiguous(), q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, ctx.scale, ctx.block_size)
+        dq, dk, dv = _dispatch.no_double_backward("sparse_attention", (do, q, k, v), (dq, dk, dv))
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -1,6 +1,7 @@
 """The public API on CPU: structured results, in-place decode, defaults, logging of the backend."""
 import logging
 
+import pytest
 import torch
 
 import sala_ops
@@ -131,3 +132,29 @@ def test_sparse_nan_in_q_or_k_propagates_on_both_backends():
     with torch.no_grad():
         o = sala_ops.sparse_decode(q[:, 5], cache)
     assert torch.isnan(o).any(-1)[0].tolist() == [False, True, False, False]
+
+
+def test_triton_double_backward_raises_instead_of_dropping_terms():
+    """The Triton backward kernels' gradients have no graph. Under create_graph=True a gradient penalty
+    (||dL/dq||^2 added to a loss) then lost every contribution through them and came back wrong (rel. error
+    ~0.8-1.0) without a word: differentiating them now raises, naming the op; first-order gradients under
+    create_graph are unchanged."""
+    B, T, H, D = 1, 12, 2, 8
+    q, k, v = seeded_randn(1, B, T, H, D), seeded_randn(2, B, T, H, D), seeded_randn(3, B, T, H, D)
+    decay = sala_ops.sala_decay_slopes(H)
+    small = dict(kernel_size=4, kernel_stride=2, block_size=4, window_size=4, topk=2, dense_len=6)
+    ops = {"lightning_attention": lambda a, b, c: sala_ops.lightning_attention(a, b, c, decay)[0],
+           "sparse_attention": lambda a, b, c: sala_ops.sparse_attention(a, b, c, **small),
+           "hype_embed": lambda a, b, c: sala_ops.hype_embed(a, b, q_norm_weight=torch.ones(D))[0] * c}
+    with sala_ops.use_backend("triton"):
+        for op, fn in ops.items():
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            o = fn(qq, kk, vv)
+            plain, = torch.autograd.grad(o.pow(2).sum(), qq, retain_graph=True)
+            g, = torch.autograd.grad(o.pow(2).sum(), qq, create_graph=True)
+            assert torch.equal(g.detach(), plain), op
+            penalty = g.pow(2).sum() + o.pow(2).sum()
+            with pytest.raises(RuntimeError, match=f"sala_ops.{op}: double backward"):
+                torch.autograd.grad(penalty, vv, retain_graph=True)
+            with pytest.raises(RuntimeError, match=f"sala_ops.{op}: double backward"):
+                penalty.backward()
