@@ -484,9 +484,18 @@ def _sala_pre_forward(module, args, kwargs):
         past = cache.get_seq_length() if cache is not None else 0
         expect = torch.arange(past, past + pos.shape[-1], device=pos.device)
         if not bool((pos == expect).all()):
-            raise ValueError("sala_ops: position_ids must count up from the cache length in every row; "
-                             "restarting positions (packed sequences) or padding offsets are not supported by the "
-                             "SALA mixers through the HF model (use the mixers with cu_seqlens)")
+            starts = sorted({int(x) for x in pos.reshape(-1, pos.shape[-1])[:, 0].tolist()})
+            if past and starts[0] < past:
+                # e.g. generate(prompt, cache=model(prompt).cache): the input repeats tokens the cache already holds
+                # (the message blamed packing / padding, which the caller had not used)
+                hint = (f"the input repeats positions the cache already holds ({past} tokens): pass only the tokens "
+                        f"after the cached ones (for generate(): a cache without the prompt's last token), or a "
+                        f"fresh cache")
+            else:
+                hint = ("restarting positions (packed sequences) or padding offsets are not supported by the SALA "
+                        "mixers through the HF model (use the mixers with cu_seqlens)")
+            raise ValueError(f"sala_ops: position_ids must count up from the cache length ({past}) in every row, got "
+                             f"rows starting at {starts[:8]}; {hint}")
     return args, kwargs
 
 

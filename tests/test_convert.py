@@ -292,6 +292,22 @@ def test_padded_batches_are_refused():
     model(x, attention_mask=torch.ones_like(x))  # a mask of ones is fine
 
 
+def test_generate_with_a_cache_that_already_holds_the_prompt_says_so():
+    """generate(prompt, cache=model(prompt).cache): HF feeds the whole prompt again at positions 0.. over a cache
+    that holds it. The refusal blamed 'restarting positions (packed sequences) or padding offsets', neither of which
+    the caller used; it now names the cache length, the positions that came and the repeated tokens."""
+    model = convert_to_sala(tiny("llama"), sparse_config=SMALL)
+    prompt = ids(1, 18)
+    with torch.no_grad():
+        res = model(prompt, use_cache=True)
+        cache = getattr(res, "cache", None) or res.past_key_values
+        with pytest.raises(ValueError, match=r"cache length \(18\).*starting at \[0\].*repeats positions the cache "
+                                             r"already holds"):
+            model.generate(prompt, max_new_tokens=2, pad_token_id=0, **_cache_kwarg(model, cache))
+        with pytest.raises(ValueError, match=r"cache length \(0\).*starting at \[0, 3\].*packed sequences"):
+            model(ids(2, 6), position_ids=torch.tensor([[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8]]), use_cache=False)
+
+
 def test_a_cache_for_other_layers_is_refused_before_any_layer_runs():
     """A SalaCache built for another layout (fewer layers, or the mixer types in another order) used to be
     found out only by the first layer it did not fit: an IndexError (not the API's ValueError) or a ValueError
