@@ -585,6 +585,22 @@ def test_tiled_dq_dispatch(monkeypatch, env):
     assert bool(calls) == (env is None), "the dq kernel did not follow SALA_SPARSE_BWD_DQ"
 
 
+@pytest.mark.parametrize("shape,dtype", [((37, 5, 24), torch.bfloat16), ((9, 32, 128), torch.float16),
+                                         ((3, 2, 64), torch.float32), ((0, 4, 16), torch.bfloat16)])
+def test_backward_row_dot(shape, dtype):
+    """delta = rowsum(o * do) in fp32 for the backward (one kernel instead of three fp32 temporaries): rows past a
+    program's tile, head dims below the power-of-two tile, an empty batch, and a non-unit last stride."""
+    from sala_ops.triton.sparse_attn import row_dot
+    o, do = (seeded_randn(s, *shape, device=DEV).to(dtype) for s in (1, 2))
+    want = (o.float() * do.float()).sum(-1)
+    got = row_dot(o, do)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert_close(got, want, TOL)
+    ot = o.transpose(0, 2).contiguous().transpose(0, 2)  # same values, last stride != 1
+    assert ot.stride(2) != 1 or ot.numel() == 0
+    assert_close(row_dot(ot, do), want, TOL)
+
+
 def test_compress_keys_triton():
     k = seeded_randn(9, 2, 75, 3, 20, device=DEV)
     for ks, st_ in ((8, 4), (32, 16), (5, 5), (80, 16)):

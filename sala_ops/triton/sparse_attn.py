@@ -318,6 +318,38 @@ def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_
     return dq
 
 
+@triton.jit
+def _row_dot_kernel(O, DO, DELTA, n_rows, H, so_t, so_h, sdo_t, sdo_h, DV,
+                    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < n_rows
+    t = (r // H).to(tl.int64)
+    h = r % H
+    dv = tl.arange(0, BLOCK_DV)
+    m = rm[:, None] & (dv < DV)[None, :]
+    o = tl.load(O + t[:, None] * so_t + h[:, None] * so_h + dv[None, :], mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + dv[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, axis=1), mask=rm)
+
+
+def row_dot(o, do):
+    """delta = rowsum(o * do) in fp32, [Tq, H] (the softmax backward's correction term), in one read of o and do:
+    `(o.float() * do.float()).sum(-1)` wrote and re-read three fp32 temporaries of o's size (at 128K tokens,
+    32 heads, D 128: ~14 GB of traffic, ~4 ms on the H200, against ~2 GB here). o, do [Tq, H, Dv], unit stride
+    (other strides are copied first)."""
+    Tq, H, DV = o.shape
+    o, do = (x if x.stride(2) == 1 else x.contiguous() for x in (o, do))
+    delta = torch.empty(Tq, H, dtype=torch.float32, device=o.device)
+    if Tq * H == 0:
+        return delta
+    BLOCK_DV = _pow2(DV, 16)
+    BLOCK_R = max(1, 4096 // BLOCK_DV)
+    _row_dot_kernel[(triton.cdiv(Tq * H, BLOCK_R),)](
+        o, do, delta, Tq * H, H, o.stride(0), o.stride(1), do.stride(0), do.stride(1), DV,
+        BLOCK_R=BLOCK_R, BLOCK_DV=BLOCK_DV, num_warps=4)
+    return delta
+
+
 def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size, dq_union=None):
     """dq, dk, dv (dtypes of q, k, v). dq by default with sparse_attn_tiled.backward_dq (K/V shared across
     tiles of consecutive tokens; `dq_union`: its precomputed tile_union, else built here); H200, 9B config,
@@ -332,7 +364,7 @@ def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size, d
     if Tq == 0:
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)  # [Tq, H]
+    delta = row_dot(o, do)  # [Tq, H] fp32
     if tiled_dq:
         from . import sparse_attn_tiled
         dq = sparse_attn_tiled.backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size,
