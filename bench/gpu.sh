@@ -14,6 +14,9 @@
 #                              # the load-only floor (bench_sparse_floor.py) (~8 min)
 #   bash bench/gpu.sh dkdv     # sparse backward: dk/dv launch configurations at 128K and 32K, f+b default vs best vs
 #                              # SDPA (bench/sweep_sparse_dkdv.py), then the sparse, sparse decode and layer gpu tests (~9 min)
+#   bash bench/gpu.sh proof    # one call for a scarce device: dk/dv configurations + f+b at 128K, the released-call
+#                              # lightning bench (bf16 split vs fla fp32), the split / f16s / chunk-output tests, the
+#                              # sparse gpu tests (guards T_DKDV, T_LSPLIT, T_LOUT_TESTS, T_TESTS_FILE) (~9.5 min)
 #   bash bench/gpu.sh lightning  # chunk-output variants (LOUT_VARIANTS) timed (fwd, fwd+bwd), the forward vs fla per
 #                              # LFWD_ENVS entry (comma-separated env assignments, "none" = defaults), fp32 inputs vs
 #                              # fla per LF32_ENVS entry, bf16 with SALA_LIGHTNING_16BIT_DOT=split vs fla on fp32 copies
@@ -108,6 +111,19 @@ if [ "$what" = dkdv ]; then
   step "${T_DECODE_TESTS:-150}" "gpu tests: sparse_decode, layers" python3 -m pytest -q -m gpu tests/test_sparse_decode.py \
     tests/test_layers.py -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
   grep -E "^== |^[0-9]+ w|^\{|^T \||^[0-9]+ \||passed|failed|Error" "$log" | cut -c1-400 | head -n 80
+fi
+if [ "$what" = proof ]; then
+  step "${T_DKDV:-170}" "sparse dk/dv configurations (128K)" python3 bench/sweep_sparse_dkdv.py --seqlens 131072 \
+    --budget "${DKDV_BUDGET:-100}" --out "$OUT"
+  step "${T_LSPLIT:-130}" "lightning, the released call: bf16 split vs fla on fp32 copies" python3 bench/bench_lightning.py \
+    --T 32768,131072 --cases bfloat16:fwd:split,bfloat16:fwd:highest --out "$OUT/split"
+  step "${T_LOUT_TESTS:-150}" "lightning chunk-output, f16s and split tests" python3 -m pytest -q tests/test_lightning_chunk_out.py \
+    tests/test_lightning_triton.py -k "not gpu_ and (chunk_out or tma or f16s or 16bit or variant)" -p no:cacheprovider -rfE \
+    || tests_rc=$?
+  step "${T_TESTS_FILE:-110}" "gpu tests: sparse_triton" python3 -m pytest -q -m gpu tests/test_sparse_triton.py \
+    -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
+  grep -E "^== |^[0-9]+ w|^\{|^T \||^[0-9]+ \||^(op|fwd|fwd\+bwd) |  vs fp32 ref|passed|failed|Error| \| " "$log" \
+    | cut -c1-400 | head -n 90
 fi
 if [ "$what" = lightning ]; then
   step "${T_LOUT:-200}" "lightning chunk-output variants" python3 bench/bench_lightning_out.py --T 32768,131072 \
