@@ -92,7 +92,14 @@ def run_one(T, configs, budget_end):
     best = min(ok, key=ok.get) if ok else None
     r["best"] = best
     default = "w{}_s{}_r{}_c{}".format(*configs[0])
+    # the rest of the backward, for the breakdown: delta (one kernel vs the old three fp32 temporaries), the
+    # transposed index, the tiled dq (union build included), the whole backward over given indices
+    from sala_ops.triton import sparse_attn_tiled as TT
     r["t_transposed_ms"] = _bench(lambda: A._transposed(idx, cu, cu, ts, 64, saved["chunk"], T))
+    r["delta_row_dot_ms"] = _bench(lambda: A.row_dot(o, dop))
+    r["delta_torch_ms"] = _bench(lambda: (o.float() * dop.float()).sum(-1))
+    r["dq_tiled_ms"] = _bench(lambda: TT.backward_dq(dop, qp, kp, vp, lse, delta, idx, cu, cu, ts, scale, 64))
+    r["attn_bwd_ms"] = _bench(lambda: A.backward(dop, qp, kp, vp, o, lse, idx, cu, cu, ts, scale, 64))
 
     # whole fwd+bwd of the op (selection included), default vs best, and SDPA, same inputs
     q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
