@@ -46,6 +46,16 @@ def getenv(name: str, default=None):
     return os.environ.get(name, default)
 
 
+def env_choice(name: str, default: str, choices: tuple, op: str) -> str:
+    """The value of the environment variable `name` (unset or empty: `default`); a value outside `choices`
+    raises a ValueError naming the variable, the op and the accepted values (a typo used to fall back to
+    the default silently)."""
+    value = getenv(name) or default
+    if value not in choices:
+        raise ValueError(f"sala_ops.{op}: {name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def _backend_env():
     return getenv("SALA_OPS_BACKEND")
 

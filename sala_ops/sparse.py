@@ -15,7 +15,6 @@ long dense sequences, but dense queries see fewer than dense_len keys by definit
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,7 +59,7 @@ def _select_impl(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: tor
     # Default: contiguous C1 tiles + binary-search top-k (sparse_select_fast.py; it falls back to the online
     # bitonic kernel for configs it does not cover). H200, 9B config: 2.5x at 128K, 2.7x at 32K, identical
     # indices. SALA_SPARSE_SELECT=online forces the older kernel.
-    if os.environ.get("SALA_SPARSE_SELECT", "fast") != "online":
+    if _dispatch.env_choice("SALA_SPARSE_SELECT", "fast", ("fast", "online"), "sparse_attention") == "fast":
         from .triton import sparse_select_fast
         Sel = sparse_select_fast
     return Sel.select(q, k, cu_q, cu_k, scale, kernel_size, kernel_stride, lse_kernel_size, lse_kernel_stride,
@@ -83,7 +82,7 @@ def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch
     _, A = _kernels()
     # Default: K/V shared across tiles of 4 tokens (sparse_attn_tiled.py); H200, 9B config, random q: 1.2x the
     # one-token kernel at 128K, 1.8x with locally smooth q. SALA_SPARSE_FWD=onetoken forces the older kernel.
-    if os.environ.get("SALA_SPARSE_FWD", "tiled") != "onetoken":
+    if _dispatch.env_choice("SALA_SPARSE_FWD", "tiled", ("tiled", "onetoken"), "sparse_attention") == "tiled":
         from .triton import sparse_attn_tiled
         return sparse_attn_tiled.forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size)
     return A.forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size)
@@ -103,6 +102,8 @@ def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    tok_seq: torch.Tensor, scale: float,
                    block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, A = _kernels()
+    # read (again) by the kernel module, which has no check of its own: a typo ran the default silently
+    _dispatch.env_choice("SALA_SPARSE_BWD_DQ", "tiled", ("tiled", "onetoken"), "sparse_attention")
     return A.backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size)
 
 

@@ -37,7 +37,7 @@ import torch
 
 from . import _checks as C
 from . import _dispatch
-from ._dispatch import choose, getenv, on_device_of_first_arg
+from ._dispatch import choose, env_choice, on_device_of_first_arg
 from .reference import sparse as ref
 from .sparse import SparseConfig, _config, sparse_attention
 
@@ -486,6 +486,9 @@ _FAST = None
 
 def _import_fast():
     global _FAST
+    # read once by the kernel module when it is imported (as MERGE and FUSED, which it checks itself); any value
+    # but "1" meant off, so a typo ("true", "on") silently ran without PDL
+    env_choice("SALA_SPARSE_DECODE_PDL", "0", ("0", "1"), "sparse_decode")
     from .triton import sparse_decode_fast
     _FAST = sparse_decode_fast
     return sparse_decode_fast
@@ -495,7 +498,7 @@ def _import_fast():
 def _decode_triton(q, cache: SparseLayerCache, scale):
     # Default: the fast kernel (sparse_decode_fast.py, 5-6 launches), 2.3-6x faster than the 5-launch "sort" path on the
     # H200 (bench/NOTES_sparse_decode.md); SALA_SPARSE_DECODE=sort selects the latter (kept: it has no config limits).
-    if getenv("SALA_SPARSE_DECODE", "fast") != "sort":
+    if env_choice("SALA_SPARSE_DECODE", "fast", ("fast", "sort"), "sparse_decode") == "fast":
         FAST = _FAST or _import_fast()
         if FAST.supported(cache.config):
             return FAST.decode(q.contiguous(), cache, scale)

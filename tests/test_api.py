@@ -1,4 +1,5 @@
 """The public API on CPU: structured results, in-place decode, defaults, logging of the backend."""
+import importlib
 import logging
 
 import pytest
@@ -158,3 +159,40 @@ def test_triton_double_backward_raises_instead_of_dropping_terms():
                 torch.autograd.grad(penalty, vv, retain_graph=True)
             with pytest.raises(RuntimeError, match=f"sala_ops.{op}: double backward"):
                 penalty.backward()
+
+
+@pytest.mark.parametrize("var", ["SALA_SPARSE_SELECT", "SALA_SPARSE_FWD", "SALA_SPARSE_BWD_DQ", "SALA_SPARSE_DECODE",
+                                 "SALA_SPARSE_DECODE_PDL"])
+def test_kernel_variant_env_typo_is_refused(monkeypatch, var):
+    """README's kernel-variant variables: a value outside the documented ones (a typo) used to run the default
+    kernel silently for these five (the others already refused it); now a ValueError names the variable."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("SALA_SPARSE_SELECT", "SALA_SPARSE_FWD", "SALA_SPARSE_BWD_DQ", "SALA_SPARSE_DECODE",
+                 "SALA_SPARSE_DECODE_PDL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(var, "bogus")
+    B, T, H, Hkv, D, bs = 1, 40, 2, 1, 16, 16
+    small = dict(kernel_size=8, kernel_stride=4, block_size=bs, window_size=16, topk=2, dense_len=16)
+    q, k, v = (seeded_randn(i, B, T, h, D).to(dev) for i, h in ((1, H), (2, Hkv), (3, Hkv)))
+    refused = pytest.raises(ValueError, match=f"{var} must be one of")
+    with sala_ops.use_backend("triton"):
+        if var == "SALA_SPARSE_SELECT":
+            with refused:
+                sala_ops.sparse_attention(q, k, v, **small)
+        elif var in ("SALA_SPARSE_FWD", "SALA_SPARSE_BWD_DQ"):
+            idx = torch.tensor([0, 2], dtype=torch.int32, device=dev).expand(B, T, Hkv, 2)
+            qq = q.clone().requires_grad_()
+            if var == "SALA_SPARSE_FWD":
+                with refused:
+                    sala_ops.block_sparse_attention(qq, k, v, idx, block_size=bs)
+            else:
+                o = sala_ops.block_sparse_attention(qq, k, v, idx, block_size=bs)
+                with refused:
+                    o.sum().backward()
+        else:
+            if var == "SALA_SPARSE_DECODE_PDL":  # read when the decode kernels are first imported
+                monkeypatch.setattr(importlib.import_module("sala_ops.sparse_decode"), "_FAST", None)
+            cache = sala_ops.SparseLayerCache(B, 64, Hkv, D, dtype=torch.float32, device=dev, **small)
+            cache.append(k, v)
+            with refused, torch.no_grad():
+                sala_ops.sparse_decode(q[:, -1], cache)
