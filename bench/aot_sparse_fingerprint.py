@@ -5,11 +5,15 @@ unchanged:
 
     python bench/aot_sparse_fingerprint.py [TRITON_DIR]   # TRITON_DIR: another triton, e.g. /tmp/t36
 """
+import argparse
 import os
 import sys
 
-if len(sys.argv) > 1:
-    sys.path.insert(0, sys.argv[1])
+_ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+_ap.add_argument("triton_dir", nargs="?", help="directory prepended to sys.path before importing triton")
+_args = _ap.parse_args()
+if _args.triton_dir:
+    sys.path.insert(0, _args.triton_dir)
 os.environ.pop("TRITON_INTERPRET", None)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

@@ -1,9 +1,13 @@
 """GPU diagnostics for the lightning kernels: small fp32/bf16 cases, one synchronised call each, so an
 illegal memory access names its case. Usage: python bench/diag_lightning.py [fp32|bf16]
 (SALA_LIGHTNING_F32_DOT picks the fp32 tensor-core precision)."""
+import argparse
 import faulthandler
 import os
-import sys
+
+_ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+_ap.add_argument("dtype", nargs="?", default="fp32", choices=["fp32", "bf16"])
+_args = _ap.parse_args()
 
 import torch
 
@@ -11,7 +15,7 @@ import sala_ops
 from sala_ops.reference import lightning as R
 from sala_ops.triton import lightning_chunk as LC
 
-dtype = torch.float32 if (sys.argv[1:] or ["fp32"])[0] == "fp32" else torch.bfloat16
+dtype = torch.float32 if _args.dtype == "fp32" else torch.bfloat16
 prec = os.environ.get("SALA_LIGHTNING_F32_DOT", "default")
 cases = [(1, 1, 2, 1, 16, None), (3, 1, 2, 1, 8, None), (1, 100, 2, 2, 16, None), (1, 100, 2, 2, 32, (32, 64)),
          (1, 300, 4, 2, 128, None), (1, 100, 2, 1, 12, (48, 64)), (1, 1000, 2, 2, 64, (256, 64))]

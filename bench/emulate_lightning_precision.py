@@ -10,7 +10,9 @@ and which of the three sites matter. Numbers in bench/NOTES_lightning.md (sessio
 
     python bench/emulate_lightning_precision.py      (~5 min on 2 cores)
 """
-import torch, math
+import argparse
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+import torch, math  # noqa: E402
 torch.manual_seed(0)
 def r_bf16(x): return x.to(torch.bfloat16).float()
 def r_tf32(x):

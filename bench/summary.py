@@ -6,7 +6,6 @@ Each bench_*.py writes DIR/<name>.json with {"rows": [{...}, ...]}; every row is
 of `key=value` pairs, so new columns need no change here."""
 import json
 import pathlib
-import sys
 
 
 def fmt(v):
@@ -72,4 +71,7 @@ def main(folder):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench/results")
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", nargs="?", default="bench/results", help="folder of bench_*.py JSON files")
+    main(ap.parse_args().folder)

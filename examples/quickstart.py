@@ -2,11 +2,14 @@
 
     python examples/quickstart.py
 """
+import argparse
+
 import torch
 
 import sala_ops
 from sala_ops import reference as R
 
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 torch.manual_seed(0)
