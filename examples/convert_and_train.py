@@ -205,15 +205,40 @@ def _load_data(path, model_path):
         return torch.tensor(tok(f.read())["input_ids"], dtype=torch.long)
 
 
+def _load_tiny_data(path, vocab):
+    """--data for the tiny model: token ids (.pt / .npy) below its vocabulary size (a text file needs the
+    tokenizer of a --model)."""
+    if path is None:
+        return None
+    if not path.endswith((".pt", ".npy")):
+        raise SystemExit(f"--tiny: --data must hold token ids (.pt or .npy); a text file ({path}) is tokenized with "
+                         f"the tokenizer of --model, which the tiny model does not have")
+    data = _load_data(path, None)
+    if data.numel() == 0 or int(data.min()) < 0 or int(data.max()) >= vocab:
+        raise SystemExit(f"--tiny: --data must hold at least one token id, all in [0, {vocab}) (the tiny model's "
+                         f"vocabulary); {path} holds {data.numel()} ids"
+                         + (f" in [{int(data.min())}, {int(data.max())}]" if data.numel() else ""))
+    return data
+
+
 def run_tiny(args):
     teacher = tiny_model(args.tiny_base, layers=args.layers)
     student = copy.deepcopy(teacher)
-    calib = torch.randint(0, teacher.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    vocab = teacher.config.vocab_size
+    data_all = _load_tiny_data(args.data, vocab)
+    if args.no_calibrate:
+        calib = None
+    elif data_all is None:
+        calib = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
+    else:
+        calib = next(batches(data_all, 32, 2, vocab, args.seed + 1, "cpu"))
     convert_to_sala(student, sparse_config=TINY_SPARSE, calibration_ids=calib)
     print(f"converted {args.tiny_base}: mixer_types = {student.config.mixer_types}")
-    data = batches(None, args.seq_len, args.batch_size, teacher.config.vocab_size, args.seed, "cpu")
+    data = batches(data_all, args.seq_len, args.batch_size, vocab, args.seed, "cpu")
     t0 = time.time()
-    losses = stage1_train(teacher, student, data, args.steps, lr=args.lr, log_every=max(1, args.steps // 10))
+    log_every = max(1, args.log_every or args.steps // 10)
+    losses = stage1_train(teacher, student, data, args.steps, lr=args.lr, log_every=log_every,
+                          train_sparse=not args.freeze_sparse)
     print(f"{args.steps} steps in {time.time() - t0:.1f}s: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     if args.output:
         student.save_pretrained(args.output)
@@ -268,11 +293,12 @@ def run_fsdp(args):
     align = LayerAlignment(teacher, student)
     teacher.eval()
     student.train()
+    log_every = max(1, args.log_every or 10)
     t0 = time.time()
     for step in range(args.steps):
         loss = stage1_step(teacher, student, align, opt, params, next(data), grad_clip=1.0)
         sched.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
+        if step % log_every == 0 or step == args.steps - 1:
             l = loss.detach()
             dist.all_reduce(l, op=dist.ReduceOp.AVG)
             log(f"step {step:6d}  alignment loss {l.item():.5f}  {time.time() - t0:.1f}s")
@@ -298,8 +324,9 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=100, help="linear warmup steps of the cosine schedule (--fsdp; the "
+                    "tiny CPU run keeps --lr constant)")
+    ap.add_argument("--log-every", type=int, help="log every N steps (default: 10; the tiny run: steps // 10)")
     ap.add_argument("--freeze-sparse", action="store_true", help="train only the lightning layers")
     ap.add_argument("--no-calibrate", action="store_true",
                     help="start o_norm at the data-free value-RMS estimate instead of measuring one batch")

@@ -99,3 +99,41 @@ def test_script_help_prints_usage_without_a_gpu(script):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage:"), r.stdout[:500]
+
+
+def test_convert_and_train_tiny_honours_its_flags(monkeypatch, tmp_path, capsys):
+    """The --tiny run ignored --data (random tokens), --freeze-sparse (sparse mixers trained), --no-calibrate
+    (o_norm calibrated anyway) and --log-every (steps // 10): each now does what its help says."""
+    ex = _load("convert_and_train")
+    ids = torch.arange(300) % 100 + 20  # token ids 20..119 of the tiny model's 128
+    torch.save(ids, tmp_path / "ids.pt")
+    seen = {}
+    convert, batches = ex.convert_to_sala, ex.batches
+
+    def spy_convert(model, **kw):
+        seen["calibration_ids"] = kw.get("calibration_ids")
+        seen["student"] = convert(model, **kw)
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return seen["student"]
+
+    def spy_batches(data, *a, **kw):
+        for b in batches(data, *a, **kw):
+            seen.setdefault("tokens", set()).update(b.flatten().tolist())
+            yield b
+
+    monkeypatch.setattr(ex, "convert_to_sala", spy_convert)
+    monkeypatch.setattr(ex, "batches", spy_batches)
+    ex.main(["--tiny", "--layers", "3", "--steps", "4", "--log-every", "2", "--seq-len", "24", "--batch-size", "2",
+             "--data", str(tmp_path / "ids.pt"), "--freeze-sparse", "--no-calibrate"])
+    assert seen["calibration_ids"] is None
+    assert seen["tokens"] <= set(range(20, 120))
+    logged = [line.split()[1] for line in capsys.readouterr().out.splitlines() if "alignment loss" in line]
+    assert logged == ["0", "2", "3"]
+    moved = {n.split(".self_attn.")[0] for n, p in seen["student"].named_parameters()
+             if not torch.equal(p, seen["before"][n])}
+    sparse = {f"model.layers.{i}" for i, layer in enumerate(seen["student"].model.layers)
+              if layer.self_attn.mixer_type == "minicpm4"}
+    assert moved and not moved & sparse, (moved, sparse)
+    torch.save(torch.tensor([1, 500]), tmp_path / "big.pt")
+    with pytest.raises(SystemExit, match=r"in \[0, 128\)"):
+        ex.main(["--tiny", "--data", str(tmp_path / "big.pt")])
