@@ -21,6 +21,7 @@ Everything is computed in fp32 and cast back to q's dtype; the state stays fp32.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -123,13 +124,30 @@ def lightning_step(q, k, v, state, decay, scale=None):
     return o.to(q.dtype), S
 
 
+def _int_arg(op: str, name: str, value, minimum: int, below=None) -> int:
+    """An int argument in [minimum, below): a float head count (2.5) silently gave a schedule of the wrong length,
+    0 an empty one, a negative count or a string a bare torch error; a layer index past the last layer made
+    minimax_decay_slopes' rates negative (a state growing every token)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"sala_ops.{op}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum or (below is not None and value >= below):
+        where = f">= {minimum}" if below is None else f"in [{minimum}, {below})"
+        raise ValueError(f"sala_ops.{op}: {name} must be {where}, got {value}")
+    return int(value)
+
+
 def sala_decay_slopes(num_heads: int) -> torch.Tensor:
     """MiniCPM-SALA's per-head decay rates: the ALiBi schedule s_h = 2^(-8(h+1)/H), h = 0..H-1."""
+    num_heads = _int_arg("sala_decay_slopes", "num_heads", num_heads, 1)
     h = torch.arange(num_heads, dtype=torch.float64)
     return torch.pow(2.0, -8.0 * (h + 1) / num_heads).float()
 
 
 def minimax_decay_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
     """MiniMax-01's layer-scaled schedule: the ALiBi slopes times (1 - l/(L-1) + 1e-5)."""
+    op = "minimax_decay_slopes"
+    num_heads = _int_arg(op, "num_heads", num_heads, 1)
+    num_layers = _int_arg(op, "num_layers", num_layers, 1)
+    layer_idx = _int_arg(op, "layer_idx", layer_idx, 0, below=num_layers)
     factor = 1.0 - layer_idx / max(num_layers - 1, 1) + 1e-5
     return sala_decay_slopes(num_heads) * factor

@@ -196,3 +196,19 @@ def test_kernel_variant_env_typo_is_refused(monkeypatch, var):
             cache.append(k, v)
             with refused, torch.no_grad():
                 sala_ops.sparse_decode(q[:, -1], cache)
+
+
+def test_decay_slope_helpers_refuse_bad_counts_and_layers():
+    """sala_decay_slopes(2.5) returned 3 rates, (0) none, (-1) / ("4") a bare torch error; minimax_decay_slopes
+    with a layer past the last gave negative rates (a state that grows every token). Each names the argument."""
+    import numpy as np
+    assert torch.equal(sala_ops.sala_decay_slopes(np.int64(4)), sala_ops.sala_decay_slopes(4))
+    for bad, err in ((2.5, TypeError), ("4", TypeError), (True, TypeError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(err, match="sala_decay_slopes: num_heads"):
+            sala_ops.sala_decay_slopes(bad)
+    assert torch.equal(sala_ops.minimax_decay_slopes(4, 0, 1), sala_ops.sala_decay_slopes(4) * (1 + 1e-5))
+    assert (sala_ops.minimax_decay_slopes(4, 7, 8) > 0).all()
+    for args, name in (((4, 8, 8), "layer_idx"), ((4, -1, 8), "layer_idx"), ((4, 0, 0), "num_layers"),
+                       ((0, 0, 8), "num_heads")):
+        with pytest.raises(ValueError, match=f"minimax_decay_slopes: {name}"):
+            sala_ops.minimax_decay_slopes(*args)
