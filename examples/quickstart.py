@@ -24,8 +24,11 @@ out = sala_ops.lightning_attention(q_rot, k_rot, v, decay, output_final_state=Tr
 print(f"lightning_attention [{sala_ops.backend_for(q)}]: output {tuple(out.output.shape)}, "
       f"final_state {tuple(out.final_state.shape)} {out.final_state.dtype}")
 
-# Decode one more token from the final state.
-o_step, state = sala_ops.lightning_attention_step(q_rot[:, -1], k_rot[:, -1], v[:, -1], out.final_state, decay)
+# Decode one more token (position T) from the final state.
+q1, k1, v1 = (torch.randn(B, 1, H, D, device=device, dtype=dtype) for _ in range(3))
+q1, k1 = sala_ops.hype_embed(q1, k1, positions=torch.tensor([T], device=device), layer_type="lightning",
+                             q_norm_weight=w, k_norm_weight=w)
+o_step, state = sala_ops.lightning_attention_step(q1, k1, v1, out.final_state, decay)
 print(f"lightning_attention_step: output {tuple(o_step.shape)}, state {tuple(state.shape)}")
 
 # Sparse layer (NoPE): InfLLM-V2 with a small configuration so the sparse path runs at T = 256.

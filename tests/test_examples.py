@@ -137,3 +137,11 @@ def test_convert_and_train_tiny_honours_its_flags(monkeypatch, tmp_path, capsys)
     torch.save(torch.tensor([1, 500]), tmp_path / "big.pt")
     with pytest.raises(SystemExit, match=r"in \[0, 128\)"):
         ex.main(["--tiny", "--data", str(tmp_path / "big.pt")])
+
+
+def test_quickstart_runs_on_the_cpu():
+    """README's second set-up command (`python examples/quickstart.py`) finishes with its own check."""
+    r = subprocess.run([sys.executable, "examples/quickstart.py"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.rstrip().endswith("quickstart OK"), r.stdout[-1000:]
