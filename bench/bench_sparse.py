@@ -25,7 +25,7 @@ mean union size per tile. --tiled-only skips everything else (ours/SDPA/nsa end 
 
     python bench/bench_sparse.py --seqlens 131072 32768 --tiled-only --tiled-sweep
 
-Tiled dq (sala_ops/triton/sparse_attn_tiled.py::backward_dq, opt-in with SALA_SPARSE_BWD_DQ=tiled): every
+Tiled dq (sala_ops/triton/sparse_attn_tiled.py::backward_dq, the default since run 8; SALA_SPARSE_BWD_DQ=onetoken: the older kernel): every
 run that times the backward adds `attn96_bwd_tiled_dq_ms` (whole backward, union build included) next to
 `attn96_bwd_ms`, `max_abs_diff_dq_tiled_vs_onetoken`, and under `tiled_dq` the dq kernels alone (one-token
 vs tiled given the union) and the union build. --dq-only skips everything else; --dq-sweep tries tq x
