@@ -25,9 +25,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-# (num_warps, num_stages, rows, chunk); the first is the default
-CONFIGS = [(4, 1, 64, 256), (4, 2, 64, 256), (4, 3, 64, 256), (8, 1, 64, 256), (8, 2, 64, 256), (8, 3, 64, 256),
-           (8, 1, 128, 256), (8, 2, 128, 256), (4, 1, 64, 128), (4, 1, 64, 512), (8, 2, 64, 512)]
+# (num_warps, num_stages, rows, chunk, program order); the first is the default. Most promising first: a time
+# budget cuts the tail of the list. "token": programs in order of their chunk's first query token
+# (sparse_attn._order_by_first_token: q / do gathers from L2 instead of HBM).
+CONFIGS = [(4, 1, 64, 256, "bucket"), (4, 1, 64, 256, "token"), (4, 2, 64, 256, "token"), (8, 2, 64, 256, "token"),
+           (4, 1, 64, 512, "token"), (4, 1, 64, 128, "token"), (4, 2, 64, 256, "bucket"), (8, 1, 64, 256, "bucket"),
+           (8, 2, 64, 256, "bucket"), (8, 2, 128, 256, "token"), (4, 3, 64, 256, "token"), (8, 3, 64, 256, "token")]
+
+
+def _name(c):
+    return "w{}_s{}_r{}_c{}_{}".format(*c)
 
 
 def _bench(fn, grad_to_none=None):
@@ -66,12 +73,12 @@ def run_one(T, configs, budget_end):
     r = {"T": T, "configs": {}}
     saved = dict(A.DKDV_CFG)
     ref = None
-    for w, s, rows, ch in configs:
-        name = f"w{w}_s{s}_r{rows}_c{ch}"
+    for w, s, rows, ch, order in configs:
+        name = _name((w, s, rows, ch, order))
         if time.time() > budget_end:
             r["configs"][name] = {"skipped": "time budget"}
             continue
-        A.DKDV_CFG.update(num_warps=w, num_stages=s, rows=rows, chunk=ch)
+        A.DKDV_CFG.update(num_warps=w, num_stages=s, rows=rows, chunk=ch, order=order)
         t0 = time.time()
         try:
             dkdv()
@@ -91,7 +98,7 @@ def run_one(T, configs, budget_end):
     ok = {n: c["ms"] for n, c in r["configs"].items() if "ms" in c and c["finite"] and c["max_abs_diff_vs_default"] < 1e-2}
     best = min(ok, key=ok.get) if ok else None
     r["best"] = best
-    default = "w{}_s{}_r{}_c{}".format(*configs[0])
+    default = _name(configs[0])
     # the rest of the backward, for the breakdown: delta (one kernel vs the old three fp32 temporaries), the
     # transposed index, the tiled dq (union build included), the whole backward over given indices
     from sala_ops.triton import sparse_attn_tiled as TT
@@ -114,8 +121,8 @@ def run_one(T, configs, budget_end):
             enable_gqa=True).backward(do.transpose(1, 2))
     r["ours_fwdbwd_default_ms"] = _bench(ours_fb, grads)
     if best and best != default:
-        w, s, rows, ch = (int(x[1:]) for x in best.split("_"))
-        A.DKDV_CFG.update(num_warps=w, num_stages=s, rows=rows, chunk=ch)
+        w, s, rows, ch, order = next(c for c in configs if _name(c) == best)
+        A.DKDV_CFG.update(num_warps=w, num_stages=s, rows=rows, chunk=ch, order=order)
         r["ours_fwdbwd_best_ms"] = _bench(ours_fb, grads)
         A.DKDV_CFG.update(saved)
     r["sdpa_fwdbwd_ms"] = _bench(sdpa_fb, grads)
@@ -140,10 +147,10 @@ def main():
     import triton
     t0 = time.time()
     rows = [run_one(T, CONFIGS, t0 + args.budget) for T in args.seqlens]
-    print("\nT | " + " | ".join("w{}_s{}_r{}_c{}".format(*c) for c in CONFIGS) + " | best | f+b default / best / sdpa ms")
+    print("\nT | " + " | ".join(_name(c) for c in CONFIGS) + " | best | f+b default / best / sdpa ms")
     for r in rows:
         cells = [f"{r['configs'][n]['ms']:.2f}" if "ms" in r["configs"].get(n, {}) else "-"
-                 for n in ("w{}_s{}_r{}_c{}".format(*c) for c in CONFIGS)]
+                 for n in (_name(c) for c in CONFIGS)]
         fb = [r.get("ours_fwdbwd_default_ms"), r.get("ours_fwdbwd_best_ms"), r.get("sdpa_fwdbwd_ms")]
         print(f"{r['T']} | " + " | ".join(cells) + f" | {r['best']} | "
               + " / ".join("-" if x is None else f"{x:.2f}" for x in fb))

@@ -267,6 +267,40 @@ def test_block_sparse_attention_fwd_bwd(T, short, heads, D, S, bs, seed):
         assert_close(a, b, TOL, f"d{name}")
 
 
+@pytest.mark.parametrize("order", ["bucket", "token"])
+def test_dkdv_program_order(monkeypatch, order):
+    """The dk/dv pass in block order and in first-token order (DKDV_CFG["order"]) gives the reference's gradients
+    (varlen, 2 KV heads, every causal block chosen so that busy blocks span several 64-token chunks), and the
+    token order is a permutation of the chunk map sorted by (KV head, first token of the chunk)."""
+    from sala_ops.triton import sparse_attn as A
+    monkeypatch.setitem(A.DKDV_CFG, "order", order)
+    lens, H, Hkv, D, bs = (150, 70), 4, 2, 16, 16
+    T = sum(lens)
+    q, k, v = _qkv(3, 1, T, T, H, Hkv, D, grad=True)
+    cu = torch.tensor([0, lens[0], T], dtype=torch.int64, device=DEV)
+    nb = (max(lens) + bs - 1) // bs
+    idx = torch.arange(nb, dtype=torch.int32, device=DEV).expand(1, T, Hkv, nb).contiguous()
+    out = _tri(sala_ops.block_sparse_attention, q, k, v, idx, block_size=bs, cu_seqlens=cu)
+    exp = _ref_fn(sala_ops.block_sparse_attention, q, k, v, idx, block_size=bs, cu_seqlens=cu)
+    assert_close(out, exp, TOL)
+    for a, b, name in zip(_grads(out, (q, k, v), 3), _grads(exp, (q, k, v), 3), "qkv"):
+        assert_close(a, b, TOL, f"d{name}")
+    if order == "token":
+        ts = A.token_seq(cu, T)
+        sidx = A.sanitize_indices(idx[0], cu, cu, ts, bs)
+        tok, boff, cb, cst, _, _, NBT, nbk, _ = A._transposed(sidx, cu, cu, ts, bs, 64, T)
+        cb2, cst2 = A._order_by_first_token(tok, boff, cb, cst, NBT, nbk, T)
+        pairs = sorted(zip(cb.tolist(), cst.tolist()))
+        assert sorted(zip(cb2.tolist(), cst2.tolist())) == pairs
+        valid = cb2 < nbk
+        assert not valid[int(valid.sum()):].any(), "padding programs must come last"
+        cbv, csv = cb2[valid], cst2[valid]
+        first = tok[(boff[cbv] + csv)].long()
+        key = (cbv // NBT) * (T + 1) + first
+        assert (key[1:] >= key[:-1]).all()
+        assert int(valid.sum()) > nbk // 2 and (cb[cb < nbk].bincount() > 1).any(), "no block spans several chunks"
+
+
 def _lowp_block_sparse(idx, bs):
     """PyTorch's own low-precision computation of block-sparse attention (scores and P @ V in the
     input dtype, softmax in fp32), for the DESIGN's 2x tolerance."""

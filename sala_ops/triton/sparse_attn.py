@@ -34,7 +34,8 @@ _BIG = 1 << 30
 # Launch parameters (module level so that bench/bench_sparse.py --sweep can try others).
 FWD_CFG = dict(num_warps=4, num_stages=3)
 DQ_CFG = dict(num_warps=4, num_stages=2)
-DKDV_CFG = dict(num_warps=4, num_stages=1, rows=64, chunk=256)  # H200 sweep, run 1: 4 warps -20%
+DKDV_CFG = dict(num_warps=4, num_stages=1, rows=64, chunk=256,  # H200 sweep, run 1: 4 warps -20%
+                order="bucket")  # program order: "bucket" or "token" (see _order_by_first_token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +298,23 @@ def _transposed(idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk_total):
     return tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid
 
 
+def _order_by_first_token(tok, bucket_off, cb, cstart, NBT, n_buckets, Tq):
+    """The chunk map (cb, cstart) permuted so that programs run in order of (KV head, first query token of
+    their chunk) instead of (KV head, key block). Why: a token's q / do rows are gathered by each of the ~96
+    programs of the blocks it chose; in block order those programs run far apart in time, so the rows come
+    from HBM every time (128K tokens: ~200 GB of gathers), while in token order the programs running at once
+    read the same stretch of tokens, which stays in L2. It also spreads the chunks of one busy block (the
+    local window's) over time, so their fp32 atomics into the same dk/dv rows contend less. Same sums (the
+    order of the fp32 atomic adds changes, as it does between runs)."""
+    valid = cb < n_buckets
+    e0 = bucket_off[cb.clamp(max=n_buckets - 1)] + cstart
+    first = tok[e0.clamp(max=max(tok.numel() - 1, 0))].to(torch.int64) if tok.numel() else torch.zeros_like(e0)
+    g = torch.div(cb, NBT, rounding_mode="floor")
+    key = torch.where(valid, g * (Tq + 1) + first, torch.full_like(first, 2 ** 62))
+    order = torch.argsort(key)
+    return cb[order], cstart[order]
+
+
 def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, out=None):
     """dq [Tq, H, D] by the one-token walk (_bwd_dq_kernel), into `out` (any float dtype, e.g. an fp32
     partial) or a new tensor in q.dtype. do [Tq, H, Dv] contiguous, lse / delta fp32 [Tq, H]."""
@@ -387,6 +405,11 @@ def backward_dkdv(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, bloc
     chunk = 64 if _interpreted() else DKDV_CFG["chunk"]
     tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid = _transposed(
         idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk)
+    order = DKDV_CFG.get("order", "bucket")
+    if order not in ("bucket", "token"):
+        raise ValueError(f"sparse_attention backward: DKDV_CFG['order'] must be 'bucket' or 'token', got {order!r}")
+    if order == "token":
+        cb, cstart = _order_by_first_token(tok, bucket_off, cb, cstart, NBT, n_buckets, Tq)
     BQ = max(1, (16 if _interpreted() else DKDV_CFG["rows"]) // _pow2(G))
     ROWS = _pow2(BQ * G, 16)
     _bwd_dkdv_kernel[(grid,)](
