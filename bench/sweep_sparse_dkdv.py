@@ -4,14 +4,16 @@ whole fwd+bwd of sala_ops.sparse_attention with the default and with the fastest
 dense SDPA in the same process. B=1, 32 query / 2 KV heads, D=128, bf16, the 9B sparse configuration,
 random q/k/v (seed 0, as bench/bench_sparse.py).
 
-Why: the 128K fwd+bwd (281 ms in session 12) needs 263 ms for the 3.5x target; the dk/dv pass is ~105 of
-it and its default (4 warps, 1 stage) spills 232 bytes per thread on sm_90 (triton 3.6 AOT), while 8 warps
-do not spill and stages > 1 turn its gathers of q / do into cp.async prefetches.
+Why: the 128K fwd+bwd (281 ms in session 12) needs 263 ms for the 3.5x target; the dk/dv pass was ~105 of
+it and its launch then (4 warps, 1 stage) spills 232 bytes per thread on sm_90 (triton 3.6 AOT), while 8 warps
+do not spill and stages > 1 turn its gathers of q / do into cp.async prefetches. Session 13 (H100): the program
+order by first token (DKDV_CFG["order"]) and 8 warps / 2 stages / 128 rows won and are the default since.
 
     python bench/sweep_sparse_dkdv.py [--seqlens 131072 32768] [--out DIR]
 
-Each configuration's dk/dv are compared with the default's (max abs difference; fp32 atomics add in a
-different order, so a few ulps are expected). Writes DIR/sparse_dkdv.json.
+Each configuration's dk/dv are compared with the first configuration's (session 12's launch; max abs difference:
+fp32 atomics add in a different order, so a few ulps are expected). "default" in the f+b columns is the current
+DKDV_CFG. Writes DIR/sparse_dkdv.json.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-# (num_warps, num_stages, rows, chunk, program order); the first is the default. Most promising first: a time
+# (num_warps, num_stages, rows, chunk, program order); the first is session 12's launch (the baseline). Most promising first: a time
 # budget cuts the tail of the list. "token": programs in order of their chunk's first query token
 # (sparse_attn._order_by_first_token: q / do gathers from L2 instead of HBM).
 CONFIGS = [(4, 1, 64, 256, "bucket"), (4, 1, 64, 256, "token"), (4, 2, 64, 256, "token"), (8, 2, 64, 256, "token"),

@@ -274,6 +274,7 @@ def test_dkdv_program_order(monkeypatch, order):
     token order is a permutation of the chunk map sorted by (KV head, first token of the chunk)."""
     from sala_ops.triton import sparse_attn as A
     monkeypatch.setitem(A.DKDV_CFG, "order", order)
+    monkeypatch.setitem(A.DKDV_CFG_WIDE, "order", order)  # the fp32 inputs here take this one
     lens, H, Hkv, D, bs = (150, 70), 4, 2, 16, 16
     T = sum(lens)
     q, k, v = _qkv(3, 1, T, T, H, Hkv, D, grad=True)
@@ -299,6 +300,16 @@ def test_dkdv_program_order(monkeypatch, order):
         key = (cbv // NBT) * (T + 1) + first
         assert (key[1:] >= key[:-1]).all()
         assert int(valid.sum()) > nbk // 2 and (cb[cb < nbk].bincount() > 1).any(), "no block spans several chunks"
+
+
+def test_dkdv_launch_config_by_dtype_and_head_dim():
+    """The 128-row, 2-stage dk/dv launch (~181 KB of shared memory for bf16 D 128) only for 16-bit tiles of at most
+    128 columns (on a GPU: sm_90+); fp32 tiles or wider heads take the smaller launch."""
+    from sala_ops.triton import sparse_attn as A
+    cpu = torch.device("cpu")
+    assert A._dkdv_big_tiles(cpu, 2, 128) and A._dkdv_big_tiles(cpu, 2, 64)
+    assert not A._dkdv_big_tiles(cpu, 4, 128) and not A._dkdv_big_tiles(cpu, 2, 256)
+    assert A.DKDV_CFG_WIDE["rows"] * A.DKDV_CFG_WIDE["num_stages"] <= 64
 
 
 def _lowp_block_sparse(idx, bs):
