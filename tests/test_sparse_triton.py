@@ -304,11 +304,13 @@ def test_dkdv_program_order(monkeypatch, order):
 
 def test_dkdv_launch_config_by_dtype_and_head_dim():
     """The 128-row, 2-stage dk/dv launch (~181 KB of shared memory for bf16 D 128) only for 16-bit tiles of at most
-    128 columns (on a GPU: sm_90+); fp32 tiles or wider heads take the smaller launch."""
+    128 columns and key blocks of at most 64 (on a GPU: sm_90+); fp32 tiles, wider heads or larger key blocks take the
+    smaller launch."""
     from sala_ops.triton import sparse_attn as A
     cpu = torch.device("cpu")
     assert A._dkdv_big_tiles(cpu, 2, 128) and A._dkdv_big_tiles(cpu, 2, 64)
     assert not A._dkdv_big_tiles(cpu, 4, 128) and not A._dkdv_big_tiles(cpu, 2, 256)
+    assert A._dkdv_big_tiles(cpu, 2, 128, 64) and not A._dkdv_big_tiles(cpu, 2, 128, 128)
     assert A.DKDV_CFG_WIDE["rows"] * A.DKDV_CFG_WIDE["num_stages"] <= 64
 
 

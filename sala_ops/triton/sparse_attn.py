@@ -414,13 +414,15 @@ def backward_dkdv(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, bloc
     if Tq == 0:
         return dk32, dv32
     BD, BDV = _pow2(D, 16), _pow2(DV, 16)
-    cfg = DKDV_CFG if _dkdv_big_tiles(q.device, q.element_size(), max(BD, BDV)) else DKDV_CFG_WIDE
+    big = _dkdv_big_tiles(q.device, q.element_size(), max(BD, BDV), _pow2(block_size, 16))
+    cfg = DKDV_CFG if big else DKDV_CFG_WIDE
     chunk = 64 if _interpreted() else cfg["chunk"]
     tok, bucket_off, cb, cstart, blk_seq, blk_off, NBT, n_buckets, grid = _transposed(
         idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk)
     order = cfg.get("order", "bucket")
     if order not in ("bucket", "token"):
-        raise ValueError(f"sparse_attention backward: the dk/dv config's order must be 'bucket' or 'token', got {order!r}")
+        raise ValueError(f"sparse_attention backward: the dk/dv config's order must be 'bucket' or 'token', "
+                         f"got {order!r}")
     if order == "token":
         cb, cstart = _order_by_first_token(tok, bucket_off, cb, cstart, NBT, n_buckets, Tq)
     BQ = max(1, (16 if _interpreted() else cfg["rows"]) // _pow2(G))
@@ -437,12 +439,15 @@ def backward_dkdv(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, bloc
     return dk32, dv32
 
 
-def _dkdv_big_tiles(device, element_size, block_d):
-    """DKDV_CFG (128 rows, 2 stages: ~181 KB of shared memory for bf16 D 128) fits sm_90's 227 KB per block, not
-    sm_80's 163 KB or sm_86/89's 99 KB, nor fp32 tiles or head dims past 128: those take DKDV_CFG_WIDE (~73 KB)."""
-    if element_size != 2 or block_d > 128:
+def _dkdv_big_tiles(device, element_size, block_d, block_n=64):
+    """DKDV_CFG (128 rows, 2 stages: ~181 KB of shared memory for bf16, D 128, 64-key blocks; sm_90 AOT) fits sm_90's
+    227 KB per block, not sm_80's 163 KB or sm_86/89's 99 KB, nor fp32 tiles, head dims past 128 or key blocks past
+    64 (128: 226 KB and 880 B spilled; 256: 329 KB): those take DKDV_CFG_WIDE (~73 KB at the 9B shapes)."""
+    if element_size != 2 or block_d > 128 or block_n > 64:
         return False
-    return device.type != "cuda" or _sm_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    if device.type != "cuda":
+        return True  # the interpreter (its launch is forced small anyway)
+    return _sm_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
 
 def sanitize_indices(idx, cu_q, cu_k, tok_seq, block_size):
