@@ -80,19 +80,25 @@ def _try(results, key, fn):
         traceback.print_exc()
 
 
+def random_inputs(T, H, Hkv, D, dev="cuda"):
+    """q, k, v, do [1, T, heads, D] bf16, randn with seed 0 (the inputs of every sparse benchmark)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
+    do = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
+    return q, k, v, do
+
+
 def run_one(T, args, out_rows):
     import sala_ops
     from sala_ops.triton import sparse_attn as A
     H, Hkv, D = 32, 2, 128
     dev = "cuda"
-    torch.manual_seed(0)
-    q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
+    q, k, v, do = random_inputs(T, H, Hkv, D, dev)
     if args.inputs == "smooth":  # neighbouring queries and keys alike, as in a trained model (see _smooth)
         q, k = _smooth(q[0], args.smooth)[None], _smooth(k[0], args.smooth)[None]
     q, k, v = (x.contiguous().requires_grad_(True) for x in (q, k, v))
-    do = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
     cfg = sala_ops.SparseConfig()
     r = {"T": T, "H": H, "Hkv": Hkv, "D": D, "blocks": cfg.num_selected, "inputs": args.inputs}
     grads = [q, k, v]

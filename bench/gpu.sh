@@ -12,8 +12,6 @@
 #                              # layer gpu tests, the bench, the quick bench per FUSED_BENCH_ENVS (~8 min)
 #   bash bench/gpu.sh select   # sparse prefill: gpu tests, fast-selection config sweep at 128K, bench_sparse,
 #                              # the load-only floor (bench_sparse_floor.py) (~8 min)
-#   bash bench/gpu.sh dkdv     # sparse backward: dk/dv launch configurations at 128K and 32K, f+b default vs best vs
-#                              # SDPA (bench/sweep_sparse_dkdv.py), then the sparse, sparse decode and layer gpu tests (~9 min)
 #   bash bench/gpu.sh proof    # one call for a scarce device: dk/dv configurations + f+b at 128K, the released-call
 #                              # lightning bench (bf16 split vs fla fp32), the split / f16s / chunk-output tests, the
 #                              # sparse gpu tests (guards T_DKDV, T_LSPLIT, T_LOUT_TESTS, T_TESTS_FILE) (~9.5 min)
@@ -102,15 +100,6 @@ if [ "$what" = select ]; then  # sparse prefill: GPU tests, the fast selection's
   step "${T_FLOOR:-150}" "sparse attention load-only floor" python3 bench/bench_sparse_floor.py --seqlens 32768 131072 \
     --inputs random smooth --out "$OUT"
   grep -E "^== |passed|failed|Error|fast_tq| \| |^ *[0-9]+ +(random|smooth)|^ +T +inputs" "$log" | cut -c1-300 | head -n 80
-fi
-if [ "$what" = dkdv ]; then
-  step "${T_DKDV:-300}" "sparse dk/dv configurations" python3 bench/sweep_sparse_dkdv.py --seqlens 131072 32768 \
-    --budget "${DKDV_BUDGET:-200}" --out "$OUT"
-  step "${T_TESTS_FILE:-150}" "gpu tests: sparse_triton" python3 -m pytest -q -m gpu tests/test_sparse_triton.py \
-    -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
-  step "${T_DECODE_TESTS:-150}" "gpu tests: sparse_decode, layers" python3 -m pytest -q -m gpu tests/test_sparse_decode.py \
-    tests/test_layers.py -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
-  grep -E "^== |^[0-9]+ w|^\{|^T \||^[0-9]+ \||passed|failed|Error" "$log" | cut -c1-400 | head -n 80
 fi
 if [ "$what" = proof ]; then
   step "${T_DKDV:-170}" "sparse dk/dv configurations (128K)" python3 bench/sweep_sparse_dkdv.py --seqlens 131072 \

@@ -26,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_sparse import _bench, random_inputs  # noqa: E402  (same timing and inputs as bench_sparse.py)
 
 # (num_warps, num_stages, rows, chunk, program order); the first is session 12's launch (the baseline). Most promising first: a time
 # budget cuts the tail of the list. "token": programs in order of their chunk's first query token
@@ -39,23 +40,12 @@ def _name(c):
     return "w{}_s{}_r{}_c{}_{}".format(*c)
 
 
-def _bench(fn, grad_to_none=None):
-    import triton
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
-
-
 def run_one(T, configs, budget_end):
     import sala_ops
     from sala_ops.triton import sparse_attn as A
     H, Hkv, D = 32, 2, 128
     dev = "cuda"
-    torch.manual_seed(0)
-    q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
-    do = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
+    q, k, v, do = random_inputs(T, H, Hkv, D, dev)
     cfg = sala_ops.SparseConfig()
     idx = sala_ops.select_blocks(q, k, config=cfg).reshape(T, Hkv, -1).contiguous()
     cu = torch.tensor([0, T], device=dev, dtype=torch.int64)

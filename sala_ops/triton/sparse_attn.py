@@ -33,11 +33,6 @@ from . import sparse_select as _sel
 from .sparse_select import LOG2E, _interpreted, _pow2, _prec
 
 _BIG = 1 << 30
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
 # Launch parameters (module level so that bench/bench_sparse.py --sweep can try others).
 FWD_CFG = dict(num_warps=4, num_stages=3)
 DQ_CFG = dict(num_warps=4, num_stages=2)
@@ -437,6 +432,11 @@ def backward_dkdv(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, bloc
         PREC=_prec(q.dtype), num_warps=4 if _interpreted() else cfg["num_warps"],
         num_stages=1 if _interpreted() else cfg["num_stages"])
     return dk32, dv32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _dkdv_big_tiles(device, element_size, block_d, block_n=64):
