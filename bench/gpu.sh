@@ -12,9 +12,11 @@
 #                              # layer gpu tests, the bench, the quick bench per FUSED_BENCH_ENVS (~8 min)
 #   bash bench/gpu.sh select   # sparse prefill: gpu tests, fast-selection config sweep at 128K, bench_sparse,
 #                              # the load-only floor (bench_sparse_floor.py) (~8 min)
-#   bash bench/gpu.sh proof    # one call for a scarce device: dk/dv configurations + f+b at 128K, the released-call
-#                              # lightning bench (bf16 split vs fla fp32), the split / f16s / chunk-output tests, the
-#                              # sparse gpu tests (guards T_DKDV, T_LSPLIT, T_LOUT_TESTS, T_TESTS_FILE) (~9.5 min)
+#   bash bench/gpu.sh proof    # one call for a scarce device: the sparse hybrid passes' and the dk/dv launch sweeps + f+b
+#                              # at 128K, lightning vs fla bf16 and vs the released call (fla on fp32 copies; ours
+#                              # default and split; LSPLIT_T, LSPLIT_CASES), the split / f16s / chunk-output tests, the
+#                              # sparse gpu tests (guards T_HYBRID, T_DKDV, T_LSPLIT, T_LOUT_TESTS, T_TESTS_FILE; 0 skips
+#                              # a step) (~9.5 min with all)
 #   bash bench/gpu.sh lightning  # chunk-output variants (LOUT_VARIANTS) timed (fwd, fwd+bwd), the forward vs fla per
 #                              # LFWD_ENVS entry (comma-separated env assignments, "none" = defaults), fp32 inputs vs
 #                              # fla per LF32_ENVS entry, bf16 with SALA_LIGHTNING_16BIT_DOT=split vs fla on fp32 copies
@@ -101,18 +103,22 @@ if [ "$what" = select ]; then  # sparse prefill: GPU tests, the fast selection's
     --inputs random smooth --out "$OUT"
   grep -E "^== |passed|failed|Error|fast_tq| \| |^ *[0-9]+ +(random|smooth)|^ +T +inputs" "$log" | cut -c1-300 | head -n 80
 fi
-if [ "$what" = proof ]; then
-  step "${T_DKDV:-170}" "sparse dk/dv configurations (128K)" python3 bench/sweep_sparse_dkdv.py --seqlens 131072 \
-    --budget "${DKDV_BUDGET:-100}" --out "$OUT"
-  step "${T_LSPLIT:-130}" "lightning, the released call: bf16 split vs fla on fp32 copies" python3 bench/bench_lightning.py \
-    --T 32768,131072 --cases bfloat16:fwd:split,bfloat16:fwd:highest --out "$OUT/split"
-  step "${T_LOUT_TESTS:-150}" "lightning chunk-output, f16s and split tests" python3 -m pytest -q tests/test_lightning_chunk_out.py \
-    tests/test_lightning_triton.py -k "not gpu_ and (chunk_out or tma or f16s or 16bit or variant)" -p no:cacheprovider -rfE \
-    || tests_rc=$?
-  step "${T_TESTS_FILE:-110}" "gpu tests: sparse_triton" python3 -m pytest -q -m gpu tests/test_sparse_triton.py \
-    -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
-  grep -E "^== |^[0-9]+ w|^\{|^T \||^[0-9]+ \||^(op|fwd|fwd\+bwd) |  vs fp32 ref|passed|failed|Error| \| " "$log" \
-    | cut -c1-400 | head -n 90
+if [ "$what" = proof ]; then  # a step whose guard is 0 is skipped (e.g. T_DKDV=0)
+  [ "${T_HYBRID:-150}" -gt 0 ] && step "${T_HYBRID:-150}" "sparse hybrid passes: launch configurations (128K)" \
+    python3 bench/sweep_sparse_hybrid.py --seqlens 131072 --out "$OUT"
+  [ "${T_DKDV:-170}" -gt 0 ] && step "${T_DKDV:-170}" "sparse dk/dv configurations (128K)" python3 bench/sweep_sparse_dkdv.py \
+    --seqlens 131072 --budget "${DKDV_BUDGET:-100}" --out "$OUT"
+  # ours vs fla bf16 (highest), ours (default 16-bit path, then split) vs fla on fp32 copies (the released call)
+  [ "${T_LSPLIT:-130}" -gt 0 ] && step "${T_LSPLIT:-130}" "lightning vs fla bf16 and vs the released call (fla on fp32 copies)" \
+    python3 bench/bench_lightning.py --T "${LSPLIT_T:-32768,131072}" \
+    --cases "${LSPLIT_CASES:-bfloat16:fwd:released,bfloat16:fwd:split,bfloat16:fwd:highest}" --out "$OUT/split"
+  [ "${T_LOUT_TESTS:-150}" -gt 0 ] && { step "${T_LOUT_TESTS:-150}" "lightning chunk-output, f16s and split tests" \
+    python3 -m pytest -q tests/test_lightning_chunk_out.py tests/test_lightning_triton.py \
+    -k "not gpu_ and (chunk_out or tma or f16s or 16bit or variant)" -p no:cacheprovider -rfE || tests_rc=$?; }
+  [ "${T_TESTS_FILE:-110}" -gt 0 ] && { step "${T_TESTS_FILE:-110}" "gpu tests: sparse_triton" python3 -m pytest -q -m gpu \
+    tests/test_sparse_triton.py -p no:cacheprovider -rfE --durations=5 || tests_rc=$?; }
+  grep -E "^== |^[0-9]+ w|^[0-9]+ [a-z_]+ w[0-9]|^\{|^T \||^[a-z_]+ +\||^f\+b ms|^[0-9]+ \||^(op|fwd|fwd\+bwd) |  vs fp32 ref|passed|failed|Error| \| " \
+    "$log" | cut -c1-400 | head -n 110
 fi
 if [ "$what" = lightning ]; then
   step "${T_LOUT:-200}" "lightning chunk-output variants" python3 bench/bench_lightning_out.py --T 32768,131072 \

@@ -13,7 +13,8 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 -c "import sala_ops.reference" || { echo "sala_ops is not importable: stop"; exit 3; }
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache} TRITON_STORE_BINARY_ONLY=1 TRITON_CACHE_AUTOTUNING=1
-python3 bench/triton_cache.py unpack .triton_cache "$TRITON_CACHE_DIR"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)  # autotune timings are per card
+python3 bench/triton_cache.py unpack .triton_cache "$TRITON_CACHE_DIR" --gpu "$GPU_NAME"
 
 step() {  # step SECONDS NAME COMMAND...: run with a time guard, log everything into $log, report the exit code
   local limit=$1 name=$2; shift 2
@@ -26,7 +27,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a time guard, log everything 
 }
 
 gpu_env_finish() {
-  python3 bench/triton_cache.py pack "$TRITON_CACHE_DIR" "$OUT" --max-mb 40
+  python3 bench/triton_cache.py pack "$TRITON_CACHE_DIR" "$OUT" --max-mb 40 --gpu "$GPU_NAME"
   ( cd "$OUT" && files=$(ls | grep -v -E '^(triton_cache\.part[0-9]+|results\.tar\.gz|[a-z_]*log\.txt)$') \
       && [ -n "$files" ] && tar -czf results.tar.gz $files && rm -rf $files )
 }
