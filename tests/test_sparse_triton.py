@@ -314,6 +314,14 @@ def test_dkdv_launch_config_by_dtype_and_head_dim():
     assert A.DKDV_CFG_WIDE["rows"] * A.DKDV_CFG_WIDE["num_stages"] <= 64
 
 
+def test_resid_fwd_launch_by_dtype_and_width():
+    """The hybrid forward's residual pass takes its own (timed) launch for 16-bit tiles up to 128 wide only; fp32 or
+    wider tiles keep the one-token forward's launch."""
+    from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
+    assert TT.resid_fwd_launch(2, 128) is TT.RESID_FWD_CFG and TT.resid_fwd_launch(2, 64) is TT.RESID_FWD_CFG
+    assert TT.resid_fwd_launch(4, 128) is A.FWD_CFG and TT.resid_fwd_launch(2, 256) is A.FWD_CFG
+
+
 def _lowp_block_sparse(idx, bs):
     """PyTorch's own low-precision computation of block-sparse attention (scores and P @ V in the
     input dtype, softmax in fp32), for the DESIGN's 2x tolerance."""

@@ -41,7 +41,19 @@ from .sparse_select import LOG2E, _interpreted, _pow2, _prec
 TILED_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=3)  # H200 sweep 2026-11-30: best at 128K, random q
 # The tiled dq (backward_dq; the default since H200 run 4, SALA_SPARSE_BWD_DQ=onetoken for the older kernel).
 TILED_DQ_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=2)
+# The hybrid forward's one-token launch over the residual (the union blocks chosen by fewer than min_share tokens
+# of a tile: ~44 per token at 128K with random q, instead of the 96 that sparse_attn.FWD_CFG was tuned for in run
+# 1). Two H100 runs of bench/sweep_sparse_hybrid.py (session 14; 128K, bf16, D 128, 9B config), the whole hybrid
+# forward given the union: 77.9 and 73.4 ms with 2 warps / 3 stages, 82.5 and 81.1 ms with FWD_CFG (4 / 3).
+# Used for 16-bit tiles up to 128 wide (what was timed); the rest keep FWD_CFG.
+RESID_FWD_CFG = dict(num_warps=2, num_stages=3)
 _INV = 1 << 62
+
+
+def resid_fwd_launch(element_size, width):
+    """Launch config of the hybrid forward's one-token residual pass: RESID_FWD_CFG for 16-bit tiles up to 128
+    wide (head dims padded to a power of two), sparse_attn.FWD_CFG otherwise."""
+    return RESID_FWD_CFG if element_size == 2 and width <= 128 else _A.FWD_CFG
 
 
 @triton.jit
@@ -293,6 +305,7 @@ def forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size, tq=None, min_s
         # blocks chosen by few tokens of their tile: the one-token kernel, into an fp32 partial
         ri = u["resid"]
         S = ri.shape[2]
+        rcfg = resid_fwd_launch(q.element_size(), max(BD, BDV))
         op = _sel.empty((Tq, H, DV), torch.float32, q.device)
         lsep = _sel.empty((Tq, H), torch.float32, q.device)
         _A._fwd_kernel[(Tq, Hkv)](
@@ -301,7 +314,7 @@ def forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size, tq=None, min_s
             lsep.stride(0), ri.stride(0), ri.stride(1),
             scale * LOG2E, D, DV, G, block_size, S,
             ROWS=_A._rows(G), BLOCK_D=BD, BLOCK_DV=BDV, BLOCK_N=BN, BLOCK_S=_pow2(S), PREC=prec,
-            num_warps=_A.FWD_CFG["num_warps"], num_stages=1 if interp else _A.FWD_CFG["num_stages"])
+            num_warps=rcfg["num_warps"], num_stages=1 if interp else rcfg["num_stages"])
         has_init = True
     else:
         op, lsep, has_init = o, lse, False  # unused
