@@ -449,6 +449,9 @@ def _decode_run(q, cache, scale, squeeze, backend, return_indices):
         q = q[:, 0]
     if backend == "triton":
         o, idx = _decode_triton(q, cache, scale)
+        # idx is the workspace's selection buffer, rewritten by the next decode: the caller gets its own copy
+        if return_indices:
+            idx = idx.clone()
     else:
         with _dispatch.no_autocast(q):
             o, idx = _decode_torch(q, cache, scale)

@@ -317,6 +317,28 @@ def test_triton_decode_refuses_q_that_requires_grad():
             assert torch.isfinite(sparse_decode(q, cache)).all()
 
 
+@pytest.mark.parametrize("path", ["fast", "sort"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_returned_indices_survive_the_next_decode(monkeypatch, backend, path):
+    """sparse_decode(..., return_indices=True) returns indices the caller owns: the Triton paths returned their
+    workspace buffer itself, so the indices kept from one step were overwritten by the next decode (here: a
+    sparse step's blocks turned into the -1s of a dense step after a truncate), silently; the reference backend
+    returns a fresh tensor."""
+    monkeypatch.setenv("SALA_SPARSE_DECODE", path)
+    cfg = dict(SMALL, topk=2, dense_len=40)
+    g = torch.Generator().manual_seed(0)
+    cache = SparseLayerCache(1, 120, 1, 16, dtype=torch.float32, device=DEV, **cfg)
+    cache.append(*(torch.randn(1, 100, 1, 16, generator=g).to(DEV) for _ in range(2)))
+    with use_backend(backend):
+        _, first = sparse_decode(torch.randn(1, 2, 16, generator=g).to(DEV), cache, return_indices=True)
+        kept = first.clone()
+        assert bool((kept >= 0).any()), "the first step must decode sparsely"
+        cache.truncate(20)  # below dense_len: the next step decodes densely, its indices all -1
+        _, second = sparse_decode(torch.randn(1, 2, 16, generator=g).to(DEV), cache, return_indices=True)
+    assert bool((second == -1).all())
+    assert torch.equal(first, kept), "the indices returned by the first step changed after the second step"
+
+
 # ---------------------------------------------------------------- GPU: the 9B configuration
 def _lowp_attend(q, k, v, allowed, scale, dtype):
     """PyTorch's own attention in `dtype` (for the DESIGN's 2x-low-precision bound): q [H, D], k/v [L, Hkv, D]."""
