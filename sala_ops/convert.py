@@ -348,8 +348,8 @@ def synthetic_recall_score(model, vocab_size: int, batch: int = 4, length: int =
 
 
 def lm_score(model, input_ids: torch.Tensor) -> float:
-    """General-task score (CS): minus the mean next-token cross-entropy on `input_ids` [B, T]."""
-    ids = input_ids.to(model.device)
+    """General-task score (CS): minus the mean next-token cross-entropy on `input_ids` [B, T] (int64 or int32)."""
+    ids = input_ids.to(model.device, torch.long)  # cross_entropy takes int64 targets only
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits.float()
     return -nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()

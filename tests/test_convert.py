@@ -408,6 +408,19 @@ def test_halo_builtin_evaluation_runs():
         convert_to_sala(tiny("llama"), sparse_layers="halo")
 
 
+def test_halo_builtin_evaluation_takes_int32_text_ids():
+    """halo_text_ids may be int32 (the argument check accepts int64 or int32, as calibration_ids), but the built-in
+    general-task score fed them to cross_entropy as targets, which takes only int64: conversion failed with a bare
+    'expected target dtype to be Long or Byte, but got Int'. The score (and the choice) is the int64 one."""
+    text = ids(2, 24, seed=2)
+    want = convert_to_sala(tiny("llama", layers=6), sparse_layers="halo", halo_text_ids=text, sparse_ratio=0.5,
+                           sparse_config=SMALL)
+    got = convert_to_sala(tiny("llama", layers=6), sparse_layers="halo", halo_text_ids=text.int(), sparse_ratio=0.5,
+                          sparse_config=SMALL)
+    assert got.sala_halo_scores["scores"] == want.sala_halo_scores["scores"]
+    assert sala_layers(got, MIXER_SPARSE) == sala_layers(want, MIXER_SPARSE)
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_halo_without_candidate_layers(layers):
     """With one or two layers, first and last are all the layers: HALO has nothing to score and keeps them
