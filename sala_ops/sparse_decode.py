@@ -384,6 +384,8 @@ def sparse_prefill(q, k, v, cache: SparseLayerCache, scale=None, cu_seqlens=None
     C.tensor(op, "k", k, ndim=4)
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(f"sala_ops.{op}: q and k must share [batch, seq], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[1] < 1:  # (a bare 'step must be nonzero' from torch.arange, or sparse_attention's message)
+        raise ValueError(f"sala_ops.{op}: q must hold at least one token, got sequence length {q.shape[1]}")
     _check_q_matches_cache(op, q, cache)
     C.scale_arg(op, scale, q.shape[-1])
     cache.append(k, v, cu_seqlens)

@@ -241,6 +241,24 @@ def test_bad_arguments_name_the_op():
         cache.append(torch.zeros(2, 33, 2, 16), torch.zeros(2, 33, 2, 16))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("cached", [[10, 10], [10, 25]])
+def test_prefill_without_tokens_names_the_op(backend, cached):
+    """sparse_prefill with a zero-length chunk (q, k, v [B, 0, ...]) failed with torch.arange's bare 'step must be
+    nonzero' (sequences of different cached lengths) or with sparse_attention's message (equal lengths); it is a
+    ValueError naming sparse_prefill and q, and the cache is left alone."""
+    cfg = dict(SMALL, topk=2, dense_len=16)
+    cache = SparseLayerCache(2, 64, 1, 16, dtype=torch.float32, device=DEV, **cfg)
+    cu = torch.tensor([0, cached[0], sum(cached)], device=DEV)
+    kv = seeded_randn(0, 1, sum(cached), 1, 16, device=DEV)
+    cache.append(kv, kv, cu_seqlens=cu)
+    q, k = torch.zeros(2, 0, 2, 16, device=DEV), torch.zeros(2, 0, 1, 16, device=DEV)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="sparse_prefill.*q.*at least one token"):
+            sparse_prefill(q, k, k, cache)
+    assert cache.lengths_host() == cached
+
+
 def test_resized_refuses_to_drop_cached_tokens():
     """resized(max_len, keep) keeps every cached token or raises: a keep (or a new capacity) below a sequence's
     length copied only `keep` positions but all the old lengths, so the new cache claimed tokens it did not hold
