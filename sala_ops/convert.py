@@ -43,7 +43,8 @@ Design decisions
   needs equal-length prompts) and position_ids that restart unless HF's packing kwargs come with them
   (`cu_seq_lens_q`, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) passes; or call the
   mixers with cu_seqlens). It creates a `SalaCache` whenever use_cache is on, except for packed inputs
-  without an explicit use_cache (a packed batch cannot fill a cache).
+  without an explicit use_cache (a packed batch cannot fill a cache). The inner model gets an empty 4-D
+  attention_mask, so HF builds no causal mask (O(T^2) with 'eager') that no mixer would read.
 """
 from __future__ import annotations
 
@@ -496,7 +497,19 @@ def _sala_pre_forward(module, args, kwargs):
                         "mixers through the HF model (use the mixers with cu_seqlens)")
             raise ValueError(f"sala_ops: position_ids must count up from the cache length ({past}) in every row, got "
                              f"rows starting at {starts[:8]}; {hint}")
+    x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if isinstance(x, torch.Tensor) and x.dim() >= 2:
+        kwargs["attention_mask"] = _unread_mask(x)
     return args, kwargs
+
+
+def _unread_mask(x):
+    """What the inner model gets as its attention_mask: an empty 4-D tensor [B, 1, T, 0]. No SALA mixer reads a mask
+    (causality is built in), but with None the HF model built its causal mask for the source's attention
+    implementation anyway (create_causal_mask): [B, 1, T, past + T] for every forward with 'eager' (32 GiB per
+    sequence at 128K tokens in bf16) and for every cached chunk of a chunked prefill with 'sdpa'. A 4-D mask is passed
+    through as it is, so none is built."""
+    return torch.empty((x.shape[0], 1, x.shape[1], 0), dtype=torch.bool, device=x.device)
 
 
 def _install_hooks(model):

@@ -324,6 +324,37 @@ def test_a_cache_for_other_layers_is_refused_before_any_layer_runs():
     model(x, past_key_values=SalaCache(mixer_types=list(mt)))  # the model's own layout is fine
 
 
+@pytest.mark.parametrize("family,impl", [("llama", "eager"), ("llama", "sdpa"), ("mistral", "eager")])
+def test_the_model_builds_no_attention_mask_nothing_reads(family, impl, monkeypatch):
+    """No SALA mixer reads Hugging Face's attention mask (causality is built in), but the inner model still built it
+    with the source's attention implementation: a [B, 1, T, past + T] tensor for every forward with 'eager' (at 128K
+    tokens, 32 GiB per sequence in bf16: an OOM before any layer ran) and for every cached chunk of a chunked prefill
+    with 'sdpa' (generate(prefill_chunk_size=...)). The logits stay those of one uncached pass."""
+    import transformers.masking_utils as mu
+    built = []
+    for name in ("eager", "sdpa"):
+        real = mu.ALL_MASK_ATTENTION_FUNCTIONS[name]
+        monkeypatch.setitem(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name,
+                            lambda *a, _real=real, _name=name, **k: built.append(_name) or _real(*a, **k))
+    extra = {"sliding_window": 8} if family == "mistral" else {}
+    src = tiny(family, **extra)
+    src.config._attn_implementation = impl
+    model = convert_to_sala(src, sparse_config=SMALL)
+    x = ids(2, 40, seed=4)
+    with torch.no_grad():
+        full = model(x, attention_mask=torch.ones_like(x), use_cache=False).logits
+        res = model(x[:, :24], use_cache=True)
+        cache = getattr(res, "cache", None) or res.past_key_values
+        parts = [res.logits]
+        for a, b in ((24, 32), (32, 33), (33, 40)):
+            parts.append(model(x[:, a:b], attention_mask=torch.ones_like(x[:, :b]), **_cache_kwarg(model, cache)).logits)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                             prefill_chunk_size=16)
+    assert built == []
+    assert_close(torch.cat(parts, 1), full, 1e-5)
+    assert out.shape == (2, 43)
+
+
 def test_packed_sequences_through_the_model_with_default_use_cache():
     """HF's packing collator (DataCollatorWithFlattening(return_flash_attn_kwargs=True)) passes restarting
     position_ids plus cu_seq_lens_q/k and no use_cache: config.use_cache (True by default) must not make the
