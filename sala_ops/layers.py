@@ -124,6 +124,17 @@ def _cu_seqlens_arg(kwargs, B, op):
     return cu
 
 
+def _check_position_ids(op, position_ids, B, T):
+    """position_ids: None or integer positions [T], [1, T] or [B, T] (a list failed with an AttributeError, a 3-D
+    tensor in expand, a wrong length in hype_embed, naming its own `positions`)."""
+    if position_ids is None:
+        return
+    C.tensor(op, "position_ids", position_ids, ndim=(1, 2), dtypes=(torch.int32, torch.int64))
+    if position_ids.shape[-1] != T or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
+        raise ValueError(f"sala_ops.{op}: position_ids must be [T], [1, T] or [B, T] with B = {B}, T = {T} (the "
+                         f"hidden_states' batch and length), got shape {tuple(position_ids.shape)}")
+
+
 def _positions(position_ids, B, T, offset, device):
     if position_ids is None:
         return torch.arange(offset, offset + T, device=device)[None].expand(B, -1)
@@ -261,6 +272,7 @@ class LightningMixer(nn.Module):
         u = hidden_states
         _check_hidden(op, u, self.hidden_size)
         B, T, _ = u.shape
+        _check_position_ids(op, position_ids, B, T)
         layer_cache, cu = _cache_or_packing(kwargs, B, self.layer_idx, self.mixer_type, op)
         if cu is not None:
             positions = None if position_ids is None else _positions(position_ids, B, T, 0, u.device)

@@ -171,6 +171,23 @@ def test_mixer_input_is_checked_naming_the_mixer(make):
         assert m(_u(1, 4).bfloat16())[0].shape == (1, 4, HIDDEN)
 
 
+def test_lightning_position_ids_are_checked_naming_the_mixer():
+    """position_ids ([T], [1, T] or [B, T] integers) failed with a list's AttributeError ('list' object has no
+    attribute 'dim'), a 3-D tensor with torch's expand RuntimeError, and a wrong length or batch with hype_embed's
+    error about its 'positions', an argument the caller never passed; the cache is left untouched."""
+    m, u = lightning_mixer(), _u(2, 5)
+    cache = SalaCache(mixer_types=[MIXER_LIGHTNING])
+    for bad, err in (([0, 1, 2, 3, 4], TypeError), (torch.arange(5.0)[None], TypeError),
+                     (torch.arange(10).view(1, 2, 5), ValueError), (torch.arange(4)[None], ValueError),
+                     (torch.arange(15).view(3, 5), ValueError), (torch.arange(4), ValueError)):
+        with pytest.raises(err, match="sala_ops.LightningMixer: position_ids"):
+            m(u, position_ids=bad, cache=cache)
+    assert cache.get_seq_length() == 0 and not cache.is_initialized
+    want, _ = m(u)
+    for good in (torch.arange(5), torch.arange(5)[None], torch.arange(5).expand(2, -1), torch.arange(5, dtype=torch.int32)):
+        assert_close(m(u, position_ids=good)[0], want, 1e-6)
+
+
 # --------------------------------------------------------------------------------------- lightning
 
 def lightning_by_hand(m: LightningMixer, u, positions):
