@@ -1,8 +1,8 @@
 """Launch configurations of the sparse op's hybrid passes, which no sweep has timed since they became the default
 (run 8): the tiled forward and the tiled dq each send the union blocks chosen by few tokens of a tile (~74% of
-the entries at 128K with random q) through a one-token kernel (sparse_attn_tiled.RESID_FWD_CFG / sparse_attn.DQ_CFG;
-FWD_CFG and DQ_CFG were swept in run 1 as whole passes over all 96 blocks), and run the tiled kernel over the rest (TILED_CFG / TILED_DQ_CFG warps and
-stages). Each configuration times the whole pass given the selection and the union (both kernels), and is
+the entries at 128K with random q) through a one-token kernel (sparse_attn_tiled.RESID_FWD_CFG / RESID_DQ_CFG
+since session 14; before, FWD_CFG and DQ_CFG, swept in run 1 as whole passes over all 96 blocks), and run the tiled
+kernel over the rest (TILED_CFG / TILED_DQ_CFG warps and stages). Each configuration times the whole pass given the selection and the union (both kernels), and is
 compared with the default's output; then the op's fwd+bwd (selection included) with the defaults and with the
 fastest of each knob, against dense SDPA in the same process.
 
@@ -33,7 +33,7 @@ KNOBS = {
     # the hybrid forward's residual launch (RESID_FWD_CFG, 2 / 3 since session 14; FWD_CFG's 4 / 3 before)
     "fwd_onetoken": ("sparse_attn_tiled.RESID_FWD_CFG", [(2, 3), (4, 3), (2, 2), (2, 4), (4, 2)]),
     "fwd_tiled": ("sparse_attn_tiled.TILED_CFG", [(4, 3), (4, 2), (4, 4)]),
-    "dq_onetoken": ("sparse_attn.DQ_CFG", [(4, 2), (4, 3), (2, 2), (2, 3)]),
+    "dq_onetoken": ("sparse_attn_tiled.RESID_DQ_CFG", [(2, 3), (4, 2), (2, 2), (4, 3)]),  # DQ_CFG's 4 / 2 before
     "dq_tiled": ("sparse_attn_tiled.TILED_DQ_CFG", [(4, 2), (4, 3)]),
 }
 

@@ -315,11 +315,13 @@ def test_dkdv_launch_config_by_dtype_and_head_dim():
 
 
 def test_resid_fwd_launch_by_dtype_and_width():
-    """The hybrid forward's residual pass takes its own (timed) launch for 16-bit tiles up to 128 wide only; fp32 or
+    """The hybrid forward's and the tiled dq's residual passes take their own (timed) launches for 16-bit tiles up to 128 wide only; fp32 or
     wider tiles keep the one-token forward's launch."""
     from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
     assert TT.resid_fwd_launch(2, 128) is TT.RESID_FWD_CFG and TT.resid_fwd_launch(2, 64) is TT.RESID_FWD_CFG
     assert TT.resid_fwd_launch(4, 128) is A.FWD_CFG and TT.resid_fwd_launch(2, 256) is A.FWD_CFG
+    assert TT.resid_dq_launch(2, 128) is TT.RESID_DQ_CFG and TT.resid_dq_launch(2, 64) is TT.RESID_DQ_CFG
+    assert TT.resid_dq_launch(4, 128) is A.DQ_CFG and TT.resid_dq_launch(2, 256) is A.DQ_CFG
 
 
 def _lowp_block_sparse(idx, bs):

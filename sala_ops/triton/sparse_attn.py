@@ -321,9 +321,11 @@ def _order_by_first_token(tok, bucket_off, cb, cstart, NBT, n_buckets, Tq):
     return cb[order], cstart[order]
 
 
-def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, out=None):
+def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_size, out=None, launch=None):
     """dq [Tq, H, D] by the one-token walk (_bwd_dq_kernel), into `out` (any float dtype, e.g. an fp32
-    partial) or a new tensor in q.dtype. do [Tq, H, Dv] contiguous, lse / delta fp32 [Tq, H]."""
+    partial) or a new tensor in q.dtype. do [Tq, H, Dv] contiguous, lse / delta fp32 [Tq, H]. `launch`: num_warps /
+    num_stages (default DQ_CFG; the tiled dq's residual pass brings its own)."""
+    launch = DQ_CFG if launch is None else launch
     Tq, H, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     G = H // Hkv
@@ -338,7 +340,7 @@ def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_
         scale * LOG2E, scale, D, DV, G, block_size, S,
         ROWS=_rows(G), BLOCK_D=_pow2(D, 16), BLOCK_DV=_pow2(DV, 16), BLOCK_N=_pow2(block_size, 16),
         BLOCK_S=_pow2(S), PREC=_prec(q.dtype),
-        num_warps=DQ_CFG["num_warps"], num_stages=1 if _interpreted() else DQ_CFG["num_stages"])
+        num_warps=launch["num_warps"], num_stages=1 if _interpreted() else launch["num_stages"])
     return dq
 
 

@@ -47,6 +47,10 @@ TILED_DQ_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=2)
 # forward given the union: 77.9 and 73.4 ms with 2 warps / 3 stages, 82.5 and 81.1 ms with FWD_CFG (4 / 3).
 # Used for 16-bit tiles up to 128 wide (what was timed); the rest keep FWD_CFG.
 RESID_FWD_CFG = dict(num_warps=2, num_stages=3)
+# The same for the tiled dq's residual (sparse_attn.DQ_CFG, 4 / 2, was tuned on whole one-token dq passes): 2 warps /
+# 3 stages took 1.3-2.5 ms off the whole dq at 128K in each of four H100 runs of the same sweep (78.8 / 79.9 / 79.6
+# / 79.5 ms vs 80.1 / 81.7 / 82.0 / 81.3).
+RESID_DQ_CFG = dict(num_warps=2, num_stages=3)
 _INV = 1 << 62
 
 
@@ -54,6 +58,12 @@ def resid_fwd_launch(element_size, width):
     """Launch config of the hybrid forward's one-token residual pass: RESID_FWD_CFG for 16-bit tiles up to 128
     wide (head dims padded to a power of two), sparse_attn.FWD_CFG otherwise."""
     return RESID_FWD_CFG if element_size == 2 and width <= 128 else _A.FWD_CFG
+
+
+def resid_dq_launch(element_size, width):
+    """Launch config of the tiled dq's one-token residual pass: RESID_DQ_CFG for 16-bit tiles up to 128 wide,
+    sparse_attn.DQ_CFG otherwise."""
+    return RESID_DQ_CFG if element_size == 2 and width <= 128 else _A.DQ_CFG
 
 
 @triton.jit
@@ -407,7 +417,8 @@ def backward_dq(do, q, k, v, lse, delta, idx, cu_q, cu_k, tok_seq, scale, block_
     interp = _interpreted()
     if u["resid"] is not None:
         dqp = _A.backward_dq(do, q, k, v, lse, delta, u["resid"], cu_q, cu_k, tok_seq, scale, block_size,
-                             out=_sel.empty(q.shape, torch.float32, q.device))
+                             out=_sel.empty(q.shape, torch.float32, q.device),
+                             launch=resid_dq_launch(q.element_size(), max(BD, BDV)))
         has_init = True
     else:
         dqp, has_init = dq, False  # unused
