@@ -320,7 +320,8 @@ def _(do, dfinal, q, k, v, decay, states, scale, need_dh0, cu_seqlens):
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dh0 = q.new_empty((N, H, K, V) if need_dh0 else _EMPTY, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
+    # contiguous, as the kernels write them (empty_like would copy the strides of a strided q / k / v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dh0
 
 
 class _LightningChunkFn(torch.autograd.Function):
@@ -363,7 +364,8 @@ def _lightning_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state:
 
 @_lightning_step_op.register_fake
 def _(q, k, v, state, decay, scale):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), torch.empty_like(state)
+    # the new state is contiguous whatever the strides of `state` (the kernel writes a contiguous copy)
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), state.new_empty(state.shape)
 
 
 @torch.library.custom_op("sala_ops::lightning_step_inplace", mutates_args=("state",))

@@ -63,6 +63,29 @@ def test_lightning_step_ops():
     _opcheck(torch.ops.sala_ops.lightning_step_inplace, [(q, k, v, state.clone(), decay, 0.25)])
 
 
+def test_lightning_ops_with_strided_inputs(monkeypatch):
+    """The fakes must give the real outputs' strides for strided inputs too: the step's fake new state copied the
+    strides of a non-contiguous state (the kernel writes a contiguous one) and the backward's fake dq / dk / dv
+    those of a non-contiguous q / k / v, so torch.compile(backend="inductor") of a decode step with a transposed
+    state view failed its stride assertion ('incorrect fake kernel for a custom op')."""
+    q, k = (seeded_randn(i, 2, 4, 16).to(DEV) for i in range(2))
+    v = seeded_randn(2, 2, 4, 24).to(DEV)
+    state_t = seeded_randn(3, 2, 4, 24, 16).to(DEV).transpose(-1, -2)  # [B, H, K, V] as a transposed view
+    decay = sala_ops.sala_decay_slopes(4).to(DEV)
+    _opcheck(torch.ops.sala_ops.lightning_step, [(q, k, v, state_t, decay, 0.25)])
+    _opcheck(torch.ops.sala_ops.lightning_step_inplace, [(q, k, v, state_t.clone().mT.contiguous().mT, decay, 0.25)])
+    fwd, bwd = [], []
+    _record(monkeypatch, LI, "_chunk_fwd_impl", fwd)
+    _record(monkeypatch, LI, "_chunk_bwd_impl", bwd)
+    qt, kt, vt = _grad_inputs((1, 4, 37, 16), (1, 2, 37, 16), (1, 2, 37, 24))
+    with sala_ops.use_backend("triton"):
+        out = sala_ops.lightning_attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), decay,
+                                           output_final_state=True)
+        (out.output.float().square().sum() + out.final_state.sum()).backward()
+    _opcheck(torch.ops.sala_ops.lightning_chunk_fwd, fwd)
+    _opcheck(torch.ops.sala_ops.lightning_chunk_bwd, bwd)
+
+
 def test_sparse_ops(monkeypatch):
     sel, fwd, bwd = [], [], []
     _record(monkeypatch, SP, "_select_impl", sel)
