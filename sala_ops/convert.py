@@ -293,7 +293,7 @@ def _transfer(mixer, attn, o_norm_weight=None, input_norm_weight=None):
 @torch.no_grad()
 def attention_output_rms(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, the per-channel RMS [H*D] of the attention output (the input of o_proj) of `model`
-    on `input_ids`. Used to initialise the lightning layers' o_norm at the source's scale."""
+    on `input_ids`, in eval mode (no dropout). Used to initialise the lightning layers' o_norm at the source's scale."""
     layers = _decoder_layers(model)
     sums = [None] * len(layers)
     count = [0]
@@ -306,9 +306,12 @@ def attention_output_rms(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
             if i == 0:
                 count[0] += x.numel() // x.shape[-1]
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()  # the outputs the model gives, not dropped-out ones (a model built from its config is in train mode)
     try:
         model(input_ids=input_ids.to(model.device), use_cache=False)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return [(s / max(count[0], 1)).sqrt().clamp_min(1e-6) for s in sums]

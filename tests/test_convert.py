@@ -138,6 +138,19 @@ def test_calibration_sets_o_norm_to_source_scale():
     assert_close(model.model.layers[1].self_attn.o_norm.weight, rms, 1e-5)
 
 
+def test_calibration_ignores_the_source_models_dropout():
+    """A model built from its config is in training mode; with attention dropout the calibration measured the RMS of
+    dropped-out (rescaled, random) attention outputs, so o_norm depended on the mode and the seed. It is measured in
+    eval mode (as HALO scores are), and the model's mode is left as it was."""
+    calib = ids(2, 24, seed=3)
+    want = convert_to_sala(tiny("llama", attention_dropout=0.5), sparse_config=SMALL, calibration_ids=calib)
+    src = tiny("llama", attention_dropout=0.5).train()
+    got = convert_to_sala(src, sparse_config=SMALL, calibration_ids=calib)
+    assert got.training
+    for i in sala_layers(got, MIXER_LIGHTNING):
+        assert torch.equal(got.model.layers[i].self_attn.o_norm.weight, want.model.layers[i].self_attn.o_norm.weight)
+
+
 # ------------------------------------------------------------------------------- round trip, decode
 
 @pytest.mark.parametrize("family", list(FAMILIES))
