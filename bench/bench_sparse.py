@@ -90,6 +90,21 @@ def random_inputs(T, H, Hkv, D, dev="cuda"):
     return q, k, v, do
 
 
+def fwdbwd_fns(q, k, v, do, cfg):
+    """One fwd+bwd of sala_ops.sparse_attention (selection included) and one of causal GQA SDPA, on the same leaf
+    tensors q, k, v [1, T, heads, D] (requires_grad) and do; time them as _bench(fn, [q, k, v])."""
+    import sala_ops
+
+    def ours_fb():
+        sala_ops.sparse_attention(q, k, v, config=cfg).backward(do)
+
+    def sdpa_fb():
+        torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=True).backward(do.transpose(1, 2))
+    return ours_fb, sdpa_fb
+
+
 def run_one(T, args, out_rows):
     import sala_ops
     from sala_ops.triton import sparse_attn as A
@@ -107,8 +122,7 @@ def run_one(T, args, out_rows):
         with torch.no_grad():
             return sala_ops.sparse_attention(q, k, v, config=cfg)
 
-    def ours_fb():
-        sala_ops.sparse_attention(q, k, v, config=cfg).backward(do)
+    ours_fb, sdpa_fb = fwdbwd_fns(q, k, v, do, cfg)
 
     def select():
         return sala_ops.select_blocks(q, k, config=cfg)
@@ -117,11 +131,6 @@ def run_one(T, args, out_rows):
         with torch.no_grad():
             return torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
-
-    def sdpa_fb():
-        torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            enable_gqa=True).backward(do.transpose(1, 2))
 
     def select_fast():  # SALA_SPARSE_SELECT=fast is read per call
         saved = os.environ.get("SALA_SPARSE_SELECT")

@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_sparse import _bench, random_inputs  # noqa: E402  (same timing and inputs as bench_sparse.py)
+from bench_sparse import _bench, fwdbwd_fns, random_inputs  # noqa: E402  (same timing and inputs as bench_sparse.py)
 
 # (num_warps, num_stages, rows, chunk, program order); the first is session 12's launch (the baseline). Most promising first: a time
 # budget cuts the tail of the list. "token": programs in order of their chunk's first query token
@@ -104,13 +104,7 @@ def run_one(T, configs, budget_end):
     q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
     grads = [q, k, v]
 
-    def ours_fb():
-        sala_ops.sparse_attention(q, k, v, config=cfg).backward(do)
-
-    def sdpa_fb():
-        torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            enable_gqa=True).backward(do.transpose(1, 2))
+    ours_fb, sdpa_fb = fwdbwd_fns(q, k, v, do, cfg)
     r["ours_fwdbwd_default_ms"] = _bench(ours_fb, grads)
     if best and best != default:
         w, s, rows, ch, order = next(c for c in configs if _name(c) == best)

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_sparse import _bench, random_inputs  # noqa: E402  (same timing and inputs as bench_sparse.py)
+from bench_sparse import _bench, fwdbwd_fns, random_inputs  # noqa: E402  (same timing and inputs as bench_sparse.py)
 
 # knob -> (module attribute, [(num_warps, num_stages), ...]); the first of each list is the current default
 # (session 14, H100, 128K: 8 warps lost everywhere, by 10-40 ms; 1 stage lost for the one-token dq; dropped since)
@@ -97,13 +97,7 @@ def run_one(T, dev="cuda", H=32, Hkv=2, D=128):
     q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
     grads = [q, k, v]
 
-    def ours_fb():
-        sala_ops.sparse_attention(q, k, v, config=cfg).backward(do)
-
-    def sdpa_fb():
-        torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            enable_gqa=True).backward(do.transpose(1, 2))
+    ours_fb, sdpa_fb = fwdbwd_fns(q, k, v, do, cfg)
     r["ours_fwdbwd_default_ms"] = _bench(ours_fb, grads)
     saved = {knob: dict(_cfg(path)) for knob, (path, _) in KNOBS.items()}
     for knob, name in best.items():
