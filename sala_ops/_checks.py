@@ -71,6 +71,16 @@ def cu_seqlens(op, cu, total, name="cu_seqlens", batch=None, device=None):
     if cu.numel() < 2:
         raise ValueError(f"sala_ops.{op}: {name} must hold at least 2 offsets [0, ..., total], got {cu.numel()}")
     host = cu.tolist()
+    if torch.compiler.is_compiling():
+        # Under torch.compile the offsets are data (unbacked ints): Python comparisons on them cannot be traced
+        # (fullgraph=True failed with 'Could not guard on data-dependent expression'). torch._check turns each
+        # rule into a runtime assertion of the compiled graph: a bad offset still fails (RuntimeError).
+        torch._check(host[0] == 0, lambda: f"sala_ops.{op}: {name}[0] must be 0")
+        torch._check(host[-1] == total, lambda: f"sala_ops.{op}: {name}[-1] must equal the packed length {total}")
+        for a, b in zip(host, host[1:]):
+            torch._check(b > a, lambda: f"sala_ops.{op}: {name} must be strictly increasing (no empty or "
+                                        f"negative-length sequences)")
+        return cu
     if host[0] != 0:
         raise ValueError(f"sala_ops.{op}: {name}[0] must be 0, got {host[0]}")
     if host[-1] != total:

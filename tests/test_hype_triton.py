@@ -351,6 +351,26 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_torch_compile_fullgraph_varlen():
+    """torch.compile(fullgraph=True) with cu_seqlens (positions restarting per packed sequence): the offsets' host
+    checks could not be traced ('Could not guard on data-dependent expression'); now runtime assertions."""
+    q = torch.randn(1, 9, 2, 8, device=DEV, requires_grad=True)
+    k = torch.randn(1, 9, 1, 8, device=DEV, requires_grad=True)
+    cu = torch.tensor([0, 1, 5, 9], device=DEV)
+
+    def f(q, k, cu):
+        with sala_ops.use_backend("triton"):
+            return sala_ops.hype_embed(q, k, cu_seqlens=cu)
+
+    eager = f(q, k, cu)
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = cf(q, k, cu)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError):  # a runtime assertion of the compiled graph
+        cf(q, k, torch.tensor([0, 5, 1, 9], device=DEV))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU, bf16, real size: 128K tokens x 32 heads x 128 (MiniCPM-SALA lightning layers: 32/32 heads)
 

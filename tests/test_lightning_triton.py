@@ -543,6 +543,34 @@ def test_torch_compile_fullgraph():
         assert_close(a, b, FP32_TOL, f"compiled {name}")
 
 
+def test_torch_compile_fullgraph_varlen():
+    """torch.compile(fullgraph=True) of a packed (cu_seqlens) call: the offsets' host checks (values read with
+    .tolist(), compared in Python) could not be traced ('Could not guard on data-dependent expression'); under
+    compile they become runtime assertions of the graph, and a bad offset still fails instead of running."""
+    LC.CHUNK_OVERRIDE = CHUNKINGS[0]
+    q, k, v, decay, S0 = _inputs(1, 30, 2, 1, 16, 16, True, False, 5, N=3)
+    cu = torch.tensor([0, 1, 12, 30], dtype=torch.int32, device=DEV)
+
+    def f(q, k, v, S0, cu):
+        with sala_ops.use_backend("triton"):
+            return sala_ops.lightning_attention(q, k, v, decay, initial_state=S0, output_final_state=True,
+                                                cu_seqlens=cu)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager" if DEV == "cpu" else "inductor")
+    o, fin = cf(*leaves, S0, cu)
+    o_ref, f_ref = ref.lightning_parallel(q.double(), k.double(), v.double(), decay, None, S0.double(), True, cu)
+    assert_close(o, o_ref, FP32_TOL, "compiled output")
+    assert_close(fin, f_ref, FP32_TOL, "compiled final state")
+    g = torch.autograd.grad(o.sum(), leaves)
+    g_ref = torch.autograd.grad(f(*leaves, S0, cu).output.sum(), leaves)
+    for name, a, b in zip(("dq", "dk", "dv"), g, g_ref):
+        assert_close(a, b, FP32_TOL, f"compiled {name}")
+    for bad in ([0, 12, 1, 30], [0, 1, 12, 29], [1, 2, 12, 30]):
+        with pytest.raises(RuntimeError):  # a runtime assertion of the compiled graph
+            cf(*leaves, S0, torch.tensor(bad, dtype=torch.int32, device=DEV))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU, bf16, real sizes
 
