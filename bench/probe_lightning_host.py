@@ -7,8 +7,10 @@ Per T (B=1, H=32, D=128, bf16, SALA slopes), for the forward and the fwd+bwd:
   issued back to back after a synchronisation (the GPU queue absorbs them while it is not full);
 - `gpu_ms`: the sum of the kernel times of one call (torch.profiler, CUDA activity), and the kernel count.
 host_ms close to or above gpu_ms means the launches, not the kernels, set the time at that T.
+--profile: where the host time of the fwd+bwd goes, at the first T: cProfile of 30 calls (top functions by own
+time) and torch.profiler's CPU-side op table of one call (cudaLaunchKernel, cuTensorMapEncode*, allocations...).
 
-    python bench/probe_lightning_host.py [--T 8192,32768] [--out DIR]
+    python bench/probe_lightning_host.py [--T 8192,32768] [--profile] [--out DIR]
 """
 from __future__ import annotations
 
@@ -50,10 +52,33 @@ def _gpu_ms(fn):
     return sum(e.device_time for e in evs) / 1e3, len(evs), sorted({e.name[:60] for e in evs})
 
 
+def _host_profiles(fn, calls=30):
+    import cProfile
+    import io
+    import pstats
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+    print(f"cProfile, {calls} fwd+bwd calls (per-call = tottime / {calls}):\n" + buf.getvalue(), flush=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", default="8192,32768")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="host-side profiles of the fwd+bwd at the first T")
     args = ap.parse_args()
     import triton
     rows = []
@@ -78,6 +103,9 @@ def main():
             rows.append(row)
             print(f"T={T:>6} {name:8} wall {row['wall_ms']:.3f} ms  host {row['host_ms']:.3f} ms  "
                   f"gpu {row['gpu_ms']:.3f} ms in {n} kernels", flush=True)
+        if args.profile:
+            _host_profiles(fb)
+            args.profile = False
         del q, k, v, do
     if args.out:
         os.makedirs(args.out, exist_ok=True)
