@@ -132,8 +132,8 @@ def run_chunk(T, dtype, mode, fla, precision, rows, check=True):
 
 
 def _ref_check(q, k, v, decay, scale, o, n=2048, peer_dtype=None):
-    """Relative error vs the fp32 reference on the first n tokens (the reference is quadratic in n) (zero initial state), ours and fla's (fla on its
-    inputs cast to peer_dtype if given; then also fla's output rounded to q's dtype)."""
+    """Relative error vs the fp32 reference on the first n tokens (zero initial state; the reference is quadratic in
+    n), ours and fla's (fla on its inputs cast to peer_dtype if given; then also fla's output rounded to q's dtype)."""
     from sala_ops.reference import lightning as R
     qs, ks, vs = (x.detach()[:, :n].float() for x in (q, k, v))
     ref = R.lightning_parallel(qs, ks, vs, decay, scale)[0]
