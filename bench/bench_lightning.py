@@ -310,9 +310,9 @@ def main():
                     help="only time the forward variants (SALA_LIGHTNING_FWD) vs fla at 32K and 128K, bf16 and fp32")
     ap.add_argument("--cases", default=None,
                     help="only these chunked cases, no decode/breakdown: DTYPE:MODE:PRECISION,... "
-                         "e.g. bfloat16:fwd+bwd:highest,float32:fwd:high; bfloat16:fwd:released = ours (default 16-bit path) "
-                         "vs fla on fp32 copies (the released model's call); bfloat16:fwd:split = the same with "
-                         "SALA_LIGHTNING_16BIT_DOT=split")
+                         "e.g. bfloat16:fwd+bwd:highest,float32:fwd:high; bfloat16:fwd:released = ours (default "
+                         "16-bit path) vs fla on fp32 copies (the released model's call); bfloat16:fwd:split = the "
+                         "same with SALA_LIGHTNING_16BIT_DOT=split")
     args = ap.parse_args()
     fla = fla_rec = None
     if not args.no_fla:
