@@ -262,3 +262,42 @@ def test_sparse_one_call_equals_every_prefix(T, dense_len, seed):
     for t in range(T):
         last = R.sparse_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], topk=2, dense_len=dense_len, **SMALL)
         assert_close(last, full[:, t:t + 1], 1e-6, f"row {t}")
+
+
+# ---------------------------------------------------------------- spec pins at the 9B geometry
+def test_decay_slopes_are_the_spec_formula_for_every_head():
+    """Spec 3: 's_h = 2^(-8(h+1)/H) for h = 0..H-1, not scaled by layer'."""
+    for H in (32, 4, 6):
+        expect = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+        assert_close(R.sala_decay_slopes(H), expect, 1e-7, f"H={H}")
+
+
+def test_selection_at_the_9b_geometry_matches_torch_max_pool():
+    """Spec 2, steps 1-5 with the 9B numbers: C1 = mean over 32 tokens stride 16, C2 = 128 / 64 (LSE only),
+    p = exp(q.C1 * scale - lse) summed over the group, 'max-pool the stride-16 scores onto 64-token blocks
+    (window 5, stride 4, padding 1)', block 0 and the local window (32 blocks back + own block) forced,
+    k = topk + window_size / block_size. window_size / topk are shrunk so that selection drops blocks."""
+    import torch.nn.functional as F
+    T, H, Hkv, D, topk, window = 700, 4, 2, 16, 3, 128
+    q, k = seeded_randn(11, 1, T, H, D) * 2, seeded_randn(12, 1, T, Hkv, D) * 2
+    idx = R.select_blocks(q, k, window_size=window, topk=topk)  # 9B defaults otherwise: 32 / 16 / 64, init 1
+    scale, G, wb = D ** -0.5, H // Hkv, window // 64
+    c1 = torch.stack([k[0, 16 * j: 16 * j + 32].mean(0) for j in range((T - 32) // 16 + 1)])
+    c2 = torch.stack([k[0, 64 * j: 64 * j + 128].mean(0) for j in range((T - 128) // 64 + 1)])
+    for t in range(0, T, 7):
+        qb = t // 64
+        for g in range(Hkv):
+            p = torch.zeros(c1.shape[0])
+            for h in range(g * G, (g + 1) * G):
+                n2 = [j for j in range(c2.shape[0]) if 64 * j + 128 <= t + 1]
+                lse = torch.logsumexp(q[0, t, h] @ c2[n2, g].T * scale, 0) if n2 else 0.0
+                n1 = [j for j in range(c1.shape[0]) if 16 * j + 32 <= t + 1]
+                p[n1] += torch.exp(q[0, t, h] @ c1[n1, g].T * scale - lse)
+            pooled = F.max_pool1d(p[None, None], 5, 4, 1)[0, 0]
+            scores = torch.zeros(qb + 1)
+            n = min(qb + 1, pooled.shape[0])
+            scores[:n] = pooled[:n]
+            scores[[b for b in range(qb + 1) if b < 1 or b >= qb - wb]] = float("inf")
+            order = sorted(range(qb + 1), key=lambda b: (-scores[b].item(), b))[:topk + wb]
+            got = [b for b in idx[0, t, g].tolist() if b >= 0]
+            assert got == sorted(order), f"query {t}, KV head {g}: {got} != {sorted(order)}"
