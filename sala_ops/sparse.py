@@ -248,6 +248,15 @@ def _check_qkv(op, q, k, v, cu_seqlens, cu_seqlens_k):
     if cu_k.numel() != cu_seqlens.numel():
         raise ValueError(f"sala_ops.{op}: cu_seqlens and cu_seqlens_k must describe the same number of sequences, "
                          f"got {cu_seqlens.numel() - 1} and {cu_k.numel() - 1}")
+    if torch.compiler.is_compiling():
+        # the offsets are data under torch.compile (as in C.cu_seqlens): a Python branch on them cannot be
+        # traced (fullgraph=True failed with 'Could not guard on data-dependent expression'); each sequence's
+        # rule becomes a runtime assertion of the compiled graph instead
+        hq, hk = cu_seqlens.tolist(), cu_k.tolist()
+        for n in range(len(hq) - 1):
+            torch._check(hq[n + 1] - hq[n] <= hk[n + 1] - hk[n],
+                         lambda: f"sala_ops.{op}: every sequence needs at least as many keys as queries")
+        return cu_seqlens, cu_k
     lq = cu_seqlens[1:] - cu_seqlens[:-1]
     lk = cu_k[1:] - cu_k[:-1]
     if bool((lq > lk.to(lq.dtype)).any()):

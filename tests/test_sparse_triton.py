@@ -690,6 +690,41 @@ def test_torch_compile_fullgraph():
         assert_close(a, b, TOL, "compiled gradient")
 
 
+def test_torch_compile_fullgraph_varlen():
+    """torch.compile(fullgraph=True) of packed calls (cu_seqlens / cu_seqlens_k, queries shorter than keys) of
+    sparse_attention, select_blocks and block_sparse_attention: the check that no sequence has more queries than
+    keys read the offsets on the host (bool(tensor.any())) and failed to trace ('Could not guard on
+    data-dependent expression'); under compile it is a runtime assertion of the graph, and a sequence with more
+    queries than keys still fails."""
+    cfg = dict(SMALL, topk=2, window_size=16, dense_len=30)
+    lq, lk = [1, 20, 60], [10, 45, 60]
+    q, k, v = _qkv(2, 1, sum(lq), sum(lk), 4, 2, 16)
+    cq = torch.tensor([0, 1, 21, 81], dtype=torch.int32, device=DEV)
+    ck = torch.tensor([0, 10, 55, 115], dtype=torch.int32, device=DEV)
+    idx = torch.randint(-1, 4, (1, sum(lq), 2, 3), generator=torch.Generator().manual_seed(0)).to(DEV)
+
+    def f(q, k, v, cq, ck, idx):
+        with sala_ops.use_backend("triton"):
+            return (sala_ops.sparse_attention(q, k, v, cu_seqlens=cq, cu_seqlens_k=ck, **cfg),
+                    sala_ops.select_blocks(q, k, cu_seqlens=cq, cu_seqlens_k=ck, **cfg),
+                    sala_ops.block_sparse_attention(q, k, v, idx, block_size=16, cu_seqlens=cq, cu_seqlens_k=ck))
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager" if DEV == "cpu" else "inductor")
+    out, sel, bsa = cf(*leaves, cq, ck, idx)
+    with sala_ops.use_backend("reference"):
+        exp = sala_ops.sparse_attention(*leaves, cu_seqlens=cq, cu_seqlens_k=ck, **cfg)
+        sel_exp = sala_ops.select_blocks(q, k, cu_seqlens=cq, cu_seqlens_k=ck, **cfg)
+        bsa_exp = sala_ops.block_sparse_attention(q, k, v, idx, block_size=16, cu_seqlens=cq, cu_seqlens_k=ck)
+    assert_close(out, exp, TOL, "compiled output")
+    assert torch.equal(sel.cpu(), sel_exp.cpu())
+    assert_close(bsa, bsa_exp, TOL, "compiled block-sparse output")
+    for a, b in zip(_grads(out, leaves, 1), _grads(exp, leaves, 1)):
+        assert_close(a, b, TOL, "compiled gradient")
+    with pytest.raises(RuntimeError):  # more queries than keys in a sequence: a runtime assertion of the graph
+        cf(*leaves, cq, torch.tensor([0, 10, 75, 115], dtype=torch.int32, device=DEV), idx)
+
+
 def test_triton_path_keeps_checks():
     q, k, v = _qkv(1, 1, 10, 8, 2, 1, 16)
     with pytest.raises(ValueError, match="sparse_attention"):
