@@ -664,6 +664,25 @@ def test_compress_keys_triton():
         assert_close(_tri(sala_ops.compress_keys, k, ks, st_), ref.compress_keys(k, ks, st_), TOL)
 
 
+def test_windows_with_gaps_over_several_sequences():
+    """A stride past the window size (legal for C2: lse_kernel_stride > lse_kernel_size, and for compress_keys): B
+    sequences of L keys have B * ((L - ks) // st + 1) windows, up to B - 1 more than the Tk // st + 1 rows that
+    compress allocated for the packed batch, so its kernel stored past the buffer (the interpreter's heap was
+    corrupted: 'double free or corruption'; on a GPU an out-of-bounds write) and selection read the overrun."""
+    k = seeded_randn(9, 3, 16, 2, 16, device=DEV)
+    assert_close(_tri(sala_ops.compress_keys, k, 2, 14), ref.compress_keys(k, 2, 14), TOL)
+    cfg = dict(kernel_size=5, kernel_stride=2, block_size=32, window_size=32, init_blocks=2, topk=5, dense_len=1,
+               lse_kernel_size=2, lse_kernel_stride=14)
+    q, k, v = _qkv(10, 2, 89, 89, 4, 2, 24, grad=True)
+    assert torch.equal(_tri(sala_ops.select_blocks, q, k, scale=0.2, **cfg).cpu(),
+                       _ref_fn(sala_ops.select_blocks, q, k, scale=0.2, **cfg).cpu())
+    out = _tri(sala_ops.sparse_attention, q, k, v, scale=0.2, **cfg)
+    exp = _ref_fn(sala_ops.sparse_attention, q, k, v, scale=0.2, **cfg)
+    assert_close(out, exp, TOL)
+    for a, b, name in zip(_grads(out, (q, k, v), 1), _grads(exp, (q, k, v), 1), "qkv"):
+        assert_close(a, b, TOL, f"d{name}")
+
+
 @pytest.mark.parametrize("shape", [(0, 40, 3, 16), (2, 40, 0, 16), (0, 4, 3, 16)])
 def test_compress_keys_triton_empty_batch_or_heads(shape):
     """An empty batch (or no heads) gives the reference's empty result, not an IndexError from the tile map."""

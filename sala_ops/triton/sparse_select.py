@@ -153,7 +153,9 @@ def compress(k: torch.Tensor, cu_k: torch.Tensor, kernel_size: int, kernel_strid
     cnt = compressed_count(lens, kernel_size, kernel_stride)
     c_off = torch.zeros(nseq + 1, dtype=torch.int64, device=k.device)
     c_off[1:] = torch.cumsum(cnt, 0)
-    bound = Tk // kernel_stride + 1
+    # sum over sequences of (L - ks) // st + 1 <= Tk // st + nseq (Tk // st alone when ks >= st, but C2 and
+    # compress_keys allow st > ks: windows with gaps, one more than L // st per sequence); +1 keeps a row
+    bound = Tk // kernel_stride + nseq + 1
     c = empty((bound, Hkv, D), dtype, k.device)
     BLOCK_J = 16 if _interpreted() else 32
     grid = bound // BLOCK_J + nseq + 1
