@@ -90,6 +90,37 @@ def random_inputs(T, H, Hkv, D, dev="cuda"):
     return q, k, v, do
 
 
+def packed_setup(T, H=32, Hkv=2, D=128, dev="cuda"):
+    """The sweeps' common start: random_inputs, the 9B config's selection, one packed sequence ([T, heads, D]
+    views qp, kp, vp, dop; cu, tok_seq ts) and the one-token forward's o / lse over the selection, as a namespace
+    (also q, k, v, do [1, T, heads, D], cfg, idx [T, Hkv, S], scale)."""
+    import types
+    import sala_ops
+    from sala_ops.triton import sparse_attn as A
+    q, k, v, do = random_inputs(T, H, Hkv, D, dev)
+    cfg = sala_ops.SparseConfig()
+    idx = sala_ops.select_blocks(q, k, config=cfg).reshape(T, Hkv, -1).contiguous()
+    cu = torch.tensor([0, T], device=dev, dtype=torch.int64)
+    ts = A.token_seq(cu, T)
+    qp, kp, vp, dop = (x.reshape(T, x.shape[2], D) for x in (q, k, v, do))
+    scale = D ** -0.5
+    o, lse = A.forward(qp, kp, vp, idx, cu, cu, ts, scale, 64)
+    return types.SimpleNamespace(q=q, k=k, v=v, do=do, cfg=cfg, idx=idx, cu=cu, ts=ts, qp=qp, kp=kp, vp=vp, dop=dop,
+                                 scale=scale, o=o, lse=lse)
+
+
+def write_results(out_dir, name, rows, t0):
+    """out_dir/name: the rows with the device, versions and wall seconds since t0 (every sparse benchmark's JSON)."""
+    import triton
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "seconds": time.time() - t0, "times": "ms, triton.testing.do_bench median", "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=1)
+    return path
+
+
 def fwdbwd_fns(q, k, v, do, cfg):
     """One fwd+bwd of sala_ops.sparse_attention (selection included) and one of causal GQA SDPA, on the same leaf
     tensors q, k, v [1, T, heads, D] (requires_grad) and do; time them as _bench(fn, [q, k, v])."""
@@ -481,7 +512,6 @@ def main():
     if not torch.cuda.is_available():
         print("bench_sparse: needs a CUDA GPU")
         return 1
-    import triton
     rows = []
     t0 = time.time()
     for T in args.seqlens:
@@ -499,13 +529,8 @@ def main():
                 _fmt(r.get("ours_fwdbwd_ms")), _fmt(r.get("sdpa_fwdbwd_ms")), _fmt(r.get("speedup_fwdbwd_vs_sdpa")),
                 _fmt(r.get("nsa64_fwdbwd_ms")), _fmt(r.get("ours_fwdbwd_peak_gib")), _fmt(r.get("sdpa_fwdbwd_peak_gib")))
         print(" | ".join(f"{x:>10}" for x in vals))
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "seconds": time.time() - t0, "times": "ms, triton.testing.do_bench median", "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
     name = "sparse.json" if args.inputs == "random" else f"sparse_{args.inputs}.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"wrote {os.path.join(args.out, name)}")
+    print(f"wrote {write_results(args.out, name, rows, t0)}")
     return 0
 
 

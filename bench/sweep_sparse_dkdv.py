@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_sparse import _bench, fwdbwd_fns, random_inputs  # noqa: E402  (same timing and inputs as bench_sparse.py)
+from bench_sparse import _bench, fwdbwd_fns, packed_setup, write_results  # noqa: E402  (same timing and inputs as bench_sparse.py)
 
 # (num_warps, num_stages, rows, chunk, program order); the first is session 12's launch (the baseline). Most promising first: a time
 # budget cuts the tail of the list. "token": programs in order of their chunk's first query token
@@ -41,18 +41,13 @@ def _name(c):
 
 
 def run_one(T, configs, budget_end):
-    import sala_ops
     from sala_ops.triton import sparse_attn as A
-    H, Hkv, D = 32, 2, 128
+    Hkv, D = 2, 128
     dev = "cuda"
-    q, k, v, do = random_inputs(T, H, Hkv, D, dev)
-    cfg = sala_ops.SparseConfig()
-    idx = sala_ops.select_blocks(q, k, config=cfg).reshape(T, Hkv, -1).contiguous()
-    cu = torch.tensor([0, T], device=dev, dtype=torch.int64)
-    ts = A.token_seq(cu, T)
-    qp, kp, vp, dop = (x.reshape(T, x.shape[2], D) for x in (q, k, v, do))
-    scale = D ** -0.5
-    o, lse = A.forward(qp, kp, vp, idx, cu, cu, ts, scale, 64)
+    s = packed_setup(T, 32, Hkv, D, dev)
+    q, k, v, do, cfg, idx, cu, ts, scale = s.q, s.k, s.v, s.do, s.cfg, s.idx, s.cu, s.ts, s.scale
+    qp, kp, vp, dop, o, lse = s.qp, s.kp, s.vp, s.dop, s.o, s.lse
+    del s
     delta = (o.float() * dop.float()).sum(-1)
     dk32 = torch.zeros(T, Hkv, D, dtype=torch.float32, device=dev)
     dv32 = torch.zeros_like(dk32)
@@ -130,7 +125,6 @@ def main():
     if not torch.cuda.is_available():
         print("sweep_sparse_dkdv: needs a CUDA GPU")
         return 1
-    import triton
     t0 = time.time()
     rows = [run_one(T, CONFIGS, t0 + args.budget) for T in args.seqlens]
     print("\nT | " + " | ".join(_name(c) for c in CONFIGS) + " | best | f+b default / best / sdpa ms")
@@ -140,11 +134,7 @@ def main():
         fb = [r.get("ours_fwdbwd_default_ms"), r.get("ours_fwdbwd_best_ms"), r.get("sdpa_fwdbwd_ms")]
         print(f"{r['T']} | " + " | ".join(cells) + f" | {r['best']} | "
               + " / ".join("-" if x is None else f"{x:.2f}" for x in fb))
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "seconds": time.time() - t0, "times": "ms, triton.testing.do_bench median", "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sparse_dkdv.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_results(args.out, "sparse_dkdv.json", rows, t0)
     return 0
 
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_sparse import _bench, fwdbwd_fns, random_inputs  # noqa: E402  (same timing and inputs as bench_sparse.py)
+from bench_sparse import _bench, fwdbwd_fns, packed_setup, write_results  # noqa: E402  (same timing and inputs as bench_sparse.py)
 
 # knob -> (module attribute, [(num_warps, num_stages), ...]); the first of each list is the current default
 # (session 14, H100, 128K: 8 warps lost everywhere, by 10-40 ms; 1 stage lost for the one-token dq; dropped since)
@@ -45,16 +45,11 @@ def _cfg(path):
 
 
 def run_one(T, dev="cuda", H=32, Hkv=2, D=128):
-    import sala_ops
     from sala_ops.triton import sparse_attn as A, sparse_attn_tiled as TT
-    q, k, v, do = random_inputs(T, H, Hkv, D, dev)
-    cfg = sala_ops.SparseConfig()
-    idx = sala_ops.select_blocks(q, k, config=cfg).reshape(T, Hkv, -1).contiguous()
-    cu = torch.tensor([0, T], device=dev, dtype=torch.int64)
-    ts = A.token_seq(cu, T)
-    qp, kp, vp, dop = (x.reshape(T, x.shape[2], D) for x in (q, k, v, do))
-    scale = D ** -0.5
-    o, lse = A.forward(qp, kp, vp, idx, cu, cu, ts, scale, 64)
+    s = packed_setup(T, H, Hkv, D, dev)
+    q, k, v, do, cfg, idx, cu, ts, scale = s.q, s.k, s.v, s.do, s.cfg, s.idx, s.cu, s.ts, s.scale
+    qp, kp, vp, dop, o, lse = s.qp, s.kp, s.vp, s.dop, s.o, s.lse
+    del s
     delta = A.row_dot(o, dop)
     uf = TT.tile_union(idx, cu, TT.TILED_CFG["tq"], TT.TILED_CFG["min_share"])
     ub = TT.tile_union(idx, cu, TT.TILED_DQ_CFG["tq"], TT.TILED_DQ_CFG["min_share"])
@@ -124,7 +119,6 @@ def main():
     if not torch.cuda.is_available():
         print("sweep_sparse_hybrid: needs a CUDA GPU")
         return 1
-    import triton
     t0 = time.time()
     rows = [run_one(T) for T in args.seqlens]
     for r in rows:
@@ -135,11 +129,7 @@ def main():
         print(f"f+b ms: default {r['ours_fwdbwd_default_ms']:.2f} ({r['speedup_fwdbwd_default_vs_sdpa']:.3f}x), "
               f"best {r['ours_fwdbwd_best_ms']:.2f} ({r['speedup_fwdbwd_best_vs_sdpa']:.3f}x), "
               f"sdpa {r['sdpa_fwdbwd_ms']:.2f}")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "seconds": time.time() - t0, "times": "ms, triton.testing.do_bench median", "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sparse_hybrid.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_results(args.out, "sparse_hybrid.json", rows, t0)
     return 0
 
 
