@@ -43,13 +43,13 @@ TILED_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=3)  # H200 sweep 202
 TILED_DQ_CFG = dict(tq=4, min_share=2, num_warps=4, num_stages=2)
 # The hybrid forward's one-token launch over the residual (the union blocks chosen by fewer than min_share tokens
 # of a tile: ~44 per token at 128K with random q, instead of the 96 that sparse_attn.FWD_CFG was tuned for in run
-# 1). Two H100 runs of bench/sweep_sparse_hybrid.py (session 14; 128K, bf16, D 128, 9B config), the whole hybrid
-# forward given the union: 77.9 and 73.4 ms with 2 warps / 3 stages, 82.5 and 81.1 ms with FWD_CFG (4 / 3).
-# Used for 16-bit tiles up to 128 wide (what was timed); the rest keep FWD_CFG.
+# 1). bench/sweep_sparse_hybrid.py (session 14; 128K, bf16, D 128, 9B config), the whole hybrid forward given the
+# union, 2 warps / 3 stages vs FWD_CFG (4 / 3): H200 64.8 vs 70.0 ms; H100 4 of 5 runs faster (73.4-77.9 vs
+# 80.9-82.5 ms), one 81.5 vs 80.9. Used for 16-bit tiles up to 128 wide (what was timed); the rest keep FWD_CFG.
 RESID_FWD_CFG = dict(num_warps=2, num_stages=3)
 # The same for the tiled dq's residual (sparse_attn.DQ_CFG, 4 / 2, was tuned on whole one-token dq passes): 2 warps /
 # 3 stages took 1.3-2.5 ms off the whole dq at 128K in each of four H100 runs of the same sweep (78.8 / 79.9 / 79.6
-# / 79.5 ms vs 80.1 / 81.7 / 82.0 / 81.3).
+# / 79.5 ms vs 80.1 / 81.7 / 82.0 / 81.3), 2.9 ms on the H200 (70.7 vs 73.6).
 RESID_DQ_CFG = dict(num_warps=2, num_stages=3)
 _INV = 1 << 62
 
