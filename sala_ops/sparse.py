@@ -102,8 +102,6 @@ def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    tok_seq: torch.Tensor, scale: float,
                    block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, A = _kernels()
-    # read (again) by the kernel module, which has no check of its own: a typo ran the default silently
-    _dispatch.env_choice("SALA_SPARSE_BWD_DQ", "tiled", ("tiled", "onetoken"), "sparse_attention")
     return A.backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size)
 
 

@@ -23,12 +23,12 @@ Backward:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _dispatch
 from . import sparse_select as _sel
 from .sparse_select import LOG2E, _interpreted, _pow2, _prec
 
@@ -383,7 +383,7 @@ def backward(do, q, k, v, o, lse, idx, cu_q, cu_k, tok_seq, scale, block_size, d
     SALA_SPARSE_BWD_DQ=onetoken (read per call) forces the one-token dq kernel below."""
     Tk, Hkv, DV = v.shape
     Tq, D = q.shape[0], q.shape[2]
-    tiled_dq = os.environ.get("SALA_SPARSE_BWD_DQ", "tiled") != "onetoken"
+    tiled_dq = _dispatch.env_choice("SALA_SPARSE_BWD_DQ", "tiled", ("tiled", "onetoken"), "sparse_attention") == "tiled"
     dq = None if tiled_dq and Tq > 0 else _sel.empty(q.shape, q.dtype, q.device)
     dk32 = torch.zeros(Tk, Hkv, D, dtype=torch.float32, device=q.device)
     dv32 = torch.zeros(Tk, Hkv, DV, dtype=torch.float32, device=q.device)
