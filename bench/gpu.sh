@@ -104,19 +104,19 @@ if [ "$what" = select ]; then  # sparse prefill: GPU tests, the fast selection's
   grep -E "^== |passed|failed|Error|fast_tq| \| |^ *[0-9]+ +(random|smooth)|^ +T +inputs" "$log" | cut -c1-300 | head -n 80
 fi
 if [ "$what" = proof ]; then  # a step whose guard is 0 is skipped (e.g. T_DKDV=0)
-  [ "${T_HYBRID:-150}" -gt 0 ] && step "${T_HYBRID:-150}" "sparse hybrid passes: launch configurations (128K)" \
+  step_unless_0 "${T_HYBRID:-150}" "sparse hybrid passes: launch configurations (128K)" \
     python3 bench/sweep_sparse_hybrid.py --seqlens 131072 --out "$OUT"
-  [ "${T_DKDV:-170}" -gt 0 ] && step "${T_DKDV:-170}" "sparse dk/dv configurations (128K)" python3 bench/sweep_sparse_dkdv.py \
+  step_unless_0 "${T_DKDV:-170}" "sparse dk/dv configurations (128K)" python3 bench/sweep_sparse_dkdv.py \
     --seqlens 131072 --budget "${DKDV_BUDGET:-100}" --out "$OUT"
   # ours vs fla bf16 (highest), ours (default 16-bit path, then split) vs fla on fp32 copies (the released call)
-  [ "${T_LSPLIT:-130}" -gt 0 ] && step "${T_LSPLIT:-130}" "lightning vs fla bf16 and vs the released call (fla on fp32 copies)" \
+  step_unless_0 "${T_LSPLIT:-130}" "lightning vs fla bf16 and vs the released call (fla on fp32 copies)" \
     python3 bench/bench_lightning.py --T "${LSPLIT_T:-32768,131072}" \
     --cases "${LSPLIT_CASES:-bfloat16:fwd:released,bfloat16:fwd:split,bfloat16:fwd:highest}" --out "$OUT/split"
-  [ "${T_LOUT_TESTS:-150}" -gt 0 ] && { step "${T_LOUT_TESTS:-150}" "lightning chunk-output, f16s and split tests" \
+  step_unless_0 "${T_LOUT_TESTS:-150}" "lightning chunk-output, f16s and split tests" \
     python3 -m pytest -q tests/test_lightning_chunk_out.py tests/test_lightning_triton.py \
-    -k "not gpu_ and (chunk_out or tma or f16s or 16bit or variant)" -p no:cacheprovider -rfE || tests_rc=$?; }
-  [ "${T_TESTS_FILE:-110}" -gt 0 ] && { step "${T_TESTS_FILE:-110}" "gpu tests: sparse_triton" python3 -m pytest -q -m gpu \
-    tests/test_sparse_triton.py -p no:cacheprovider -rfE --durations=5 || tests_rc=$?; }
+    -k "not gpu_ and (chunk_out or tma or f16s or 16bit or variant)" -p no:cacheprovider -rfE || tests_rc=$?
+  step_unless_0 "${T_TESTS_FILE:-110}" "gpu tests: sparse_triton" python3 -m pytest -q -m gpu \
+    tests/test_sparse_triton.py -p no:cacheprovider -rfE --durations=5 || tests_rc=$?
   grep -E "^== |^[0-9]+ w|^[0-9]+ [a-z_]+ w[0-9]|^\{|^T \||^[a-z_]+ +\||^f\+b ms|^[0-9]+ \||^(op|fwd|fwd\+bwd) |  vs fp32 ref|passed|failed|Error| \| " \
     "$log" | cut -c1-400 | head -n 110
 fi

@@ -26,6 +26,11 @@ step() {  # step SECONDS NAME COMMAND...: run with a time guard, log everything 
   return $rc
 }
 
+step_unless_0() {  # step_unless_0 SECONDS NAME COMMAND...: step, or nothing (success) when SECONDS is 0
+  [ "$1" -gt 0 ] || return 0
+  step "$@"
+}
+
 gpu_env_finish() {
   python3 bench/triton_cache.py pack "$TRITON_CACHE_DIR" "$OUT" --max-mb 40 --gpu "$GPU_NAME"
   ( cd "$OUT" && files=$(ls | grep -v -E '^(triton_cache\.part[0-9]+|results\.tar\.gz|[a-z_]*log\.txt)$') \

@@ -50,15 +50,16 @@ def _entries(cache_dir, gpu):
     autotune timing file); autotune entries are filed under autotune/<gpu>/, parked ones under their own GPU."""
     out = []
 
-    def add(d, prefix):
+    def add(d, prefix=None):  # prefix None: this run's cache, autotune entries filed under this GPU
         files = [f for f in glob.glob(os.path.join(d, "*")) if os.path.isfile(f) and ".tmp." not in f]
         if files:
+            if prefix is None:
+                prefix = f"autotune/{gpu}/" if _is_autotune(files) else ""
             out.append((max(os.path.getmtime(f) for f in files), sum(os.path.getsize(f) for f in files),
                         prefix, files))
     for d in glob.glob(os.path.join(cache_dir, "*")):
         if os.path.isdir(d) and os.path.basename(d) != OTHER:
-            files = glob.glob(os.path.join(d, "*"))
-            add(d, f"autotune/{gpu}/" if files and _is_autotune(files) else "")
+            add(d)
     for d in glob.glob(os.path.join(cache_dir, OTHER, "*", "*")):
         if os.path.isdir(d):
             add(d, f"autotune/{os.path.basename(os.path.dirname(d))}/")
