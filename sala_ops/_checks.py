@@ -75,11 +75,13 @@ def cu_seqlens(op, cu, total, name="cu_seqlens", batch=None, device=None):
         # Under torch.compile the offsets are data (unbacked ints): Python comparisons on them cannot be traced
         # (fullgraph=True failed with 'Could not guard on data-dependent expression'). torch._check turns each
         # rule into a runtime assertion of the compiled graph: a bad offset still fails (RuntimeError).
-        torch._check(host[0] == 0, lambda: f"sala_ops.{op}: {name}[0] must be 0")
-        torch._check(host[-1] == total, lambda: f"sala_ops.{op}: {name}[-1] must equal the packed length {total}")
+        # The messages are constant strings: dynamo in torch 2.11 refuses a message function that references an
+        # enclosing variable ("Can't extract message from torch._check()"), so they cannot name the op here.
+        torch._check(host[0] == 0, lambda: "sala_ops: cu_seqlens / cu_seqlens_k must start at 0")
+        torch._check(host[-1] == total, lambda: "sala_ops: cu_seqlens / cu_seqlens_k must end at the packed length")
         for a, b in zip(host, host[1:]):
-            torch._check(b > a, lambda: f"sala_ops.{op}: {name} must be strictly increasing (no empty or "
-                                        f"negative-length sequences)")
+            torch._check(b > a, lambda: "sala_ops: cu_seqlens / cu_seqlens_k must be strictly increasing (no empty "
+                                        "or negative-length sequences)")
         return cu
     if host[0] != 0:
         raise ValueError(f"sala_ops.{op}: {name}[0] must be 0, got {host[0]}")

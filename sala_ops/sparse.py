@@ -252,8 +252,8 @@ def _check_qkv(op, q, k, v, cu_seqlens, cu_seqlens_k):
         # rule becomes a runtime assertion of the compiled graph instead
         hq, hk = cu_seqlens.tolist(), cu_k.tolist()
         for n in range(len(hq) - 1):
-            torch._check(hq[n + 1] - hq[n] <= hk[n + 1] - hk[n],
-                         lambda: f"sala_ops.{op}: every sequence needs at least as many keys as queries")
+            torch._check(hq[n + 1] - hq[n] <= hk[n + 1] - hk[n],  # a constant message, as in C.cu_seqlens
+                         lambda: "sala_ops: every sequence needs at least as many keys as queries")
         return cu_seqlens, cu_k
     lq = cu_seqlens[1:] - cu_seqlens[:-1]
     lk = cu_k[1:] - cu_k[:-1]
@@ -270,7 +270,9 @@ def _config(op, config, overrides) -> SparseConfig:
     unknown = set(overrides) - set(SparseConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"sala_ops.{op}: unknown sparse hyperparameters {sorted(unknown)}")
-    return SparseConfig(**{**base.__dict__, **overrides}).check(op)
+    # field by field (not base.__dict__): dynamo in torch 2.11 cannot trace a frozen dataclass's __dict__
+    return SparseConfig(**{f: overrides[f] if f in overrides else getattr(base, f)
+                           for f in SparseConfig.__dataclass_fields__}).check(op)
 
 
 def sparse_attention(q, k, v, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: SparseConfig | None = None,
