@@ -67,11 +67,11 @@ def main():
         q, k, _, _ = random_inputs(T, 32, 2, 128)
         qp, kp = q[0], k[0]
         cu = torch.tensor([0, T], device=qp.device, dtype=torch.int64)
-        args = (qp, kp, cu, cu, 128 ** -0.5, cfg.kernel_size, cfg.kernel_stride, cfg.lse_kernel_size,
-                cfg.lse_kernel_stride, cfg.block_size, cfg.init_blocks, cfg.window_size, cfg.topk, cfg.dense_len)
+        ks2, st2 = cfg.c2  # the C2 (LSE) window, 4x C1 by default
+        args = (qp, kp, cu, cu, 128 ** -0.5, cfg.kernel_size, cfg.kernel_stride, ks2, st2, cfg.block_size, cfg.init_blocks, cfg.window_size, cfg.topk, cfg.dense_len)
         row = {"T": T}
         row["compress_ms"] = _bench(lambda: (S.compress(kp, cu, cfg.kernel_size, cfg.kernel_stride, qp.dtype),
-                                             S.compress(kp, cu, cfg.lse_kernel_size, cfg.lse_kernel_stride, qp.dtype)))
+                                             S.compress(kp, cu, ks2, st2, qp.dtype)))
         for name, mod in mods.items():
             row[f"{name}_ms"] = _bench(lambda mod=mod: mod.select(*args))
         full = F.select(*args)

@@ -14,6 +14,7 @@ import torch
 
 from . import _checks as C
 from ._dispatch import choose, no_double_backward, on_device_of_first_arg
+from ._segments import segment_of
 from .reference import rope as ref
 from .reference.rope import HYPE_POLICY
 
@@ -25,7 +26,7 @@ def varlen_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     cu_seqlens without a host synchronisation (same values as reference positions_from_cu_seqlens)."""
     tok = torch.arange(total, device=cu_seqlens.device, dtype=torch.int64)
     cu = cu_seqlens.to(torch.int64)
-    seq = torch.searchsorted(cu[1:], tok, right=True)
+    seq = segment_of(cu, tok)
     return tok - cu[seq]
 
 

@@ -212,3 +212,17 @@ def test_decay_slope_helpers_refuse_bad_counts_and_layers():
                        ((0, 0, 8), "num_heads")):
         with pytest.raises(ValueError, match=f"minimax_decay_slopes: {name}"):
             sala_ops.minimax_decay_slopes(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_segment_of_matches_the_packed_layout(dtype):
+    """segment_of (the sequence of each packed index, searched in the whole offsets: inductor in torch 2.11 drops a
+    sliced boundary tensor's offset, pytorch#182343) against repeat_interleave, past-the-end ids included."""
+    from sala_ops._segments import segment_of
+    for lens in ([1], [5], [1, 20, 60], [3, 1, 1, 7]):
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=dtype)
+        total = int(cu[-1])
+        ids = torch.arange(total + 3, dtype=dtype)
+        want = torch.cat([torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)),
+                          torch.full((3,), len(lens))])
+        assert torch.equal(segment_of(cu, ids), want)

@@ -187,9 +187,10 @@ def test_kernels_write_every_element(p, rope):
     pos = _ref_pos(p["pos"], B, T).to(DEV)
     yq, yk = K.hype_fwd(q, k, pos, wq, wk, rotary_dim=p["r"], rope=rope, q_out=nan_like(q), k_out=nan_like(k))
     lt = "lightning" if rope else "sparse"
-    (eyq, eyk), eg = _ref_outputs_and_grads(q.cpu(), k.cpu(), pos.cpu(), lt, p["r"], wq, wk, gq.cpu(), gk.cpu(),
+    # the references run on the CPU: the CPU weights (wq32 / wk32, not the DEV copies: a device mismatch on a GPU)
+    (eyq, eyk), eg = _ref_outputs_and_grads(q.cpu(), k.cpu(), pos.cpu(), lt, p["r"], wq32, wk32, gq.cpu(), gk.cpu(),
                                             dtype=torch.float64, wdtype=torch.float64)
-    (lyq, lyk), lg = _ref_outputs_and_grads(q.cpu(), k.cpu(), pos.cpu(), lt, p["r"], wq, wk, gq.cpu(), gk.cpu(),
+    (lyq, lyk), lg = _ref_outputs_and_grads(q.cpu(), k.cpu(), pos.cpu(), lt, p["r"], wq32, wk32, gq.cpu(), gk.cpu(),
                                             dtype=dtype, wdtype=torch.float32)
     tols = _tols([eyq, eyk, *eg], [lyq, lyk, *lg], dtype)
     assert_close(yq.cpu(), eyq, tols[0], "q out")
@@ -229,10 +230,19 @@ def test_varlen_matches_reference_and_separate_calls(split, heads, dims, norm, s
         assert_close(yk.cpu(), ek, FP32_TOL, "k out")
         bounds = cu.tolist()
         for a, b in zip(bounds, bounds[1:]):
-            sq, sk = sala_ops.hype_embed(dev(q[:, a:b]), dev(k[:, a:b]), rotary_dim=r, q_norm_weight=dev(wq),
-                                         k_norm_weight=dev(wk))
+            # the packed call passes the kernel positions (varlen_positions): so do the separate calls, so that both
+            # run the same compiled variant and autotune pick (on a GPU, positions=None is another variant whose
+            # pick may reduce the norm's sum in another order: 1-ulp differences, seen on an H200), hence bitwise
+            pos_s = dev(torch.arange(b - a))
+            sq, sk = sala_ops.hype_embed(dev(q[:, a:b]), dev(k[:, a:b]), positions=pos_s, rotary_dim=r,
+                                         q_norm_weight=dev(wq), k_norm_weight=dev(wk))
             torch.testing.assert_close(yq[:, a:b], sq, rtol=0, atol=0)
             torch.testing.assert_close(yk[:, a:b], sk, rtol=0, atol=0)
+            # and without positions (the in-kernel default 0 .. T-1) the same values within fp32 rounding
+            nq, nk = sala_ops.hype_embed(dev(q[:, a:b]), dev(k[:, a:b]), rotary_dim=r, q_norm_weight=dev(wq),
+                                         k_norm_weight=dev(wk))
+            assert_close(nq.cpu(), eq[:, a:b], FP32_TOL, "q out, separate call")
+            assert_close(nk.cpu(), ek[:, a:b], FP32_TOL, "k out, separate call")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._segments import segment_of
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
@@ -455,7 +457,7 @@ class Chunks:
             ccum = torch.zeros(N + 1, dtype=torch.int64, device=device)
             ccum[1:] = torch.cumsum(nch, 0)
             idx = torch.arange(self.NS, device=device, dtype=torch.int64)
-            seq = torch.searchsorted(ccum[1:].contiguous(), idx, right=True).clamp_(max=N - 1)
+            seq = segment_of(ccum, idx).clamp_(max=N - 1)
             j = idx - ccum[seq]
             a = cu[seq] + j * L
             b = torch.minimum(a + L, cu[seq + 1])

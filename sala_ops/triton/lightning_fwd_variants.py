@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import lightning_chunk as LC
+from .._segments import segment_of
 
 INTERPRET = LC.INTERPRET
 VARIANTS = ("default", "walk2", "fused")
@@ -312,7 +313,7 @@ def fused_fwd(q, k, v, decay, scale, initial_state, output_final_state, cu_seqle
         ccum = torch.zeros(N + 1, dtype=torch.int64, device=dev)
         ccum[1:] = torch.cumsum(nch, 0)
         idx = torch.arange(NS_sub, device=dev, dtype=torch.int64)
-        seq = torch.searchsorted(ccum[1:].contiguous(), idx, right=True).clamp_(max=N - 1)
+        seq = segment_of(ccum, idx).clamp_(max=N - 1)
         j = idx - ccum[seq]
         a = cu[seq] + j * LF
         b = torch.minimum(a + LF, cu[seq + 1])

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
+from .._segments import segment_of
 from . import sparse_select as _sel
 from .sparse_select import LOG2E, _interpreted, _pow2, _prec
 
@@ -142,7 +143,7 @@ def _rows(G: int) -> int:
 def token_seq(cu_q: torch.Tensor, Tq: int) -> torch.Tensor:
     """Sequence id of every packed query token (device, int32)."""
     ids = torch.arange(Tq, device=cu_q.device, dtype=cu_q.dtype)
-    return torch.searchsorted(cu_q[1:], ids, right=True).to(torch.int32)
+    return segment_of(cu_q, ids).to(torch.int32)
 
 
 def forward(q, k, v, idx, cu_q, cu_k, tok_seq, scale, block_size):
@@ -283,7 +284,7 @@ def _transposed(idx, cu_q, cu_k, tok_seq, block_size, chunk, Tk_total):
     blk_off = torch.zeros(nseq + 1, dtype=torch.int64, device=dev)
     blk_off[1:] = torch.cumsum(nb, 0)
     NBT = Tk_total // block_size + nseq + 1  # host bound on the number of key blocks
-    blk_seq = torch.searchsorted(blk_off[1:], torch.arange(NBT, device=dev, dtype=torch.int64), right=True)
+    blk_seq = segment_of(blk_off, torch.arange(NBT, device=dev, dtype=torch.int64))
     blk_seq = blk_seq.clamp(max=nseq - 1).to(torch.int32)
     n_buckets = Hkv * NBT
     gb = idx.to(torch.int64) + blk_off[tok_seq.long()][:, None, None]
