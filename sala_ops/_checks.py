@@ -2,6 +2,8 @@
 expected and what came, as a ValueError (bad value/shape) or TypeError (bad type/dtype)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,9 +49,13 @@ def scale_arg(op, scale, head_dim):
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"sala_ops.{op}: scale must be a float or None, got {type(scale).__name__}")
-    if not (scale == scale) or scale in (float("inf"), float("-inf")):
+    try:  # an int past the float range (10**400) made float() raise a bare OverflowError
+        value = float(scale)
+    except OverflowError:
+        raise ValueError(f"sala_ops.{op}: scale must be finite, got an int of {scale.bit_length()} bits") from None
+    if not math.isfinite(value):
         raise ValueError(f"sala_ops.{op}: scale must be finite, got {scale}")
-    return float(scale)
+    return value
 
 
 def gqa(op, q_heads, kv_heads, q_name="q", kv_name="k"):

@@ -113,7 +113,7 @@ def _corrupt(name, op, kw, draw):
     elif name == "bad_scale":
         if op in ("compress_keys", "hype_embed"):
             return None
-        kw["scale"] = draw(st.sampled_from([float("nan"), float("inf"), "x"]))
+        kw["scale"] = draw(st.sampled_from([float("nan"), float("inf"), "x", 10**400]))  # 10**400: float() overflows
     elif name == "bad_decay":
         if "decay" not in kw:
             return None
@@ -138,6 +138,11 @@ def _corrupt(name, op, kw, draw):
         if op != "hype_embed":
             return None
         kw["q_norm_weight"] = torch.ones(kw["q"].shape[-1] + 1)
+    elif name == "bad_theta":
+        if op != "hype_embed":
+            return None
+        # 10**400 does not fit a float (a bare OverflowError before); too small a theta: test_hype_triton
+        kw["theta"] = draw(st.sampled_from([0.0, -1.0, float("nan"), 10**400]))
     elif name == "bad_layer_type":
         if op != "hype_embed":
             return None
@@ -157,7 +162,7 @@ CORRUPTIONS = ["wrong_rank", "not_a_tensor", "int_dtype", "mixed_dtypes", "mixed
                "head_dim_mismatch", "empty_sequence", "cu_non_monotone", "cu_empty_sequence", "cu_not_from_zero",
                "cu_wrong_total", "cu_float", "cu_two_d", "cu_too_short", "cu_negative_length",
                "batch_with_cu_seqlens", "negative_size_param", "bad_scale", "bad_decay", "bad_state",
-               "bad_block_indices", "bad_positions", "bad_norm_weight", "bad_layer_type", "q_longer_than_k"]
+               "bad_block_indices", "bad_positions", "bad_norm_weight", "bad_theta", "bad_layer_type", "q_longer_than_k"]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -183,11 +188,16 @@ APPLICABLE = [(op, name) for op in OPS for name in CORRUPTIONS
               if _corrupt(name, op, _valid_call(op)[1], _first) is not None]
 
 
+def _last(strategy):
+    return strategy.elements[-1]
+
+
+@pytest.mark.parametrize("pick", [_first, _last], ids=["first", "last"])
 @pytest.mark.parametrize("op,name", APPLICABLE)
-def test_every_corruption_raises(op, name):
-    """The same, exhaustively over the (op, corruption) pairs that apply, first choice of each draw."""
+def test_every_corruption_raises(op, name, pick):
+    """The same, exhaustively over the (op, corruption) pairs that apply, first and last choice of each draw."""
     fn, kw = _valid_call(op)
-    bad = _corrupt(name, op, kw, _first)
+    bad = _corrupt(name, op, kw, pick)
     with pytest.raises((ValueError, TypeError)) as info:
         fn(**bad)
     assert f"sala_ops.{op}" in str(info.value), f"{name}: error does not name the op: {info.value}"

@@ -431,3 +431,18 @@ def test_gpu_bf16_128k(heads, positions):
     for name, o, e, lo in zip(("yq", "yk", "dq", "dk", "dwq", "dwk"), ours, exact, low):
         err, ref_err = _dev_rel_err(o, e), _dev_rel_err(lo, e)
         assert err <= max(2 * ref_err, 1e-5), f"{name}: relative error {err:.3e} > 2 x reference bf16 error {ref_err:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_tiny_theta_stays_finite_or_is_refused(backend):
+    """theta < 1 makes the rotary frequencies theta ** (-2i / r) grow with i. At theta 1e-40 and D 128 the kernel's
+    angles reach 1e39 turns, past int64: its fraction-of-a-turn reduction returned NaN (now: whole turns). Where the
+    largest frequency would overflow even fp64 (theta 1e-310 at r 128), the op refuses theta by name."""
+    q = seeded_randn(0, 1, 3, 2, 128).to(DEV)
+    k = seeded_randn(1, 1, 3, 1, 128).to(DEV)
+    pos = torch.tensor([0, 5, 2**31 - 1], device=DEV)
+    with sala_ops.use_backend(backend):
+        yq, yk = sala_ops.hype_embed(q, k, positions=pos, theta=1e-40)
+        assert torch.isfinite(yq).all() and torch.isfinite(yk).all()
+        with pytest.raises(ValueError, match=r"sala_ops\.hype_embed: theta"):
+            sala_ops.hype_embed(q, k, positions=pos, theta=1e-310)

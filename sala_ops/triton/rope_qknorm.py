@@ -74,7 +74,10 @@ def _cos_sin(pos_ptr, spb, spt, turns_ptr, b, t, nmask, HAS_POS: tl.constexpr, H
     i = tl.arange(0, HALF_P)
     f = tl.load(turns_ptr + i, mask=i < HALF, other=0.0)
     turns = p[:, None] * f[None, :]
-    frac = turns - turns.to(tl.int64).to(tl.float64)  # in (-1, 1)
+    # |turns| >= 2**52 is an integer in fp64 (fraction 0) and past 2**63 its int64 conversion is undefined (NaN
+    # outputs with theta 1e-40 at D 128, where the top frequencies are huge): those angles are taken as whole turns
+    whole = tl.abs(turns) >= 4503599627370496.0
+    frac = tl.where(whole, 0.0, turns - tl.where(whole, 0.0, turns).to(tl.int64).to(tl.float64))  # in (-1, 1)
     frac = tl.where(frac > 0.5, frac - 1.0, frac)
     frac = tl.where(frac < -0.5, frac + 1.0, frac)
     a = frac.to(tl.float32) * _TWO_PI
