@@ -187,7 +187,7 @@ def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu
         token_block = torch.arange(L, device=q.device) // block_size
         allowed = chosen[:, :, token_block].permute(1, 0, 2) & _causal_mask(qe - qs, L, q.device)[None]
         o[b, qs:qe] = _attend(q[b, qs:qe], k[b, ks_:ke], v[b, ks_:ke], allowed, scale)
-    return o.to(q.dtype)
+    return _grad_linked(o, q, k, v).to(q.dtype)
 
 
 def sparse_attention(q, k, v, scale=None, kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1,
@@ -210,4 +210,12 @@ def sparse_attention(q, k, v, scale=None, kernel_size=32, kernel_stride=16, bloc
                                 topk, lse_kernel_size, lse_kernel_stride)
             out = torch.where(dense_rows, out, block_sparse_attention(qq, kk, vv, idx, block_size, scale)[0])
         o[b, qs:qe] = out
-    return o
+    return _grad_linked(o, q, k, v)
+
+
+def _grad_linked(o, q, k, v):
+    """o itself, or, when no sequence wrote into it (an empty batch), o plus a zero term of q, k and v: the zero-size
+    output then stays in their graph and backward works as for any other batch (as on the triton backend)."""
+    if o.requires_grad or not (q.requires_grad or k.requires_grad or v.requires_grad):
+        return o
+    return o + 0 * (q.sum() + k.sum() + v.sum()).to(o.dtype)

@@ -683,6 +683,21 @@ def test_windows_with_gaps_over_several_sequences():
         assert_close(a, b, TOL, f"d{name}")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch_keeps_the_grad_link(backend):
+    """B = 0: a zero-size output that still belongs to q, k, v's graph (the reference returned a tensor that did
+    not require grad, so backward through it raised), for sparse_attention and block_sparse_attention."""
+    q, k, v = (x.requires_grad_() for x in _qkv(0, 0, 20, 20, 2, 1, 16))
+    idx = torch.zeros(0, 20, 1, 2, dtype=torch.int32, device=DEV)
+    with sala_ops.use_backend(backend):
+        outs = (sala_ops.sparse_attention(q, k, v, **SMALL, topk=2, dense_len=0),
+                sala_ops.block_sparse_attention(q, k, v, idx, block_size=16))
+    for o in outs:
+        assert o.shape == (0, 20, 2, 16) and o.requires_grad
+    sum(o.sum() for o in outs).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
 @pytest.mark.parametrize("shape", [(0, 40, 3, 16), (2, 40, 0, 16), (0, 4, 3, 16)])
 def test_compress_keys_triton_empty_batch_or_heads(shape):
     """An empty batch (or no heads) gives the reference's empty result, not an IndexError from the tile map."""
