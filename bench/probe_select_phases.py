@@ -74,8 +74,9 @@ def main():
                                              S.compress(kp, cu, ks2, st2, qp.dtype)))
         for name, mod in mods.items():
             row[f"{name}_ms"] = _bench(lambda mod=mod: mod.select(*args))
-        full = F.select(*args)
-        row["matches_default"] = bool(torch.equal(full, S.select(*args)))
+        # the online kernel (sparse_select.select) picks the same blocks in fp32; in bf16 the two sum the window
+        # scores in other orders, so near-ties may flip (H200, session 15: not equal at 32K nor 128K)
+        row["equals_online_kernel"] = bool(torch.equal(F.select(*args), S.select(*args)))
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"{'T':>8} | {'compress':>9} | {'full':>8} | {'no_topk':>8} | {'no_walk':>8} | {'no_lse':>8}")
