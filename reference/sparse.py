@@ -192,9 +192,10 @@ def block_sparse_attention(q, k, v, block_indices, block_size=64, scale=None, cu
 
 def sparse_attention(q, k, v, scale=None, kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1,
                      window_size=2048, topk=64, dense_len=8192, lse_kernel_size=None, lse_kernel_stride=None,
-                     cu_seqlens_q=None, cu_seqlens_k=None):
+                     cu_seqlens_q=None, cu_seqlens_k=None, dense_rule="query"):
     """The whole InfLLM-V2 layer op: dense causal attention for the queries that see fewer than
-    dense_len keys, selection + block-sparse attention for the others (module doc)."""
+    dense_len keys, selection + block-sparse attention for the others (module doc). dense_rule="call":
+    the released code's rule instead, all queries of a sequence dense iff it has fewer than dense_len keys."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     o = torch.zeros(B, Tq, H, v.shape[-1], dtype=q.dtype, device=q.device)
@@ -203,7 +204,10 @@ def sparse_attention(q, k, v, scale=None, kernel_size=32, kernel_stride=16, bloc
         if qe == qs:
             continue
         t = torch.arange(ke - ks_ - (qe - qs), ke - ks_, device=q.device)  # absolute query positions
-        dense_rows = (t + 1 < dense_len)[:, None, None]
+        if dense_rule == "call":
+            dense_rows = torch.full_like(t, ke - ks_ < dense_len, dtype=torch.bool)[:, None, None]
+        else:
+            dense_rows = (t + 1 < dense_len)[:, None, None]
         out = dense_attention(qq, kk, vv, scale)[0]
         if not bool(dense_rows.all()):
             idx = select_blocks(qq, kk, scale, kernel_size, kernel_stride, block_size, init_blocks, window_size,

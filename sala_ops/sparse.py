@@ -161,15 +161,26 @@ def _triton_sparse_attention(q, k, v, scale, cfg, cu_q, cu_k):
     tok_seq = A.token_seq(cu_q, qp.shape[0])
     bs = cfg.block_size
     varlen = B == 1 and cu_q.numel() > 2
-    if not varlen and Tk < cfg.dense_len:  # every query is dense: no selection at all
+    if not varlen and Tk < cfg.dense_len:  # every query is dense (either rule): no selection at all
         idx = A.dense_indices(cu_q, cu_k, tok_seq, bs, (Tk + bs - 1) // bs, Hkv)
+    elif cfg.dense_rule == "call" and not varlen:  # Tk >= dense_len: every query of the call selects
+        idx = _triton_select(qp, kp, cu_q, cu_k, scale, cfg, 0, cfg.num_selected)
     else:
         # queries that see fewer than dense_len keys are dense (per-query rule, as in decode): leave
         # room for all their causal blocks, up to ceil((dense_len - 1) / block_size)
         width = cfg.num_selected
         if cfg.dense_len > 0:
             width = max(width, (min(cfg.dense_len - 1, Tk) + bs - 1) // bs)
-        idx = _triton_select(qp, kp, cu_q, cu_k, scale, cfg, cfg.dense_len, width)
+        if cfg.dense_rule == "call":
+            # per sequence: every query selects when the sequence has >= dense_len keys, none otherwise (then
+            # its queries see < dense_len keys, and the per-query rule makes them all dense): selection with
+            # dense_len 0 where the sequence is long, every causal block where it is short (no host sync)
+            lk = (cu_k[1:] - cu_k[:-1])[tok_seq.long()]
+            long_seq = (lk >= cfg.dense_len)[:, None, None]
+            idx = torch.where(long_seq, _triton_select(qp, kp, cu_q, cu_k, scale, cfg, 0, width),
+                              A.dense_indices(cu_q, cu_k, tok_seq, bs, width, Hkv))
+        else:
+            idx = _triton_select(qp, kp, cu_q, cu_k, scale, cfg, cfg.dense_len, width)
     o = _BlockSparseFn.apply(qp, kp, vp, idx, cu_q, cu_k, tok_seq, scale, bs)
     return o.reshape(B, Tq, H, v.shape[-1])
 
@@ -186,6 +197,13 @@ class SparseConfig:
     dense_len: int = 8192
     lse_kernel_size: Optional[int] = None  # default 4 * kernel_size (C2)
     lse_kernel_stride: Optional[int] = None  # default 4 * kernel_stride
+    # Which queries run dense below dense_len. "query" (the default): a query at position t attends densely iff
+    # t + 1 < dense_len, so a prompt prefilled in chunks gives the same result as in one call, and decode is the
+    # same rule. "call": the released modeling code's rule (kv_seq_len < dense_len), per call and sequence: all
+    # its queries dense if the sequence has fewer than dense_len keys, else all select (queries at 6144 <= t <
+    # 8191 then keep 96 of their up to 128 blocks where "query" runs them dense); for exact parity with the
+    # released model's prefill. Decode steps agree under both rules.
+    dense_rule: str = "query"
 
     @property
     def c2(self):
@@ -202,6 +220,8 @@ class SparseConfig:
             C.positive_int(op, name, getattr(self, name))
         for name in ("init_blocks", "window_size", "dense_len"):
             C.positive_int(op, name, getattr(self, name), minimum=0)
+        if not isinstance(self.dense_rule, str) or self.dense_rule not in ("query", "call"):
+            raise ValueError(f"sala_ops.{op}: dense_rule must be 'query' or 'call', got {self.dense_rule!r}")
         ks2, st2 = self.c2
         C.positive_int(op, "lse_kernel_size", ks2)
         C.positive_int(op, "lse_kernel_stride", st2)
@@ -283,9 +303,10 @@ def sparse_attention(q, k, v, scale=None, cu_seqlens=None, cu_seqlens_k=None, co
     prefill continues an existing key prefix); Hkv divides H. scale None = 1/sqrt(D).
     cu_seqlens [N+1] (queries) and optionally cu_seqlens_k (keys, default = cu_seqlens), B = 1.
     Hyperparameters: a SparseConfig and/or keyword overrides (kernel_size, kernel_stride,
-    block_size, init_blocks, window_size, topk, dense_len, lse_kernel_size, lse_kernel_stride).
+    block_size, init_blocks, window_size, topk, dense_len, lse_kernel_size, lse_kernel_stride, dense_rule).
     A query that sees fewer than dense_len keys (position + 1 < dense_len) attends densely; the
-    others select blocks. Gradients flow to q, k, v through the attention; selection carries none.
+    others select blocks (dense_rule="call": per call and sequence instead, as the released model code).
+    Gradients flow to q, k, v through the attention; selection carries none.
     """
     op = "sparse_attention"
     cfg = _config(op, config, hyperparameters)
@@ -297,7 +318,8 @@ def sparse_attention(q, k, v, scale=None, cu_seqlens=None, cu_seqlens_k=None, co
     ks2, st2 = cfg.c2
     with _dispatch.no_autocast(q):
         return ref.sparse_attention(q, k, v, scale, cfg.kernel_size, cfg.kernel_stride, cfg.block_size,
-                                    cfg.init_blocks, cfg.window_size, cfg.topk, cfg.dense_len, ks2, st2, cu_q, cu_k)
+                                    cfg.init_blocks, cfg.window_size, cfg.topk, cfg.dense_len, ks2, st2, cu_q, cu_k,
+                                    dense_rule=cfg.dense_rule)
 
 
 def select_blocks(q, k, scale=None, cu_seqlens=None, cu_seqlens_k=None, config: SparseConfig | None = None,

@@ -385,6 +385,45 @@ def test_sparse_attention_fwd_bwd(T, short, heads, D, topk, dense_len, seed):
         assert_close(a, b, TOL, f"d{name}")
 
 
+def test_dense_rule_per_call():
+    """dense_rule="call" (the released model code's rule: all queries of a sequence dense iff it has fewer than
+    dense_len keys, else all select) on both backends: a call with >= dense_len keys equals the per-query rule with
+    dense_len 0 and differs from it (dense_len 100) for the queries at 80 <= t < 99, which see more than the 5
+    selected blocks but fewer than dense_len keys; a shorter call is dense; a varlen batch mixing a short sequence
+    and a chunk continuing a long prefix equals its sequences called one by one. Outputs and gradients."""
+    cfg = dict(SMALL, topk=3, dense_len=100)  # 3 + 2 window blocks of 16 = 80 keys
+    q, k, v = _qkv(5, 1, 150, 150, 4, 2, 16, grad=True)
+    call = _tri(sala_ops.sparse_attention, q, k, v, **cfg, dense_rule="call")
+    got = _grads(call, (q, k, v), 1)
+    for want in (_ref_fn(sala_ops.sparse_attention, q, k, v, **cfg, dense_rule="call"),
+                 _ref_fn(sala_ops.sparse_attention, q, k, v, **dict(cfg, dense_len=0))):
+        assert_close(call, want, TOL)
+        for a, b, name in zip(got, _grads(want, (q, k, v), 1), "qkv"):
+            assert_close(a, b, TOL, f"d{name}")
+    per_query = _ref_fn(sala_ops.sparse_attention, q, k, v, **cfg)
+    assert_close(call[:, :80], per_query[:, :80], TOL)
+    assert rel_err(call[:, 80:99], per_query[:, 80:99]) > 1e-3  # selected vs dense
+    assert_close(call[:, 99:], per_query[:, 99:], TOL)
+    short = [x[:, :90].detach() for x in (q, k, v)]
+    assert_close(_tri(sala_ops.sparse_attention, *short, **cfg, dense_rule="call"),
+                 _ref_fn(sala_ops.sparse_attention, *short, **dict(cfg, dense_len=10 ** 6)), TOL)
+    # varlen: a 90-token sequence (dense) and a 40-query chunk over 150 keys (selects), packed
+    qa, ka, va = _qkv(6, 1, 90, 90, 4, 2, 16)
+    qb, kb, vb = _qkv(7, 1, 40, 150, 4, 2, 16)
+    qs, ks, vs = (torch.cat(p, dim=1).requires_grad_() for p in ((qa, qb), (ka, kb), (va, vb)))
+    cq = torch.tensor([0, 90, 130], dtype=torch.int32, device=DEV)
+    ck = torch.tensor([0, 90, 240], dtype=torch.int32, device=DEV)
+    out = _tri(sala_ops.sparse_attention, qs, ks, vs, cu_seqlens=cq, cu_seqlens_k=ck, **cfg, dense_rule="call")
+    exp = _ref_fn(sala_ops.sparse_attention, qs, ks, vs, cu_seqlens=cq, cu_seqlens_k=ck, **cfg, dense_rule="call")
+    assert_close(out, exp, TOL)
+    for a, b, name in zip(_grads(out, (qs, ks, vs), 2), _grads(exp, (qs, ks, vs), 2), "qkv"):
+        assert_close(a, b, TOL, f"d{name}")
+    assert_close(out[:, :90], _tri(sala_ops.sparse_attention, qa, ka, va, **cfg, dense_rule="call"), TOL)
+    assert_close(out[:, 90:], _tri(sala_ops.sparse_attention, qb, kb, vb, **cfg, dense_rule="call"), TOL)
+    with pytest.raises(ValueError, match=r"sala_ops\.sparse_attention: dense_rule"):
+        sala_ops.sparse_attention(q, k, v, **cfg, dense_rule="sometimes")
+
+
 @pytest.mark.parametrize("select,fwd", [("online", "onetoken"), ("fast", "onetoken"), ("online", "tiled")])
 def test_older_kernels_still_match_reference(monkeypatch, select, fwd):
     """The defaults are the fast selection and the tiled forward; the older kernels stay selectable
