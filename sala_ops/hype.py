@@ -74,8 +74,8 @@ def hype_embed(q, k, positions=None, layer_type="lightning", theta=10000.0, rota
         raise ValueError(f"sala_ops.{op}: theta must be a positive number, got {theta!r}")
     # the rotary frequencies are theta ** (-2i / rotary_dim), i < rotary_dim / 2: a tiny theta (1e-300) made the
     # largest one overflow to inf and the output NaN; an int past the float range made float() raise OverflowError
-    try:
-        float(theta)
+    try:  # a float from here on: the reference's theta ** tensor took a big int as an int64 (OverflowError)
+        theta = float(theta)
     except OverflowError:
         raise ValueError(f"sala_ops.{op}: theta must fit a float, got an int of {theta.bit_length()} bits") from None
     if -math.log(theta) * (r - 2) / r > 700:  # e**700: about 1e304, the largest frequency that stays finite

@@ -446,3 +446,15 @@ def test_tiny_theta_stays_finite_or_is_refused(backend):
         assert torch.isfinite(yq).all() and torch.isfinite(yk).all()
         with pytest.raises(ValueError, match=r"sala_ops\.hype_embed: theta"):
             sala_ops.hype_embed(q, k, positions=pos, theta=1e-310)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_int_theta_past_int64_acts_as_its_float(backend):
+    """An int theta past the int64 range (2**70) is a valid positive number: the result is theta=float(2**70)'s
+    (the reference's theta ** tensor raised a bare OverflowError converting it to int64)."""
+    q = seeded_randn(2, 1, 5, 2, 16).to(DEV)
+    k = seeded_randn(3, 1, 5, 1, 16).to(DEV)
+    with sala_ops.use_backend(backend):
+        got = sala_ops.hype_embed(q, k, theta=2**70)
+        want = sala_ops.hype_embed(q, k, theta=float(2**70))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
