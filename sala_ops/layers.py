@@ -25,6 +25,8 @@ packed sequences are supported through `cu_seqlens` (or HF's `cu_seq_lens_q`) wi
 """
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Optional
 
@@ -233,7 +235,16 @@ class LightningMixer(nn.Module):
                 raise ValueError(f"sala_ops.{op}: rotary_dim must be even and <= head_dim ({head_dim}), got {rotary_dim}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.layer_idx = layer_idx
-        self.rope_theta = float(rope_theta)
+        # float(10**400) raised a bare OverflowError here, a string theta a bare ValueError / TypeError
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real):
+            raise TypeError(f"sala_ops.{op}: rope_theta must be a number, got {type(rope_theta).__name__}")
+        try:
+            self.rope_theta = float(rope_theta)
+        except OverflowError:
+            raise ValueError(f"sala_ops.{op}: rope_theta must fit a float, got an int of {rope_theta.bit_length()} "
+                             f"bits") from None
+        if not 0 < self.rope_theta < math.inf:
+            raise ValueError(f"sala_ops.{op}: rope_theta must be positive and finite, got {rope_theta!r}")
         self.rotary_dim = head_dim if rotary_dim is None else int(rotary_dim)
         self.eps = eps
         width = num_heads * head_dim

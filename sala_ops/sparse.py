@@ -220,7 +220,9 @@ class SparseConfig:
             C.positive_int(op, name, getattr(self, name))
         for name in ("init_blocks", "window_size", "dense_len"):
             C.positive_int(op, name, getattr(self, name), minimum=0)
-        if not isinstance(self.dense_rule, str) or self.dense_rule not in ("query", "call"):
+        if not isinstance(self.dense_rule, str):
+            raise TypeError(f"sala_ops.{op}: dense_rule must be a str, got {type(self.dense_rule).__name__}")
+        if self.dense_rule not in ("query", "call"):
             raise ValueError(f"sala_ops.{op}: dense_rule must be 'query' or 'call', got {self.dense_rule!r}")
         ks2, st2 = self.c2
         C.positive_int(op, "lse_kernel_size", ks2)

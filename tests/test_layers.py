@@ -145,8 +145,12 @@ def test_mixer_sizes_are_checked_at_construction():
     for bad, kw, err in (((HIDDEN, 0, D), {}, ValueError), ((HIDDEN, H, 0), {}, ValueError),
                          ((HIDDEN, 4.5, D), {}, TypeError), ((-1, H, D), {}, ValueError),
                          ((HIDDEN, H, D), {"rotary_dim": 6.5}, TypeError), ((HIDDEN, H, D), {"rotary_dim": 7}, ValueError),
-                         ((HIDDEN, H, D), {"rotary_dim": 2 * D}, ValueError), ((HIDDEN, H, D), {"rotary_dim": 0}, ValueError)):
-        with pytest.raises(err, match="sala_ops.LightningMixer: (hidden_size|num_heads|head_dim|rotary_dim)"):
+                         ((HIDDEN, H, D), {"rotary_dim": 2 * D}, ValueError), ((HIDDEN, H, D), {"rotary_dim": 0}, ValueError),
+                         # rope_theta: 10**400 made float() raise a bare OverflowError
+                         ((HIDDEN, H, D), {"rope_theta": 10**400}, ValueError), ((HIDDEN, H, D), {"rope_theta": "x"}, TypeError),
+                         ((HIDDEN, H, D), {"rope_theta": -1.0}, ValueError),
+                         ((HIDDEN, H, D), {"rope_theta": float("nan")}, ValueError)):
+        with pytest.raises(err, match="sala_ops.LightningMixer: (hidden_size|num_heads|head_dim|rotary_dim|rope_theta)"):
             LightningMixer(*bad, **kw)
     assert LightningMixer(HIDDEN, H, D, rotary_dim=4).rotary_dim == 4
 

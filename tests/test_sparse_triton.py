@@ -422,6 +422,8 @@ def test_dense_rule_per_call():
     assert_close(out[:, 90:], _tri(sala_ops.sparse_attention, qb, kb, vb, **cfg, dense_rule="call"), TOL)
     with pytest.raises(ValueError, match=r"sala_ops\.sparse_attention: dense_rule"):
         sala_ops.sparse_attention(q, k, v, **cfg, dense_rule="sometimes")
+    with pytest.raises(TypeError, match=r"sala_ops\.sparse_attention: dense_rule"):
+        sala_ops.sparse_attention(q, k, v, **cfg, dense_rule=1)
 
 
 @pytest.mark.parametrize("select,fwd", [("online", "onetoken"), ("fast", "onetoken"), ("online", "tiled")])
