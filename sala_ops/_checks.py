@@ -41,6 +41,15 @@ def positive_int(op, name, value, minimum=1):
     return value
 
 
+def as_float(op, name, value):
+    """float(value) of an int or float; an int past the float range (10**400: float() raised a bare OverflowError)
+    is a ValueError naming the op and the argument."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"sala_ops.{op}: {name} must fit a float, got an int of {value.bit_length()} bits") from None
+
+
 def scale_arg(op, scale, head_dim):
     if scale is None:
         if head_dim < 1:  # 0 ** -0.5 raised a bare ZeroDivisionError
@@ -49,10 +58,7 @@ def scale_arg(op, scale, head_dim):
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"sala_ops.{op}: scale must be a float or None, got {type(scale).__name__}")
-    try:  # an int past the float range (10**400) made float() raise a bare OverflowError
-        value = float(scale)
-    except OverflowError:
-        raise ValueError(f"sala_ops.{op}: scale must be finite, got an int of {scale.bit_length()} bits") from None
+    value = as_float(op, "scale", scale)
     if not math.isfinite(value):
         raise ValueError(f"sala_ops.{op}: scale must be finite, got {scale}")
     return value

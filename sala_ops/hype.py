@@ -72,12 +72,10 @@ def hype_embed(q, k, positions=None, layer_type="lightning", theta=10000.0, rota
         raise ValueError(f"sala_ops.{op}: rotary_dim must be even and <= head dim {D}, got {r}")
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
         raise ValueError(f"sala_ops.{op}: theta must be a positive number, got {theta!r}")
+    # a float from here on: the reference's theta ** tensor took a big int as an int64 (OverflowError)
+    theta = C.as_float(op, "theta", theta)
     # the rotary frequencies are theta ** (-2i / rotary_dim), i < rotary_dim / 2: a tiny theta (1e-300) made the
-    # largest one overflow to inf and the output NaN; an int past the float range made float() raise OverflowError
-    try:  # a float from here on: the reference's theta ** tensor took a big int as an int64 (OverflowError)
-        theta = float(theta)
-    except OverflowError:
-        raise ValueError(f"sala_ops.{op}: theta must fit a float, got an int of {theta.bit_length()} bits") from None
+    # largest one overflow to inf and the output NaN
     if -math.log(theta) * (r - 2) / r > 700:  # e**700: about 1e304, the largest frequency that stays finite
         raise ValueError(f"sala_ops.{op}: theta ({theta!r}) is too small: the rotary frequency theta ** "
                          f"(-(rotary_dim - 2) / rotary_dim) overflows (rotary_dim {r})")

@@ -238,11 +238,7 @@ class LightningMixer(nn.Module):
         # float(10**400) raised a bare OverflowError here, a string theta a bare ValueError / TypeError
         if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real):
             raise TypeError(f"sala_ops.{op}: rope_theta must be a number, got {type(rope_theta).__name__}")
-        try:
-            self.rope_theta = float(rope_theta)
-        except OverflowError:
-            raise ValueError(f"sala_ops.{op}: rope_theta must fit a float, got an int of {rope_theta.bit_length()} "
-                             f"bits") from None
+        self.rope_theta = C.as_float(op, "rope_theta", rope_theta)
         if not 0 < self.rope_theta < math.inf:
             raise ValueError(f"sala_ops.{op}: rope_theta must be positive and finite, got {rope_theta!r}")
         self.rotary_dim = head_dim if rotary_dim is None else int(rotary_dim)

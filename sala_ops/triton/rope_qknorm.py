@@ -76,8 +76,8 @@ def _cos_sin(pos_ptr, spb, spt, turns_ptr, b, t, nmask, HAS_POS: tl.constexpr, H
     turns = p[:, None] * f[None, :]
     # |turns| >= 2**52 is an integer in fp64 (fraction 0) and past 2**63 its int64 conversion is undefined (NaN
     # outputs with theta 1e-40 at D 128, where the top frequencies are huge): those angles are taken as whole turns
-    whole = tl.abs(turns) >= 4503599627370496.0
-    frac = tl.where(whole, 0.0, turns - tl.where(whole, 0.0, turns).to(tl.int64).to(tl.float64))  # in (-1, 1)
+    turns = tl.where(tl.abs(turns) >= 4503599627370496.0, 0.0, turns)
+    frac = turns - turns.to(tl.int64).to(tl.float64)  # in (-1, 1)
     frac = tl.where(frac > 0.5, frac - 1.0, frac)
     frac = tl.where(frac < -0.5, frac + 1.0, frac)
     a = frac.to(tl.float32) * _TWO_PI
